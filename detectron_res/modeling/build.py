@@ -1,0 +1,125 @@
+"""`build_*(cfg)`: the one place where the model's modules read the config."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torchvision.models.detection._utils import BoxCoder
+
+from ..layers import ROIPooler, get_norm
+from .backbone import ResNetTrunk, build_res5, load_resnet_weights, read_resnet_state_dict
+from .detector import FasterRCNN
+from .roi_heads import FastRCNNOutputLayers, Res5ROIHeads
+from .rpn import RPN, AnchorGenerator, RPNHead
+
+logger = logging.getLogger(__name__)
+
+
+def build_backbone(cfg) -> ResNetTrunk:
+    b = cfg.MODEL.BACKBONE
+    return ResNetTrunk(
+        depth=b.DEPTH,
+        width=b.WIDTH,
+        norm_layer=get_norm(b.NORM, gn_groups=b.GN_GROUPS),
+        freeze_at=b.FREEZE_AT,
+    )
+
+
+def build_rpn(cfg, *, in_channels: int, stride: int) -> RPN:
+    r = cfg.MODEL.RPN
+    anchor_generator = AnchorGenerator(sizes=r.ANCHOR_SIZES, aspect_ratios=r.ASPECT_RATIOS, stride=stride)
+    head = RPNHead(
+        in_channels=in_channels,
+        head_channels=r.HEAD_CHANNELS or in_channels,
+        num_anchors=anchor_generator.num_anchors,
+    )
+    return RPN(
+        head=head,
+        anchor_generator=anchor_generator,
+        box_coder=BoxCoder(tuple(r.BBOX_REG_WEIGHTS)),
+        positive_iou=r.POSITIVE_IOU,
+        negative_iou=r.NEGATIVE_IOU,
+        batch_size_per_image=r.BATCH_SIZE_PER_IMAGE,
+        positive_fraction=r.POSITIVE_FRACTION,
+        boundary_thresh=r.BOUNDARY_THRESH,
+        pre_nms_topk=(r.PRE_NMS_TOPK_TRAIN, r.PRE_NMS_TOPK_TEST),
+        post_nms_topk=(r.POST_NMS_TOPK_TRAIN, r.POST_NMS_TOPK_TEST),
+        nms_thresh=r.NMS_THRESH,
+        min_size=r.MIN_SIZE,
+        smooth_l1_beta=r.SMOOTH_L1_BETA,
+        loss_weight=r.LOSS_WEIGHT,
+    )
+
+
+def build_roi_heads(cfg, *, stride: int) -> Res5ROIHeads:
+    b, h = cfg.MODEL.BACKBONE, cfg.MODEL.ROI_HEADS
+    res5, res5_channels = build_res5(
+        depth=b.DEPTH, width=b.WIDTH, norm_layer=get_norm(b.NORM, gn_groups=b.GN_GROUPS)
+    )
+    predictor = FastRCNNOutputLayers(
+        in_channels=res5_channels,
+        num_classes=cfg.MODEL.NUM_CLASSES,
+        box_coder=BoxCoder(tuple(h.BBOX_REG_WEIGHTS)),
+        smooth_l1_beta=h.SMOOTH_L1_BETA,
+        score_thresh=h.SCORE_THRESH_TEST,
+        nms_thresh=h.NMS_THRESH_TEST,
+        detections_per_image=h.DETECTIONS_PER_IMAGE,
+    )
+    return Res5ROIHeads(
+        pooler=ROIPooler(
+            kind=h.POOLER,
+            output_size=h.POOLER_RESOLUTION,
+            spatial_scale=1.0 / stride,
+            sampling_ratio=h.POOLER_SAMPLING_RATIO,
+        ),
+        res5=res5,
+        predictor=predictor,
+        batch_size_per_image=h.BATCH_SIZE_PER_IMAGE,
+        positive_fraction=h.POSITIVE_FRACTION,
+        fg_iou_thresh=h.FG_IOU_THRESH,
+        bg_iou_thresh_lo=h.BG_IOU_THRESH_LO,
+        proposal_append_gt=h.PROPOSAL_APPEND_GT,
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    """MODEL.DEVICE: "" picks CUDA when available, else the CPU."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"MODEL.DEVICE={name!r} but CUDA is not available; use MODEL.DEVICE=cpu")
+    return device
+
+
+def build_model(cfg) -> FasterRCNN:
+    """The detector of the config, with MODEL.BACKBONE.WEIGHTS loaded (not MODEL.WEIGHTS: the checkpointer
+    loads whole-model checkpoints), on MODEL.DEVICE."""
+    backbone = build_backbone(cfg)
+    rpn = build_rpn(cfg, in_channels=backbone.out_channels, stride=backbone.stride)
+    roi_heads = build_roi_heads(cfg, stride=backbone.stride)
+    if cfg.MODEL.BACKBONE.WEIGHTS:
+        source = cfg.MODEL.BACKBONE.WEIGHTS
+        state = read_resnet_state_dict(source, depth=cfg.MODEL.BACKBONE.DEPTH)
+        load_resnet_weights(trunk=backbone, res5=roi_heads.res5, state_dict=state, source=source)
+    model = FasterRCNN(
+        backbone=backbone,
+        rpn=rpn,
+        roi_heads=roi_heads,
+        pixel_mean=cfg.MODEL.PIXEL_MEAN,
+        pixel_std=cfg.MODEL.PIXEL_STD,
+        size_divisibility=cfg.INPUT.SIZE_DIVISIBILITY,
+    )
+    return model.to(resolve_device(cfg.MODEL.DEVICE))
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Weights of a module, frozen ones included: parameters plus FrozenBatchNorm's scale and shift, never
+    running statistics. Equals torchvision's parameter count for the same network."""
+    total = sum(p.numel() for p in module.parameters())
+    for name, buffer in module.named_buffers():
+        if name.rsplit(".", 1)[-1] in ("weight", "bias"):  # FrozenBatchNorm2d keeps its affine as buffers
+            total += buffer.numel()
+    return total

@@ -1,0 +1,185 @@
+"""Region Proposal Network on res4 (class-agnostic), as in Faster R-CNN and the ResNet paper's Appendix A.
+
+Training: anchors matched to ground truth at IoU 0.7 / 0.3 (plus each box's best anchors), 256 anchors sampled per
+image at 1:1, log loss on objectness and smooth L1 on the deltas of the positives. Proposals: top-k anchors by
+objectness, decoded, clipped, NMS at 0.7, top-k again. Proposals carry no gradient (approximate joint training).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from torchvision.ops import box_iou, clip_boxes_to_image, nms
+
+from .anchors import AnchorGenerator
+
+
+class RPNHead(nn.Module):
+    """3x3 conv + ReLU, then 1x1 convs for A objectness logits and 4A anchor deltas per feature cell."""
+
+    def __init__(self, *, in_channels: int, head_channels: int, num_anchors: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, head_channels, kernel_size=3, padding=1)
+        self.objectness_logits = nn.Conv2d(head_channels, num_anchors, kernel_size=1)
+        self.anchor_deltas = nn.Conv2d(head_channels, num_anchors * 4, kernel_size=1)
+        for layer in (self.conv, self.objectness_logits, self.anchor_deltas):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, C, H, W) -> objectness (N, A, H, W), deltas (N, 4A, H, W)."""
+        x = F.relu(self.conv(features))
+        return self.objectness_logits(x), self.anchor_deltas(x)
+
+
+def nonempty_boxes(boxes: Tensor, min_size: float = 0.0) -> Tensor:
+    """(R, 4) -> (R,) mask of boxes whose sides are both larger than `min_size`."""
+    widths = boxes[:, 2] - boxes[:, 0]
+    heights = boxes[:, 3] - boxes[:, 1]
+    return (widths > min_size) & (heights > min_size)
+
+
+class RPN(nn.Module):
+    def __init__(
+        self,
+        *,
+        head: RPNHead,
+        anchor_generator: AnchorGenerator,
+        box_coder: BoxCoder,
+        positive_iou: float,
+        negative_iou: float,
+        batch_size_per_image: int,
+        positive_fraction: float,
+        boundary_thresh: float,
+        pre_nms_topk: tuple[int, int],
+        post_nms_topk: tuple[int, int],
+        nms_thresh: float,
+        min_size: float,
+        smooth_l1_beta: float,
+        loss_weight: float = 1.0,
+    ):
+        """
+        Args:
+            head: predicts objectness and deltas from the res4 features.
+            anchor_generator: the anchors of the res4 map.
+            box_coder: anchor <-> box delta transform.
+            positive_iou, negative_iou: IoU thresholds of positive and negative anchors.
+            batch_size_per_image, positive_fraction: anchors sampled per image for the losses, and the most
+                positives among them.
+            boundary_thresh: anchors crossing the image border by more than this are ignored in training;
+                negative keeps all anchors.
+            pre_nms_topk, post_nms_topk: (training, inference) proposals kept before and after NMS, per image.
+            nms_thresh: IoU threshold of the proposals' NMS.
+            min_size: proposals with a side not larger than this are dropped.
+            smooth_l1_beta: transition point of the box loss.
+            loss_weight: multiplies both RPN losses.
+        """
+        super().__init__()
+        self.head = head
+        self.anchor_generator = anchor_generator
+        self.box_coder = box_coder
+        self.matcher = Matcher(positive_iou, negative_iou, allow_low_quality_matches=True)
+        self.sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+        self.batch_size_per_image = batch_size_per_image
+        self.boundary_thresh = boundary_thresh
+        self.pre_nms_topk = pre_nms_topk
+        self.post_nms_topk = post_nms_topk
+        self.nms_thresh = nms_thresh
+        self.min_size = min_size
+        self.smooth_l1_beta = smooth_l1_beta
+        self.loss_weight = loss_weight
+
+    def forward(
+        self, features: Tensor, image_sizes: list[tuple[int, int]], gt_boxes: list[Tensor] | None = None
+    ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """
+        Args:
+            features: (N, C, H, W) res4 features of the padded batch.
+            image_sizes: (height, width) of each image before padding.
+            gt_boxes: training only: (M_i, 4) ground-truth boxes per image, input pixels.
+        Returns:
+            proposals: per image, (P_i, 4) boxes sorted by objectness (no gradient);
+            losses: {"loss_rpn_cls", "loss_rpn_loc"} in training, else {}.
+        """
+        objectness, deltas = self.head(features)
+        num_images, num_anchors, height, width = objectness.shape
+        anchors = self.anchor_generator((height, width))  # (H*W*A, 4)
+        # (N, A, H, W) -> (N, H, W, A) -> (N, H*W*A)
+        objectness = objectness.permute(0, 2, 3, 1).reshape(num_images, -1)
+        # (N, A*4, H, W) -> (N, A, 4, H, W) -> (N, H, W, A, 4) -> (N, H*W*A, 4)
+        deltas = deltas.view(num_images, num_anchors, 4, height, width).permute(0, 3, 4, 1, 2).reshape(num_images, -1, 4)
+
+        proposals = self.find_top_proposals(anchors, objectness.detach(), deltas.detach(), image_sizes)
+        if not self.training:
+            return proposals, {}
+        if gt_boxes is None:
+            raise ValueError("RPN needs gt_boxes in training mode")
+        labels, matched_boxes = self.label_and_sample_anchors(anchors, gt_boxes, image_sizes)
+        return proposals, self.losses(anchors, objectness, deltas, labels, matched_boxes)
+
+    @torch.no_grad()
+    def label_and_sample_anchors(
+        self, anchors: Tensor, gt_boxes: list[Tensor], image_sizes: list[tuple[int, int]]
+    ) -> tuple[Tensor, Tensor]:
+        """Returns labels (N, R) with 1 = sampled positive, 0 = sampled negative, -1 = not sampled, and the
+        matched ground-truth box (N, R, 4) of every anchor (zeros where there is none)."""
+        all_labels, all_matched = [], []
+        for boxes, (height, width) in zip(gt_boxes, image_sizes):
+            if len(boxes) == 0:
+                labels = torch.zeros(len(anchors), dtype=torch.float32, device=anchors.device)
+                matched = torch.zeros_like(anchors)
+            else:
+                matches = self.matcher(box_iou(boxes, anchors))  # (R,): gt index, or -1 below / -2 between
+                labels = (matches >= 0).to(torch.float32)
+                labels[matches == Matcher.BETWEEN_THRESHOLDS] = -1.0
+                matched = boxes[matches.clamp(min=0)]
+            if self.boundary_thresh >= 0:
+                t = self.boundary_thresh
+                inside = (
+                    (anchors[:, 0] >= -t) & (anchors[:, 1] >= -t) & (anchors[:, 2] < width + t) & (anchors[:, 3] < height + t)
+                )
+                labels[~inside] = -1.0
+            positive, negative = self.sampler([labels])
+            labels = torch.full_like(labels, -1.0)
+            labels[positive[0].bool()] = 1.0
+            labels[negative[0].bool()] = 0.0
+            all_labels.append(labels)
+            all_matched.append(matched)
+        return torch.stack(all_labels), torch.stack(all_matched)
+
+    def losses(
+        self, anchors: Tensor, objectness: Tensor, deltas: Tensor, labels: Tensor, matched_boxes: Tensor
+    ) -> dict[str, Tensor]:
+        """Objectness log loss over the sampled anchors, smooth L1 over the positives; both summed and divided
+        by the number of anchors sampled per batch (detectron2's normalisation)."""
+        normalizer = self.batch_size_per_image * labels.shape[0]
+        sampled = labels >= 0
+        loss_cls = F.binary_cross_entropy_with_logits(objectness[sampled], labels[sampled], reduction="sum")
+        positive = labels == 1  # (N, R)
+        anchors_of_positives = anchors.unsqueeze(0).expand_as(matched_boxes)[positive]
+        targets = self.box_coder.encode_single(matched_boxes[positive], anchors_of_positives)
+        loss_loc = F.smooth_l1_loss(deltas[positive], targets, beta=self.smooth_l1_beta, reduction="sum")
+        return {
+            "loss_rpn_cls": loss_cls * (self.loss_weight / normalizer),
+            "loss_rpn_loc": loss_loc * (self.loss_weight / normalizer),
+        }
+
+    @torch.no_grad()
+    def find_top_proposals(
+        self, anchors: Tensor, objectness: Tensor, deltas: Tensor, image_sizes: list[tuple[int, int]]
+    ) -> list[Tensor]:
+        """Per image: top-k by objectness, decode, clip, drop empty boxes, NMS, top-k."""
+        pre_nms_topk = self.pre_nms_topk[0 if self.training else 1]
+        post_nms_topk = self.post_nms_topk[0 if self.training else 1]
+        proposals = []
+        for scores, image_deltas, image_size in zip(objectness, deltas, image_sizes):
+            scores, index = scores.topk(min(pre_nms_topk, len(scores)))
+            boxes = self.box_coder.decode_single(image_deltas[index], anchors[index])
+            boxes = clip_boxes_to_image(boxes, image_size)
+            keep = nonempty_boxes(boxes, self.min_size) & torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
+            boxes, scores = boxes[keep], scores[keep]
+            keep = nms(boxes, scores, self.nms_thresh)[:post_nms_topk]
+            proposals.append(boxes[keep])
+        return proposals
