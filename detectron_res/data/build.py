@@ -1,0 +1,83 @@
+"""`build_*(cfg)` for data: the data sets named in the config, their mappers and loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .datasets import get_dataset
+from .datasets.base import DetectionDataset
+from .loader import build_test_loader, build_train_loader
+from .mapper import DatasetMapper
+
+
+def concatenate_datasets(datasets: Sequence[DetectionDataset]) -> DetectionDataset:
+    """One data set holding the records of several with the same classes (e.g. VOC 07+12)."""
+    if len(datasets) == 1:
+        return datasets[0]
+    first = datasets[0]
+    for other in datasets[1:]:
+        if other.class_names != first.class_names:
+            raise ValueError(
+                f"Cannot train on {first.name!r} and {other.name!r} together: their classes differ "
+                f"({len(first.class_names)} vs {len(other.class_names)} classes)"
+            )
+    return DetectionDataset(
+        name="+".join(d.name for d in datasets),
+        records=[record for d in datasets for record in d.records],
+        class_names=list(first.class_names),
+        category_ids=list(first.category_ids),
+    )
+
+
+def load_dataset(cfg, name: str) -> DetectionDataset:
+    """One data set by name, checked against MODEL.NUM_CLASSES."""
+    dataset = get_dataset(name, root=cfg.DATASETS.ROOT)
+    if dataset.num_classes != cfg.MODEL.NUM_CLASSES:
+        raise ValueError(
+            f"Data set {name!r} has {dataset.num_classes} classes but MODEL.NUM_CLASSES={cfg.MODEL.NUM_CLASSES}; "
+            f"set MODEL.NUM_CLASSES={dataset.num_classes}"
+        )
+    return dataset
+
+
+def build_train_dataset(cfg) -> DetectionDataset:
+    return concatenate_datasets([load_dataset(cfg, name) for name in cfg.DATASETS.TRAIN])
+
+
+def build_train_data_loader(cfg, dataset: DetectionDataset, *, rank: int = 0, world_size: int = 1):
+    """Infinite loader of SOLVER.IMS_PER_BATCH / world_size images per batch for this process."""
+    if cfg.SOLVER.IMS_PER_BATCH % world_size:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} is not divisible by the {world_size} processes"
+        )
+    mapper = DatasetMapper(
+        min_size=cfg.INPUT.MIN_SIZE_TRAIN,
+        max_size=cfg.INPUT.MAX_SIZE_TRAIN,
+        hflip_prob=cfg.INPUT.HFLIP_PROB,
+        is_train=True,
+    )
+    return build_train_loader(
+        dataset,
+        mapper=mapper,
+        batch_size=cfg.SOLVER.IMS_PER_BATCH // world_size,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        seed=cfg.SEED,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def build_test_mapper(cfg) -> DatasetMapper:
+    return DatasetMapper(min_size=cfg.INPUT.MIN_SIZE_TEST, max_size=cfg.INPUT.MAX_SIZE_TEST, is_train=False)
+
+
+def build_test_data_loader(cfg, dataset: DetectionDataset, *, rank: int = 0, world_size: int = 1):
+    return build_test_loader(
+        dataset,
+        mapper=build_test_mapper(cfg),
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        rank=rank,
+        world_size=world_size,
+    )

@@ -1,0 +1,107 @@
+"""The data set catalog: built-in names resolved under a data root, plus ``ANNOTATIONS.json:IMAGE_DIR`` pairs.
+
+The catalog is a plain dict from a name to a small function ``fn(root: Path, name: str) -> DetectionDataset``;
+``register_dataset`` adds names (VOC, ILSVRC, your own).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .base import DetectionDataset
+from .coco import load_coco_json
+from .shapes import ensure_shapes, generate_shapes, load_shapes
+
+__all__ = [
+    "DATASET_CATALOG",
+    "DATASETS_ENV_VAR",
+    "DatasetFunction",
+    "DetectionDataset",
+    "ensure_shapes",
+    "generate_shapes",
+    "get_dataset",
+    "load_coco_json",
+    "load_shapes",
+    "register_dataset",
+    "resolve_root",
+]
+
+DatasetFunction = Callable[[Path, str], DetectionDataset]
+
+DATASETS_ENV_VAR = "DETECTRON_RES_DATASETS"
+JSON_PAIR_SEPARATOR = ".json:"
+
+DATASET_CATALOG: dict[str, DatasetFunction] = {}
+
+
+def register_dataset(name: str, fn: DatasetFunction) -> None:
+    """Make ``get_dataset(name, root=...)`` return ``fn(resolved_root, name)``."""
+    if JSON_PAIR_SEPARATOR in name:
+        raise ValueError(f"data set name {name!r} must not contain {JSON_PAIR_SEPARATOR!r} (reserved for json pairs)")
+    if name in DATASET_CATALOG:
+        raise ValueError(f"data set {name!r} is already registered")
+    DATASET_CATALOG[name] = fn
+
+
+def resolve_root(root: str | os.PathLike) -> Path:
+    """The data root: ``$DETECTRON_RES_DATASETS`` when set and not empty, else ``root``."""
+    return Path(os.environ.get(DATASETS_ENV_VAR) or root)
+
+
+def get_dataset(name: str, *, root: str | os.PathLike) -> DetectionDataset:
+    """Load the data set called ``name``.
+
+    ``name`` is a registered name (see ``DATASET_CATALOG``), resolved under ``root`` (the config's
+    DATASETS.ROOT, overridden by ``$DETECTRON_RES_DATASETS``), or ``PATH/TO/ANNOTATIONS.json:IMAGE_DIR``
+    for any COCO-format json, relative paths being relative to the working directory.
+    """
+    if JSON_PAIR_SEPARATOR in name:
+        json_part, image_dir = name.split(JSON_PAIR_SEPARATOR, 1)
+        if not json_part or not image_dir:
+            raise ValueError(f"data set {name!r}: expected the form PATH/TO/ANNOTATIONS.json:IMAGE_DIR")
+        return load_coco_json(json_part + ".json", image_dir, name=name)
+    if name not in DATASET_CATALOG:
+        nearest = difflib.get_close_matches(name, DATASET_CATALOG, n=1, cutoff=0.0)
+        hint = f" (did you mean {nearest[0]!r}?)" if nearest else ""
+        raise ValueError(
+            f"unknown data set {name!r}{hint}. Known data sets: {sorted(DATASET_CATALOG)}, "
+            f"or a COCO json given as 'PATH/TO/ANNOTATIONS.json:IMAGE_DIR'"
+        )
+    return DATASET_CATALOG[name](resolve_root(root), name)
+
+
+def _coco(json_relative: str, image_relative: str) -> DatasetFunction:
+    def load(root: Path, name: str) -> DetectionDataset:
+        json_file = root / "coco" / "annotations" / json_relative
+        if not json_file.is_file():
+            raise FileNotFoundError(
+                f"data set {name!r} needs {json_file} (and images in {root / 'coco' / image_relative}); "
+                f"set DATASETS.ROOT or ${DATASETS_ENV_VAR} to the folder holding coco/"
+            )
+        return load_coco_json(json_file, root / "coco" / image_relative, name=name)
+
+    return load
+
+
+def _shapes(split: str) -> DatasetFunction:
+    def load(root: Path, name: str) -> DetectionDataset:
+        return load_shapes(ensure_shapes(root / "shapes"), split, name=name)
+
+    return load
+
+
+for _name, _fn in {
+    "coco_2017_train": _coco("instances_train2017.json", "train2017"),
+    "coco_2017_val": _coco("instances_val2017.json", "val2017"),
+    "coco_2014_train": _coco("instances_train2014.json", "train2014"),
+    "coco_2014_val": _coco("instances_val2014.json", "val2014"),
+    "coco_2014_minival": _coco("instances_minival2014.json", "val2014"),
+    "coco_2014_valminusminival": _coco("instances_valminusminival2014.json", "val2014"),
+    "shapes_train": _shapes("train"),
+    "shapes_val": _shapes("val"),
+}.items():
+    register_dataset(_name, _fn)
+del _name, _fn

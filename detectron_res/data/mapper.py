@@ -1,0 +1,139 @@
+"""Turn one data set record into the model's input: decoded RGB image, resized (and flipped), with its boxes."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would otherwise query PyPI on import
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from detectron_res.structures.boxes import clip_boxes, nonempty_boxes  # noqa: E402
+
+_MIN_BOX_SIDE = 1e-5  # boxes thinner than this (in resized pixels) are dropped, as in detectron2
+_TRANSFORM_CACHE_SIZE = 512
+
+
+def read_image_rgb(file_name: str | os.PathLike) -> np.ndarray:
+    """Decode an image file with OpenCV into an (H, W, 3) uint8 RGB array.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: OpenCV cannot decode it (corrupt or unsupported format).
+    """
+    path = os.fspath(file_name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"corrupt or unsupported image: {path}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def resize_shortest_edge_shape(height: int, width: int, *, short_side: int, max_size: int) -> tuple[int, int]:
+    """Output (height, width) that scales the shorter side to ``short_side``, capping the longer at ``max_size``.
+
+    Same arithmetic as detectron2's ``ResizeShortestEdge``: the scale in float, sides rounded with
+    ``int(x + 0.5)``.
+    """
+    scale = short_side / min(height, width)
+    if height < width:
+        new_height, new_width = float(short_side), scale * width
+    else:
+        new_height, new_width = scale * height, float(short_side)
+    if max(new_height, new_width) > max_size:
+        cap = max_size / max(new_height, new_width)
+        new_height, new_width = new_height * cap, new_width * cap
+    return int(new_height + 0.5), int(new_width + 0.5)
+
+
+class DatasetMapper:
+    """Callable that loads and transforms one record (see ``datasets/base.py``) for the model.
+
+    Training draws the shorter side from ``min_size`` and the flip from numpy's global random state, which
+    the data loader seeds in each worker process. Inference uses ``min_size[0]`` and never flips.
+
+    The output dict holds ``image`` (uint8 tensor (3, h, w), RGB), the original ``height`` and ``width``,
+    ``image_id``, ``file_name`` and, when the record has an ``annotations`` list, ``gt_boxes`` (float32
+    (M, 4) XYXY in the resized image) and ``gt_classes`` (int64 (M,)). Crowd annotations are never targets
+    and are left out; boxes that become empty are dropped.
+    """
+
+    def __init__(
+        self,
+        *,
+        min_size: int | Sequence[int],
+        max_size: int,
+        hflip_prob: float = 0.0,
+        is_train: bool,
+    ) -> None:
+        sizes = (min_size,) if isinstance(min_size, (int, np.integer)) else tuple(min_size)
+        if not sizes or not all(isinstance(size, (int, np.integer)) and size > 0 for size in sizes):
+            raise ValueError(f"min_size must be a positive int or a non-empty list of them, got {min_size!r}")
+        if not (isinstance(max_size, (int, np.integer)) and max_size > 0):
+            raise ValueError(f"max_size must be a positive int, got {max_size!r}")
+        if not 0.0 <= hflip_prob <= 1.0:
+            raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob!r}")
+        self.min_sizes: tuple[int, ...] = tuple(int(size) for size in sizes)
+        self.max_size = int(max_size)
+        self.hflip_prob = float(hflip_prob)
+        self.is_train = is_train
+
+    def __call__(self, record: dict) -> dict:
+        file_name = record["file_name"]
+        image = read_image_rgb(file_name)
+        height, width = image.shape[:2]
+        if (height, width) != (record["height"], record["width"]):
+            raise ValueError(
+                f"{file_name}: decoded image is {height}x{width} (HxW) but the data set says "
+                f"{record['height']}x{record['width']}"
+            )
+
+        if self.is_train:
+            short_side = self.min_sizes[np.random.randint(len(self.min_sizes))]
+            flip = self.hflip_prob > 0 and np.random.random() < self.hflip_prob
+        else:
+            short_side, flip = self.min_sizes[0], False
+        new_height, new_width = resize_shortest_edge_shape(
+            height, width, short_side=short_side, max_size=self.max_size
+        )
+
+        annotations = record.get("annotations")
+        targets = [ann for ann in annotations or () if not ann.get("iscrowd", 0)]
+        boxes = clip_boxes(
+            np.array([ann["bbox"] for ann in targets], dtype=np.float64).reshape(-1, 4), height=height, width=width
+        )
+        classes = np.array([ann["category_id"] for ann in targets], dtype=np.int64)
+        valid = nonempty_boxes(boxes)
+        transformed = _geometric_transform(new_height, new_width, flip)(
+            image=image, bboxes=boxes[valid], class_labels=classes[valid]
+        )
+
+        output = {
+            "image": torch.from_numpy(np.ascontiguousarray(transformed["image"].transpose(2, 0, 1))),
+            "height": height,
+            "width": width,
+            "image_id": record["image_id"],
+            "file_name": file_name,
+        }
+        if annotations is not None:
+            out_boxes = np.asarray(transformed["bboxes"], dtype=np.float32).reshape(-1, 4)
+            out_classes = np.asarray(transformed["class_labels"], dtype=np.int64).reshape(-1)
+            keep = nonempty_boxes(out_boxes, min_side=_MIN_BOX_SIDE)
+            output["gt_boxes"] = torch.from_numpy(np.ascontiguousarray(out_boxes[keep]))
+            output["gt_classes"] = torch.from_numpy(np.ascontiguousarray(out_classes[keep]))
+        return output
+
+
+@functools.lru_cache(maxsize=_TRANSFORM_CACHE_SIZE)
+def _geometric_transform(height: int, width: int, flip: bool) -> A.Compose:
+    """Bilinear resize to (height, width), then an optional horizontal flip, moving 'pascal_voc' boxes along."""
+    steps: list[A.BasicTransform] = [A.Resize(height=height, width=width, interpolation=cv2.INTER_LINEAR)]
+    if flip:
+        steps.append(A.HorizontalFlip(p=1.0))
+    return A.Compose(steps, bbox_params=A.BboxParams(format="pascal_voc", label_fields=["class_labels"], clip=True))
