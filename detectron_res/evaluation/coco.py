@@ -1,0 +1,441 @@
+"""COCO-style box evaluation (pycocotools ``COCOeval``, iouType ``"bbox"``) of detections or of a results file.
+
+:func:`evaluate_coco_results` is the one code path: :class:`COCOEvaluator` calls it on the detections it
+collected from a model, ``tools/eval_det.py`` on an existing COCO results json. Metrics come back as
+``{"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP-<class name>", ...}}`` in percent; a value that
+COCOeval leaves undefined (no ground truth in that area range or class) is ``None``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from numbers import Integral, Real
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor
+from torchvision.ops import box_convert
+
+from detectron_res.data.datasets.base import DetectionDataset
+
+from .evaluator import DatasetEvaluator
+from .metrics import format_per_category_table, per_category_values
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE_NAME = "coco_instances_results.json"
+SUMMARY_METRICS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
+_RESULT_KEYS: tuple[str, ...] = ("image_id", "category_id", "bbox", "score")
+_BOX_DECIMALS = 3
+_SCORE_DECIMALS = 5
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Swallow what pycocotools prints to stdout (index building, timings)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def records_to_coco_dict(dataset: DetectionDataset) -> dict:
+    """An in-memory COCO ground truth (``images``, ``categories``, ``annotations``) built from the records.
+
+    Image ids are the records' ``image_id`` (int or str; pycocotools accepts both), categories are
+    ``{"id": category_ids[k], "name": class_names[k]}``, boxes become ``[x, y, w, h]`` with ``area = w * h``.
+    An annotation is marked ``iscrowd = 1`` when it is a crowd region **or** a VOC ``difficult`` object, so that
+    COCOeval ignores it: detections matched to it count neither as true nor as false positives. (COCOeval
+    matches crowd regions by intersection over the *detection's* area, so a small detection inside a difficult
+    box is ignored as well; VOC's own protocol uses the ordinary IoU there.)
+
+    Raises:
+        ValueError: class metadata of different lengths, a repeated or badly typed image id, or an annotation
+            whose ``category_id`` is not a contiguous index of the data set or whose ``bbox`` is not 4 numbers.
+    """
+    if len(dataset.category_ids) != len(dataset.class_names):
+        raise ValueError(
+            f"data set {dataset.name!r}: {len(dataset.category_ids)} category_ids but "
+            f"{len(dataset.class_names)} class_names"
+        )
+    categories = [
+        {"id": int(category_id), "name": str(name)}
+        for category_id, name in zip(dataset.category_ids, dataset.class_names)
+    ]
+    images: list[dict] = []
+    annotations: list[dict] = []
+    seen_ids: set = set()
+    for position, record in enumerate(dataset.records):
+        image_id = record.get("image_id")
+        if isinstance(image_id, bool) or not isinstance(image_id, (Integral, str)):
+            raise ValueError(
+                f"data set {dataset.name!r}: record #{position} has image_id {image_id!r}; expected an int or a str"
+            )
+        image_id = image_id if isinstance(image_id, str) else int(image_id)
+        if image_id in seen_ids:
+            raise ValueError(f"data set {dataset.name!r}: image_id {image_id!r} occurs in more than one record")
+        seen_ids.add(image_id)
+        images.append(
+            {
+                "id": image_id,
+                "height": int(record["height"]),
+                "width": int(record["width"]),
+                "file_name": str(record.get("file_name", "")),
+            }
+        )
+        for ann in record.get("annotations", []):
+            label = ann.get("category_id")
+            if isinstance(label, bool) or not isinstance(label, Integral) or not 0 <= label < len(categories):
+                raise ValueError(
+                    f"data set {dataset.name!r}: image {image_id!r} has an annotation with category_id {label!r}; "
+                    f"expected a contiguous class index in [0, {len(categories)})"
+                )
+            if not _is_number_list(ann.get("bbox"), length=4):
+                raise ValueError(
+                    f"data set {dataset.name!r}: image {image_id!r} has an annotation with bbox {ann.get('bbox')!r}; "
+                    "expected [x1, y1, x2, y2]"
+                )
+            x1, y1, x2, y2 = (float(value) for value in ann["bbox"])
+            width, height = x2 - x1, y2 - y1
+            ignored = bool(ann.get("iscrowd", 0)) or bool(ann.get("difficult", 0))
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": categories[int(label)]["id"],
+                    "bbox": [x1, y1, width, height],
+                    "area": width * height,
+                    "iscrowd": int(ignored),
+                }
+            )
+    return {"images": images, "categories": categories, "annotations": annotations}
+
+
+def load_coco_ground_truth(source: COCO | dict | str | os.PathLike) -> COCO:
+    """A pycocotools ``COCO`` from a COCO object (returned as is), a COCO dict or the path of a COCO json.
+
+    Annotations without ``iscrowd`` get 0, without ``area`` get ``w * h``, without ``id`` get their position
+    plus one, as COCOeval needs all three.
+
+    Raises:
+        FileNotFoundError: the json does not exist.
+        ValueError: it is not valid JSON or lacks ``images`` / ``categories`` lists or well-formed annotations.
+    """
+    if isinstance(source, COCO):
+        return source
+    if isinstance(source, dict):
+        name = "ground truth dict"
+        data = copy.deepcopy(source)
+    else:
+        name = os.fspath(source)
+        data = _read_json(name, what="COCO ground-truth")
+    if not isinstance(data, dict):
+        raise ValueError(f"{name}: a COCO ground truth must be a JSON object, got {type(data).__name__}")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{name}: a COCO ground truth needs a list under {key!r}")
+    annotations = data.setdefault("annotations", [])
+    if not isinstance(annotations, list):
+        raise ValueError(f"{name}: 'annotations' must be a list, got {type(annotations).__name__}")
+    for position, ann in enumerate(annotations):
+        if not isinstance(ann, dict) or not all(key in ann for key in ("image_id", "category_id")):
+            raise ValueError(f"{name}: annotation #{position} must be an object with 'image_id' and 'category_id'")
+        if not _is_number_list(ann.get("bbox"), length=4):
+            raise ValueError(f"{name}: annotation #{position} has bbox {ann.get('bbox')!r}; expected [x, y, w, h]")
+        ann.setdefault("iscrowd", 0)
+        ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
+        ann.setdefault("id", position + 1)
+
+    coco = COCO()
+    coco.dataset = data
+    with _quiet():
+        coco.createIndex()
+    return coco
+
+
+def load_coco_results(path: str | os.PathLike) -> list[dict]:
+    """Read and check a COCO results json (a list of ``{"image_id", "category_id", "bbox", "score"}``).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not valid JSON or an entry is malformed (see :func:`validate_coco_results`).
+    """
+    name = os.fspath(path)
+    results = _read_json(name, what="COCO results")
+    validate_coco_results(results, source=name)
+    return results
+
+
+def validate_coco_results(results: object, *, source: str = "results") -> None:
+    """Check that ``results`` is a list of COCO box results; the message names ``source`` and the first bad entry.
+
+    Each entry must be an object with an int or str ``image_id``, an int ``category_id``, a ``bbox`` of 4 finite
+    numbers ``[x, y, w, h]`` and a finite number ``score``.
+
+    Raises:
+        ValueError: on the first entry that does not fit.
+    """
+    if not isinstance(results, list):
+        raise ValueError(f"{source}: COCO results must be a JSON list of detections, got {type(results).__name__}")
+    for index, entry in enumerate(results):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{source}: entry #{index} is a {type(entry).__name__}, expected an object")
+        missing = [key for key in _RESULT_KEYS if key not in entry]
+        if missing:
+            raise ValueError(f"{source}: entry #{index} lacks {', '.join(repr(key) for key in missing)}: {entry!r}")
+        image_id = entry["image_id"]
+        if isinstance(image_id, bool) or not isinstance(image_id, (Integral, str)):
+            raise ValueError(f"{source}: entry #{index} has image_id {image_id!r}; expected an int or a str")
+        category_id = entry["category_id"]
+        if isinstance(category_id, bool) or not isinstance(category_id, Integral):
+            raise ValueError(f"{source}: entry #{index} has category_id {category_id!r}; expected an int")
+        if not _is_number_list(entry["bbox"], length=4, finite=True):
+            raise ValueError(
+                f"{source}: entry #{index} has bbox {entry['bbox']!r}; expected 4 finite numbers [x, y, w, h]"
+            )
+        if not _is_number(entry["score"], finite=True):
+            raise ValueError(f"{source}: entry #{index} has score {entry['score']!r}; expected a finite number")
+
+
+def evaluate_coco_results(
+    gt: COCO | str | os.PathLike,
+    results: list[dict] | str | os.PathLike,
+    *,
+    img_ids: Sequence[int | str] | None = None,
+) -> dict[str, dict[str, float | None]]:
+    """Run COCOeval (bbox) of ``results`` against ``gt``, print its standard summary and return the metrics.
+
+    Args:
+        gt: a pycocotools ``COCO`` or the path of a COCO ground-truth json.
+        results: COCO result dicts (not modified) or the path of a COCO results json.
+        img_ids: evaluate only these images (for example the ones a model actually ran on); default all
+            images of the ground truth. Detections on other images are ignored.
+
+    Returns:
+        ``{"bbox": {...}}`` in percent: ``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl`` (``None`` where
+        COCOeval has no ground truth to average over), and ``AP-<class name>`` per ground-truth category
+        (``None`` for a class without ground truth in the evaluated images). With no detections at all a
+        warning is logged and the six summary values are 0.0.
+
+    Raises:
+        FileNotFoundError: a named file does not exist.
+        ValueError: malformed files, or results / ``img_ids`` that name an image or category id which is not
+            in the ground truth (the message names the first one).
+    """
+    gt_name = os.fspath(gt) if isinstance(gt, (str, os.PathLike)) else "the ground truth"
+    coco_gt = load_coco_ground_truth(gt)
+    if isinstance(results, (str, os.PathLike)):
+        results_name = os.fspath(results)
+        detections = load_coco_results(results_name)
+    else:
+        results_name = "results"
+        validate_coco_results(results, source=results_name)
+        detections = results
+    _check_ids_in_ground_truth(coco_gt, detections, img_ids, gt_name=gt_name, results_name=results_name)
+
+    if detections:
+        with _quiet():
+            coco_dt = coco_gt.loadRes([dict(entry) for entry in detections])  # loadRes writes into the dicts
+    else:
+        logger.warning("No detections to evaluate in %s; COCO box metrics are 0", results_name)
+        coco_dt = _empty_results(coco_gt)
+
+    coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    if img_ids is not None:
+        coco_eval.params.imgIds = list(img_ids)
+    with _quiet():
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        coco_eval.summarize()
+    print(summary.getvalue(), end="")
+
+    if detections:
+        metrics = {name: _percent(value) for name, value in zip(SUMMARY_METRICS, coco_eval.stats[:6])}
+    else:
+        metrics = {name: 0.0 for name in SUMMARY_METRICS}
+    metrics.update(_per_category_ap(coco_gt, coco_eval))
+    return {"bbox": metrics}
+
+
+class COCOEvaluator(DatasetEvaluator):
+    """Collects detections as COCO results and evaluates them with COCOeval against the data set.
+
+    The ground truth is the data set's ``json_file`` when it has one (official areas and crowd flags), otherwise
+    one built from its records by :func:`records_to_coco_dict`. Only the images passed to :meth:`process` are
+    evaluated, so evaluating a subset of the data set is fine.
+
+    Args:
+        dataset: the data set the inputs come from; ``category_ids`` maps the model's labels back to its ids.
+        output_dir: when given, :meth:`evaluate` writes the detections there as ``coco_instances_results.json``.
+    """
+
+    def __init__(self, *, dataset: DetectionDataset, output_dir: str | os.PathLike | None = None) -> None:
+        self.dataset = dataset
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        if dataset.json_file is not None:
+            self.coco_gt = load_coco_ground_truth(dataset.json_file)
+        else:
+            self.coco_gt = load_coco_ground_truth(records_to_coco_dict(dataset))
+        self._results: list[dict] = []
+        self._image_ids: dict[int | str, None] = {}  # processed ids, in order, without repeats
+
+    def reset(self) -> None:
+        self._results = []
+        self._image_ids = {}
+
+    def process(self, inputs: list[dict], outputs: list[dict[str, Tensor]]) -> None:
+        if len(inputs) != len(outputs):
+            raise ValueError(f"COCOEvaluator.process got {len(inputs)} inputs but {len(outputs)} outputs")
+        for position, (inp, out) in enumerate(zip(inputs, outputs)):
+            if "image_id" not in inp:
+                raise KeyError(f"COCOEvaluator.process: input #{position} has no 'image_id' (keys: {sorted(inp)})")
+            image_id = inp["image_id"]
+            if isinstance(image_id, Integral) and not isinstance(image_id, bool):
+                image_id = int(image_id)  # numpy / torch integers -> int, for the results json
+            self._image_ids[image_id] = None
+            self._results.extend(
+                detections_to_coco_results(out, image_id=image_id, category_ids=self.dataset.category_ids)
+            )
+
+    def evaluate(self) -> dict[str, dict[str, float | None]]:
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            path = self.output_dir / RESULTS_FILE_NAME
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump(self._results, handle)
+            logger.info("Wrote %d COCO detections to %s", len(self._results), path)
+        if not self._image_ids:
+            logger.warning("COCOEvaluator: no images were processed for data set %r", self.dataset.name)
+        metrics = evaluate_coco_results(self.coco_gt, self._results, img_ids=list(self._image_ids))
+        logger.info(
+            "Per-category bbox AP on %s:\n%s",
+            self.dataset.name, format_per_category_table(per_category_values(metrics["bbox"])),
+        )
+        return metrics
+
+
+def detections_to_coco_results(
+    detections: dict[str, Tensor], *, image_id: int | str, category_ids: Sequence[int]
+) -> list[dict]:
+    """One image's model output (``boxes`` XYXY original pixels, ``scores``, contiguous ``labels``) as COCO results.
+
+    Boxes become ``[x, y, w, h]`` rounded to 3 decimals, scores are rounded to 5 decimals, labels are mapped to
+    the data set's ids with ``category_ids[label]``.
+
+    Raises:
+        KeyError: a key is missing from ``detections``.
+        ValueError: shapes that do not agree, or a label outside ``[0, len(category_ids))``.
+    """
+    for key in ("boxes", "scores", "labels"):
+        if key not in detections:
+            raise KeyError(f"detections of image {image_id!r} lack {key!r} (keys: {sorted(detections)})")
+    boxes = torch.as_tensor(detections["boxes"]).detach().to("cpu", torch.float64)
+    scores = torch.as_tensor(detections["scores"]).detach().to("cpu", torch.float64)
+    labels = torch.as_tensor(detections["labels"]).detach().to("cpu", torch.int64)
+    count = boxes.shape[0] if boxes.dim() == 2 else -1
+    if boxes.dim() != 2 or boxes.shape[1] != 4 or scores.shape != (count,) or labels.shape != (count,):
+        raise ValueError(
+            f"detections of image {image_id!r}: expected boxes (N, 4), scores (N,), labels (N,); got "
+            f"{tuple(boxes.shape)}, {tuple(scores.shape)}, {tuple(labels.shape)}"
+        )
+    if count and (labels.min() < 0 or labels.max() >= len(category_ids)):
+        bad = labels[(labels < 0) | (labels >= len(category_ids))][0].item()
+        raise ValueError(
+            f"detections of image {image_id!r} have label {bad}; expected a contiguous class index in "
+            f"[0, {len(category_ids)})"
+        )
+    xywh = np.round(box_convert(boxes, "xyxy", "xywh").numpy(), _BOX_DECIMALS).tolist()
+    rounded_scores = np.round(scores.numpy(), _SCORE_DECIMALS).tolist()
+    return [
+        {"image_id": image_id, "category_id": int(category_ids[label]), "bbox": box, "score": score}
+        for box, score, label in zip(xywh, rounded_scores, labels.tolist())
+    ]
+
+
+def _per_category_ap(coco_gt: COCO, coco_eval: COCOeval) -> dict[str, float | None]:
+    """``AP-<class name>`` in percent from the accumulated precision (all areas, 100 detections)."""
+    precision = coco_eval.eval["precision"]  # (IoU thresholds, recall thresholds, classes, areas, max dets)
+    names = [category["name"] for category in coco_gt.loadCats(coco_eval.params.catIds)]
+    values: dict[str, float | None] = {}
+    for index, name in enumerate(names):
+        class_precision = precision[:, :, index, 0, -1]
+        class_precision = class_precision[class_precision > -1]
+        values[f"AP-{name}"] = float(class_precision.mean() * 100) if class_precision.size else None
+    return values
+
+
+def _percent(value: float) -> float | None:
+    return float(value * 100) if value >= 0 else None
+
+
+def _empty_results(coco_gt: COCO) -> COCO:
+    """A results ``COCO`` without detections (``COCO.loadRes`` cannot take an empty list)."""
+    coco_dt = COCO()
+    coco_dt.dataset = {
+        "images": list(coco_gt.dataset["images"]),
+        "categories": copy.deepcopy(coco_gt.dataset["categories"]),
+        "annotations": [],
+    }
+    with _quiet():
+        coco_dt.createIndex()
+    return coco_dt
+
+
+def _check_ids_in_ground_truth(
+    coco_gt: COCO,
+    detections: list[dict],
+    img_ids: Sequence[int | str] | None,
+    *,
+    gt_name: str,
+    results_name: str,
+) -> None:
+    known_images = set(coco_gt.getImgIds())
+    known_categories = set(coco_gt.getCatIds())
+    if img_ids is not None:
+        for image_id in img_ids:
+            if image_id not in known_images:
+                raise ValueError(f"image id {image_id!r} to evaluate is not an image of {gt_name}")
+    for index, entry in enumerate(detections):
+        if entry["image_id"] not in known_images:
+            raise ValueError(
+                f"{results_name}: entry #{index} has image_id {entry['image_id']!r}, which is not an image of {gt_name}"
+            )
+        if entry["category_id"] not in known_categories:
+            raise ValueError(
+                f"{results_name}: entry #{index} has category_id {entry['category_id']!r}, which is not a category "
+                f"of {gt_name} (known ids: {sorted(known_categories)})"
+            )
+
+
+def _read_json(path: str, *, what: str) -> object:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: {what} file is not valid JSON ({error})") from error
+
+
+def _is_number(value: object, *, finite: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return False
+    return math.isfinite(value) if finite else True
+
+
+def _is_number_list(value: object, *, length: int, finite: bool = False) -> bool:
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == length
+        and all(_is_number(item, finite=finite) for item in value)
+    )

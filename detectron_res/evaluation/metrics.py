@@ -1,0 +1,94 @@
+"""Reporting evaluation metrics: the atomic, merging ``metrics.json`` writer and a per-category text table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+
+def json_safe(value: object) -> object:
+    """``value`` with every non-finite float (NaN, inf) replaced by ``None``, recursively through dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def write_metrics_json(path: str | os.PathLike, metrics: Mapping[str, object]) -> None:
+    """Merge ``metrics`` into the JSON object at ``path`` (created if absent) and write it atomically.
+
+    The merge is by top-level key: ``{"bbox": {...}}`` replaces an existing ``"bbox"`` entry and leaves other
+    entries (for example ``"voc"``) as they are. Non-finite floats are written as ``null``. The file is written
+    to a temporary file in the same folder and moved over ``path`` with ``os.replace``, so readers never see a
+    half-written file.
+
+    Raises:
+        ValueError: ``path`` exists but does not hold a JSON object.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged: dict[str, object] = {}
+    if path.exists():
+        try:
+            existing = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: existing metrics file is not valid JSON ({error})") from error
+        if not isinstance(existing, dict):
+            raise ValueError(f"{path}: existing metrics file must hold a JSON object, got {type(existing).__name__}")
+        merged.update(existing)
+    merged.update(metrics)
+
+    handle = tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            json.dump(json_safe(merged), handle, indent=2, allow_nan=False)
+            handle.write("\n")
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def per_category_values(metrics: Mapping[str, float | None], *, prefix: str = "AP-") -> dict[str, float | None]:
+    """The ``{class name: value}`` entries of a task's metrics, from its keys ``f"{prefix}{class name}"``."""
+    return {key[len(prefix):]: value for key, value in metrics.items() if key.startswith(prefix)}
+
+
+def format_per_category_table(
+    values: Mapping[str, float | None], *, value_name: str = "AP", num_columns: int = 3
+) -> str:
+    """A fixed-width text table of ``{category: value}`` laid out in ``num_columns`` (category, value) pairs.
+
+    Values are printed with three decimals; ``None`` and NaN (undefined, e.g. a class without ground truth)
+    print as ``nan``. Rows are filled left to right in the given order.
+    """
+    if num_columns < 1:
+        raise ValueError(f"num_columns must be >= 1, got {num_columns}")
+    cells = [(str(name), _format_value(value)) for name, value in values.items()]
+    num_columns = max(1, min(num_columns, len(cells)))
+    name_width = max([len("category"), *(len(name) for name, _ in cells)])
+    value_width = max([len(value_name), *(len(text) for _, text in cells)])
+
+    def row(pairs: list[tuple[str, str]]) -> str:
+        return " | ".join(f"{name:<{name_width}} {text:>{value_width}}" for name, text in pairs).rstrip()
+
+    header = row([("category", value_name)] * num_columns)
+    lines = [header, "-" * len(header)]
+    for start in range(0, len(cells), num_columns):
+        lines.append(row(cells[start : start + num_columns]))
+    return "\n".join(lines)
+
+
+def _format_value(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "nan"
+    return f"{value:.3f}"

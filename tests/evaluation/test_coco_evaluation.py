@@ -1,0 +1,261 @@
+"""Tests of COCO box evaluation: evaluate_coco_results, COCOEvaluator, inference_on_dataset, metrics writing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from detectron_res.data.datasets.base import DetectionDataset
+from detectron_res.evaluation import (
+    COCOEvaluator,
+    DatasetEvaluator,
+    evaluate_coco_results,
+    format_per_category_table,
+    inference_on_dataset,
+    load_coco_results,
+    records_to_coco_dict,
+    write_metrics_json,
+)
+
+SUMMARY = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def _write_json(path, data) -> str:
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.fixture
+def coco_gt_file(tmp_path) -> str:
+    """Two 200x200 images; class 1 "cat": two 50x50 boxes in image 10; class 2 "dog": one 100x100 box in image 11."""
+    return _write_json(
+        tmp_path / "gt.json",
+        {
+            "images": [{"id": 10, "height": 200, "width": 200}, {"id": 11, "height": 200, "width": 200}],
+            "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+            "annotations": [
+                {"id": 1, "image_id": 10, "category_id": 1, "bbox": [10, 10, 50, 50], "area": 2500, "iscrowd": 0},
+                {"id": 2, "image_id": 10, "category_id": 1, "bbox": [100, 100, 50, 50], "area": 2500, "iscrowd": 0},
+                {"id": 3, "image_id": 11, "category_id": 2, "bbox": [0, 0, 100, 100], "area": 10000, "iscrowd": 0},
+            ],
+        },
+    )
+
+
+def test_perfect_detections_give_ap_100(coco_gt_file, capsys):
+    results = [
+        {"image_id": 10, "category_id": 1, "bbox": [10, 10, 50, 50], "score": 0.9},
+        {"image_id": 10, "category_id": 1, "bbox": [100, 100, 50, 50], "score": 0.8},
+        {"image_id": 11, "category_id": 2, "bbox": [0, 0, 100, 100], "score": 0.7},
+    ]
+    original = [dict(entry) for entry in results]
+    metrics = evaluate_coco_results(coco_gt_file, results)["bbox"]
+    assert results == original  # loadRes must not write into the caller's dicts
+    assert list(metrics) == [*SUMMARY, "AP-cat", "AP-dog"]
+    assert metrics["APs"] is None  # no small ground truth
+    for key in ("AP", "AP50", "AP75", "APm", "APl", "AP-cat", "AP-dog"):
+        assert metrics[key] == pytest.approx(100.0, abs=1e-9), key
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 1.000" in capsys.readouterr().out
+
+
+def test_one_of_two_objects_missed(coco_gt_file):
+    # Only image 10 is evaluated: "cat" finds 1 of 2 boxes -> precision 1 up to recall 0.5, i.e. 51 of the
+    # 101 recall thresholds -> AP = 51 / 101; "dog" has no ground truth there -> undefined (None).
+    results = [{"image_id": 10, "category_id": 1, "bbox": [10, 10, 50, 50], "score": 0.9}]
+    metrics = evaluate_coco_results(coco_gt_file, results, img_ids=[10])["bbox"]
+    expected = 100 * 51 / 101
+    for key in ("AP", "AP50", "AP75", "APm", "AP-cat"):
+        assert metrics[key] == pytest.approx(expected, abs=1e-9), key
+    assert metrics["APs"] is None and metrics["APl"] is None and metrics["AP-dog"] is None
+    assert expected == pytest.approx(50.495, abs=1e-3)
+
+
+def test_empty_results_give_zeros_and_a_warning(coco_gt_file, tmp_path, caplog):
+    empty = _write_json(tmp_path / "empty.json", [])
+    with caplog.at_level(logging.WARNING):
+        metrics = evaluate_coco_results(coco_gt_file, empty)["bbox"]
+    assert {key: metrics[key] for key in SUMMARY} == {key: 0.0 for key in SUMMARY}
+    assert metrics["AP-cat"] == 0.0 and metrics["AP-dog"] == 0.0
+    assert "No detections" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"image_id": 10}, "must be a JSON list"),
+        ([{"image_id": 10, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}, [1, 2]], "entry #1 is a list"),
+        ([{"image_id": 10, "category_id": 1, "bbox": [0, 0, 1, 1]}], "entry #0 lacks 'score'"),
+        ([{"image_id": 10, "category_id": 1, "bbox": [0, 0, 1], "score": 0.5}], r"entry #0 has bbox \[0, 0, 1\]"),
+        ([{"image_id": 10, "category_id": "1", "bbox": [0, 0, 1, 1], "score": 0.5}], "entry #0 has category_id '1'"),
+        ([{"image_id": 10, "category_id": 1, "bbox": [0, 0, 1, 1], "score": None}], "entry #0 has score None"),
+        ([{"image_id": 99, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}], "entry #0 has image_id 99"),
+        (
+            [
+                {"image_id": 10, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5},
+                {"image_id": 11, "category_id": 5, "bbox": [0, 0, 1, 1], "score": 0.5},
+            ],
+            "entry #1 has category_id 5, which is not a category",
+        ),
+    ],
+)
+def test_bad_results_file_names_file_and_entry(coco_gt_file, tmp_path, content, message):
+    path = _write_json(tmp_path / "bad_results.json", content)
+    with pytest.raises(ValueError, match=message) as info:
+        evaluate_coco_results(coco_gt_file, path)
+    assert "bad_results.json" in str(info.value)
+
+
+def test_missing_and_invalid_files(coco_gt_file, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_coco_results(tmp_path / "nope.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text("[{")
+    with pytest.raises(ValueError, match="broken.json: COCO results file is not valid JSON"):
+        evaluate_coco_results(coco_gt_file, str(broken))
+    with pytest.raises(FileNotFoundError, match="COCO ground-truth file not found: .*missing_gt.json"):
+        evaluate_coco_results(str(tmp_path / "missing_gt.json"), [])
+    with pytest.raises(ValueError, match="image id 12 to evaluate"):
+        evaluate_coco_results(coco_gt_file, [], img_ids=[10, 12])
+
+
+def _records_dataset() -> DetectionDataset:
+    """VOC-like records with str image ids: "a" has a "cat" and a difficult "cat", "b" a "dog"."""
+    records = [
+        {
+            "file_name": "a.jpg", "image_id": "a", "height": 200, "width": 200,
+            "annotations": [
+                {"bbox": [0.0, 0.0, 100.0, 100.0], "category_id": 0, "iscrowd": 0, "difficult": 0},
+                {"bbox": [120.0, 120.0, 180.0, 180.0], "category_id": 0, "iscrowd": 0, "difficult": 1},
+            ],
+        },
+        {
+            "file_name": "b.jpg", "image_id": "b", "height": 200, "width": 200,
+            "annotations": [{"bbox": [0.0, 0.0, 100.0, 100.0], "category_id": 1, "iscrowd": 0, "difficult": 0}],
+        },
+    ]
+    return DetectionDataset(name="tiny", records=records, class_names=["cat", "dog"], category_ids=[7, 3])
+
+
+def test_records_to_coco_dict_marks_difficult_as_crowd():
+    coco = records_to_coco_dict(_records_dataset())
+    assert coco["categories"] == [{"id": 7, "name": "cat"}, {"id": 3, "name": "dog"}]
+    assert [image["id"] for image in coco["images"]] == ["a", "b"]
+    assert coco["annotations"][1] == {
+        "id": 2, "image_id": "a", "category_id": 7, "bbox": [120.0, 120.0, 60.0, 60.0], "area": 3600.0, "iscrowd": 1,
+    }
+    assert [ann["iscrowd"] for ann in coco["annotations"]] == [0, 1, 0]
+
+
+def _outputs_for(image_id: str) -> dict[str, torch.Tensor]:
+    if image_id == "a":  # the real cat, and a higher-scored box on the difficult cat (ignored, not a false positive)
+        return {
+            "boxes": torch.tensor([[0.0, 0.0, 100.0, 100.0], [120.0, 120.0, 180.0, 180.0]]),
+            "scores": torch.tensor([0.9, 0.95]),
+            "labels": torch.tensor([0, 0]),
+        }
+    # the dog with IoU 0.62: a true positive at IoU thresholds 0.50, 0.55 and 0.60 only
+    return {"boxes": torch.tensor([[0.0, 0.0, 100.0, 62.0]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([1])}
+
+
+def test_coco_evaluator_on_records_only_dataset(tmp_path):
+    dataset = _records_dataset()
+    evaluator = COCOEvaluator(dataset=dataset, output_dir=str(tmp_path / "out"))
+    evaluator.reset()
+    inputs = [{"image_id": "a", "height": 200, "width": 200}, {"image_id": "b", "height": 200, "width": 200}]
+    evaluator.process(inputs, [_outputs_for("a"), _outputs_for("b")])
+    metrics = evaluator.evaluate()["bbox"]
+    # cat AP 100; dog AP 3/10 * 100 = 30 -> AP 65, AP50 100, AP75 50; every box is large (> 96^2).
+    assert metrics["AP-cat"] == pytest.approx(100.0)
+    assert metrics["AP-dog"] == pytest.approx(30.0)
+    assert metrics["AP"] == pytest.approx(65.0)
+    assert metrics["AP50"] == pytest.approx(100.0)
+    assert metrics["AP75"] == pytest.approx(50.0)
+    assert metrics["APl"] == pytest.approx(65.0)
+    assert metrics["APs"] is None and metrics["APm"] is None
+
+    written = json.loads((tmp_path / "out" / "coco_instances_results.json").read_text())
+    assert written[2] == {"image_id": "b", "category_id": 3, "bbox": [0.0, 0.0, 100.0, 62.0], "score": 0.8}
+    assert [entry["category_id"] for entry in written] == [7, 7, 3]
+
+    # a subset: only image "a" -> dog has no ground truth there
+    evaluator.reset()
+    evaluator.process(inputs[:1], [_outputs_for("a")])
+    subset = evaluator.evaluate()["bbox"]
+    assert subset["AP"] == pytest.approx(100.0) and subset["AP-dog"] is None
+
+
+def test_coco_evaluator_rejects_bad_labels():
+    evaluator = COCOEvaluator(dataset=_records_dataset())
+    bad = {"boxes": torch.zeros(1, 4), "scores": torch.ones(1), "labels": torch.tensor([2])}
+    with pytest.raises(ValueError, match=r"image 'a' have label 2; expected a contiguous class index in \[0, 2\)"):
+        evaluator.process([{"image_id": "a", "height": 200, "width": 200}], [bad])
+
+
+class _FixedModel(nn.Module):
+    """Returns the prepared outputs of each input image and records the modes it was called in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.calls: list[tuple[bool, bool]] = []
+
+    def forward(self, inputs: list[dict]) -> list[dict[str, torch.Tensor]]:
+        self.calls.append((self.training, torch.is_inference_mode_enabled()))
+        return [_outputs_for(inp["image_id"]) for inp in inputs]
+
+
+def test_inference_on_dataset_runs_eval_mode_and_restores_training(caplog):
+    model = _FixedModel().train()
+    loader = [[{"image_id": "a", "height": 200, "width": 200}], [{"image_id": "b", "height": 200, "width": 200}]]
+    with caplog.at_level(logging.INFO, logger="detectron_res.evaluation.evaluator"):
+        metrics = inference_on_dataset(model, loader, COCOEvaluator(dataset=_records_dataset()), progress=False)
+    assert model.calls == [(False, True), (False, True)]
+    assert model.training is True
+    assert metrics["bbox"]["AP"] == pytest.approx(65.0)
+    assert "Inference on 2 images" in caplog.text
+
+
+def test_inference_on_dataset_restores_mode_on_error():
+    class Failing(DatasetEvaluator):
+        def reset(self) -> None:
+            pass
+
+        def process(self, inputs, outputs) -> None:
+            raise RuntimeError("boom")
+
+        def evaluate(self) -> dict:
+            return {}
+
+    model = _FixedModel().train()
+    with pytest.raises(RuntimeError, match="boom"):
+        inference_on_dataset(model, [[{"image_id": "a"}]], Failing(), progress=False)
+    assert model.training is True
+
+
+def test_write_metrics_json_merges_atomically(tmp_path):
+    path = tmp_path / "run" / "metrics.json"
+    write_metrics_json(path, {"bbox": {"AP": 12.5, "AP-cat": float("nan")}})
+    write_metrics_json(path, {"voc": {"mAP": 40.0}})
+    write_metrics_json(path, {"bbox": {"AP": 13.0}})
+    assert json.loads(path.read_text()) == {"bbox": {"AP": 13.0}, "voc": {"mAP": 40.0}}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.json"]
+    write_metrics_json(tmp_path / "nan.json", {"bbox": {"AP-cat": float("nan")}})
+    assert json.loads((tmp_path / "nan.json").read_text()) == {"bbox": {"AP-cat": None}}
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(ValueError, match="list.json: existing metrics file must hold a JSON object"):
+        write_metrics_json(tmp_path / "list.json", {"bbox": {}})
+
+
+def test_format_per_category_table():
+    table = format_per_category_table({"cat": 50.0, "dog": None, "person": math.nan, "bus": 1 / 3}, num_columns=2)
+    assert table.splitlines() == [
+        "category     AP | category     AP",
+        "---------------------------------",
+        "cat      50.000 | dog         nan",
+        "person      nan | bus       0.333",
+    ]
