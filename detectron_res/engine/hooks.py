@@ -1,0 +1,107 @@
+"""Training hooks: step timing, learning-rate schedule, periodic checkpoints, periodic evaluation, writers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from .checkpoint import Checkpointer
+from .events import peak_memory_mb
+from .trainer import HookBase
+
+logger = logging.getLogger(__name__)
+
+
+class IterationTimer(HookBase):
+    """Records each step's wall time ("time") and the peak memory so far ("memory_mb")."""
+
+    def before_train(self) -> None:
+        self._train_start = time.perf_counter()
+
+    def before_step(self) -> None:
+        self._step_start = time.perf_counter()
+
+    def after_step(self) -> None:
+        storage = self.trainer.storage
+        storage.put_scalar("time", time.perf_counter() - self._step_start)
+        storage.put_scalar("memory_mb", peak_memory_mb(next(self.trainer.model.parameters()).device))
+
+    def after_train(self) -> None:
+        done = self.trainer.iter - self.trainer.start_iter
+        total = time.perf_counter() - self._train_start
+        logger.info("Ran %d iterations in %.1f s (%.3f s / iteration)", done, total, total / max(done, 1))
+
+
+class LRScheduler(HookBase):
+    """Records the learning rate and steps the scheduler after every iteration."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def after_step(self) -> None:
+        self.trainer.storage.put_scalar("lr", self.trainer.optimizer.param_groups[0]["lr"])
+        self.scheduler.step()
+
+
+class PeriodicCheckpointer(HookBase):
+    """Saves `model_XXXXXXX.pth` every `period` iterations and `model_final.pth` when training completes.
+    A run that fails (e.g. a non-finite loss) writes nothing more: the last good checkpoint stays the newest."""
+
+    def __init__(self, checkpointer: Checkpointer, *, period: int):
+        self.checkpointer = checkpointer
+        self.period = period
+
+    def after_step(self) -> None:
+        done = self.trainer.iter + 1
+        if done % self.period == 0 and done < self.trainer.max_iter:
+            self.checkpointer.save(f"model_{done:07d}", iteration=done)
+
+    def after_train(self) -> None:
+        if self.trainer.completed:
+            self.checkpointer.save("model_final", iteration=self.trainer.max_iter)
+
+
+class EvalHook(HookBase):
+    """Runs `eval_function() -> {task: {metric: value}}` every `period` iterations (0 = never during training)
+    and once after training completes; the numbers go to the metrics storage as "task/metric"."""
+
+    def __init__(self, eval_function: Callable[[], dict], *, period: int):
+        self.eval_function = eval_function
+        self.period = period
+
+    def _evaluate(self) -> None:
+        results = self.eval_function()
+        for task, metrics in results.items():
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.trainer.storage.put_scalar(f"{task}/{name}", value)
+        self.trainer.model.train()
+
+    def after_step(self) -> None:
+        done = self.trainer.iter + 1
+        if self.period > 0 and done % self.period == 0 and done < self.trainer.max_iter:
+            self._evaluate()
+
+    def after_train(self) -> None:
+        if self.trainer.completed:
+            self._evaluate()
+
+
+class PeriodicWriter(HookBase):
+    """Calls each writer's `write(storage)` every `period` iterations and at the end."""
+
+    def __init__(self, writers: Sequence, *, period: int):
+        self.writers = list(writers)
+        self.period = period
+
+    def after_step(self) -> None:
+        done = self.trainer.iter + 1
+        if done % self.period == 0 or done == self.trainer.max_iter:
+            for writer in self.writers:
+                writer.write(self.trainer.storage)
+
+    def after_train(self) -> None:
+        if self.trainer.completed:  # the evaluation results arrive after the last step
+            for writer in self.writers:
+                writer.write(self.trainer.storage)

@@ -1,0 +1,42 @@
+"""`build_evaluator(dataset)`: COCO box AP for every data set, plus the devkit metric for VOC data sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+
+from ..data.datasets.base import DetectionDataset
+from .coco import COCOEvaluator
+from .evaluator import DatasetEvaluator
+from .voc import VOCDetectionEvaluator
+
+
+class EvaluatorGroup(DatasetEvaluator):
+    """Several evaluators fed the same outputs; their metrics are merged ({"bbox": ..., "voc": ...})."""
+
+    def __init__(self, evaluators: list[DatasetEvaluator]):
+        self.evaluators = evaluators
+
+    def reset(self) -> None:
+        for evaluator in self.evaluators:
+            evaluator.reset()
+
+    def process(self, inputs: list[dict], outputs: list[dict[str, Tensor]]) -> None:
+        for evaluator in self.evaluators:
+            evaluator.process(inputs, outputs)
+
+    def evaluate(self) -> dict:
+        results: dict = {}
+        for evaluator in self.evaluators:
+            results.update(evaluator.evaluate())
+        return results
+
+
+def build_evaluator(dataset: DetectionDataset, *, output_dir: str | Path) -> DatasetEvaluator:
+    """COCO-style evaluation always (results json in `output_dir`); for a VOC data set also the VOC devkit
+    metric, whose devkit result files (comp4_det_test_<class>.txt) go to `output_dir/voc_results`."""
+    evaluators: list[DatasetEvaluator] = [COCOEvaluator(dataset=dataset, output_dir=output_dir)]
+    if "voc_root" in dataset.extra:
+        evaluators.append(VOCDetectionEvaluator(dataset=dataset, output_dir=Path(output_dir) / "voc_results"))
+    return evaluators[0] if len(evaluators) == 1 else EvaluatorGroup(evaluators)
