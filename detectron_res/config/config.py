@@ -7,9 +7,7 @@ Every key must exist in ``defaults.yaml``; values are type-checked against the d
 from __future__ import annotations
 
 import difflib
-import os
 import re
-import uuid
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -19,6 +17,7 @@ import yaml
 
 from detectron_res.config.node import CfgNode, ConfigError
 from detectron_res.config.validation import find_problems, format_problems
+from detectron_res.utils.io import atomic_write_text
 
 __all__ = ["BASE_KEY", "get_default_config", "load_config", "merge_overrides", "save_config"]
 
@@ -301,15 +300,4 @@ def save_config(cfg: CfgNode, path: str | Path) -> None:
 
     ``load_config(path)`` gives back an equal config. Missing parent folders are created.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = cfg.dump()
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "x", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    atomic_write_text(path, cfg.dump())

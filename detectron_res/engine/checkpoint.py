@@ -8,32 +8,17 @@ at any moment leaves the previous checkpoint and pointer intact.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..utils import atomic_write, atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last_checkpoint"
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Calls `write(file)` on a temporary file beside `path`, fsyncs it, then renames it to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -96,8 +81,8 @@ class Checkpointer:
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
         path = self.save_dir / f"{name}.pth"
-        atomic_write_bytes(path, lambda f: torch.save(state, f))
-        atomic_write_bytes(self.save_dir / LAST_CHECKPOINT, lambda f: f.write(path.name.encode()))
+        atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write_text(self.save_dir / LAST_CHECKPOINT, path.name)
         logger.info("Saved checkpoint %s", path)
         return path
 

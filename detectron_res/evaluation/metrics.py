@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+
+from ..utils import atomic_write_text
 
 
 def json_safe(value: object) -> object:
@@ -45,17 +46,7 @@ def write_metrics_json(path: str | os.PathLike, metrics: Mapping[str, object]) -
         merged.update(existing)
     merged.update(metrics)
 
-    handle = tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            json.dump(json_safe(merged), handle, indent=2, allow_nan=False)
-            handle.write("\n")
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(json_safe(merged), indent=2, allow_nan=False) + "\n")
 
 
 def per_category_values(metrics: Mapping[str, float | None], *, prefix: str = "AP-") -> dict[str, float | None]:

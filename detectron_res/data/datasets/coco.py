@@ -7,7 +7,6 @@ import logging
 import os
 from collections import defaultdict
 from numbers import Real
-from pathlib import Path
 
 import numpy as np
 
