@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     cfg = setup(args)
-    return evaluate(cfg, load_for_inference(cfg, args.ckpt))
+    model, _ = load_for_inference(cfg, args.ckpt)
+    return evaluate(cfg, model)
 
 
 if __name__ == "__main__":

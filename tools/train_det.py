@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     cfg = setup(args)
     if args.eval_only:
-        return evaluate(cfg, load_for_inference(cfg))
+        model, _ = load_for_inference(cfg)
+        return evaluate(cfg, model)
     return train(cfg, resume=args.resume)
 
 

@@ -115,7 +115,7 @@ class DatasetMapper:
         )
 
         output = {
-            "image": torch.from_numpy(np.ascontiguousarray(transformed["image"].transpose(2, 0, 1))),
+            "image": _to_chw_tensor(transformed["image"]),
             "height": height,
             "width": width,
             "image_id": record["image_id"],
@@ -128,6 +128,28 @@ class DatasetMapper:
             output["gt_boxes"] = torch.from_numpy(np.ascontiguousarray(out_boxes[keep]))
             output["gt_classes"] = torch.from_numpy(np.ascontiguousarray(out_classes[keep]))
         return output
+
+
+    def map_image(self, image: np.ndarray) -> dict:
+        """An already decoded (H, W, 3) uint8 RGB image -> the model input at the inference size.
+
+        The same resize as `__call__` with ``is_train=False``; the dict has no annotations, image_id or file name.
+        """
+        if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
+            shape = getattr(image, "shape", None)
+            dtype = getattr(image, "dtype", type(image).__name__)
+            raise ValueError(f"expected an (H, W, 3) uint8 image array, got shape {shape} and dtype {dtype}")
+        height, width = image.shape[:2]
+        new_height, new_width = resize_shortest_edge_shape(
+            height, width, short_side=self.min_sizes[0], max_size=self.max_size
+        )
+        resized = _geometric_transform(new_height, new_width, False)(image=image, bboxes=[], class_labels=[])
+        return {"image": _to_chw_tensor(resized["image"]), "height": height, "width": width}
+
+
+def _to_chw_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 array -> contiguous (3, H, W) uint8 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
 @functools.lru_cache(maxsize=_TRANSFORM_CACHE_SIZE)

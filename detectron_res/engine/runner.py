@@ -154,9 +154,10 @@ def train(cfg, *, resume: bool = False) -> dict:
     return final_metrics
 
 
-def load_for_inference(cfg, checkpoint: str | None = None) -> torch.nn.Module:
+def load_for_inference(cfg, checkpoint: str | None = None) -> tuple[torch.nn.Module, dict]:
     """The config's model with the weights of `checkpoint` (default: MODEL.WEIGHTS, else the last checkpoint in
-    OUTPUT_DIR), in eval mode."""
+    OUTPUT_DIR), in eval mode, and the checkpoint's metadata (e.g. {"class_names": [...]}; {} for a bare
+    state_dict)."""
     model = build_model(cfg)
     checkpointer = Checkpointer(model=model, save_dir=cfg.OUTPUT_DIR)
     path = checkpoint or cfg.MODEL.WEIGHTS or checkpointer.last_checkpoint()
@@ -164,5 +165,5 @@ def load_for_inference(cfg, checkpoint: str | None = None) -> torch.nn.Module:
         raise FileNotFoundError(
             f"No weights to evaluate: pass --ckpt, set MODEL.WEIGHTS, or train into {cfg.OUTPUT_DIR} first"
         )
-    checkpointer.load(path)
-    return model.eval()
+    extra = checkpointer.load(path)
+    return model.eval(), dict(extra.get("metadata") or {})

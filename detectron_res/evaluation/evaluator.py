@@ -54,7 +54,7 @@ def inference_on_dataset(
         evaluator: receives every batch; it is reset before the first one.
         device: where the model runs, used only to synchronise CUDA before reading the clock so that the
             logged images/s is exact. Default: the device of the model's first parameter, if it has any.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar when stderr is a terminal (none in logs and CI).
     """
     device = _resolve_device(model, device)
     try:
@@ -70,7 +70,7 @@ def inference_on_dataset(
     try:
         with torch.inference_mode():
             start = time.perf_counter()
-            for inputs in tqdm(data_loader, total=total, desc="inference", disable=not progress):
+            for inputs in tqdm(data_loader, total=total, desc="inference", disable=None if progress else True):
                 outputs = model(inputs)
                 evaluator.process(inputs, outputs)
                 num_images += len(inputs)
