@@ -181,8 +181,18 @@ def test_voc_dataset_names_resolve_under_root(tiny_voc: Path) -> None:
     assert dataset.name == "voc_2007_test"
     assert [r["image_id"] for r in dataset.records] == ["000002"]
     assert dataset.extra["year"] == 2007 and dataset.extra["split"] == "test"
-    with pytest.raises(FileNotFoundError, match=r"VOCdevkit/VOC2012/ImageSets/Main/val\.txt"):
+    with pytest.raises(FileNotFoundError, match=r"voc_2012_val.*VOCdevkit/VOC2012.*ImageSets/Main/val\.txt.*DATASETS\.ROOT"):
         names["voc_2012_val"](root)
+
+
+def test_catalog_names_and_a_root_holding_the_year_folders(tiny_voc: Path) -> None:
+    from detectron_res.data.datasets import get_dataset
+
+    devkit = tiny_voc.parent  # .../VOCdevkit, which holds VOC2007 directly
+    by_devkit_parent = get_dataset("voc_2007_test", root=devkit.parent)
+    by_year_parent = get_dataset("voc_2007_test", root=devkit)
+    assert by_devkit_parent.records == by_year_parent.records
+    assert by_devkit_parent.extra["voc_root"] == str(tiny_voc)
 
 
 def test_real_voc2012_sample() -> None:

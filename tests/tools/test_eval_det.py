@@ -1,4 +1,4 @@
-"""Tests of ``tools/eval_det.py``: evaluating an existing COCO results file from the command line."""
+"""Tests of ``tools/eval_det.py``: evaluating existing COCO results files and VOC devkit result files."""
 
 from __future__ import annotations
 
@@ -115,3 +115,43 @@ def test_coco_api_fake_results_on_first100(tmp_path):
         coco_eval.summarize()
     for key, stat in zip(SUMMARY, coco_eval.stats[:6]):
         assert bbox[key] == pytest.approx(stat * 100, abs=1e-9), key
+
+
+VOC_SAMPLE = SHARED_DATA / "voc2012_sample"
+
+
+@pytest.mark.skipif(not VOC_SAMPLE.is_dir(), reason=f"shared data not present: {VOC_SAMPLE}")
+def test_voc_devkit_results_on_the_real_sample(tmp_path, capsys):
+    class_names = (VOC_SAMPLE / "voc.names").read_text().split()
+    lines: dict[str, list[str]] = {name: [] for name in class_names}
+    for path in sorted((VOC_SAMPLE / "detections_xyxy").glob("*.txt")):
+        for line in path.read_text().splitlines():
+            class_index, score, x1, y1, x2, y2 = line.split()
+            # 0-based continuous boxes -> the devkit's 1-based pixels (see tests/evaluation/test_voc_evaluation.py)
+            lines[class_names[int(class_index)]].append(
+                f"{path.stem} {score} {float(x1) + 1} {float(y1) + 1} {x2} {y2}\n"
+            )
+    dets = tmp_path / "results"
+    dets.mkdir()
+    for name, class_lines in lines.items():
+        (dets / f"comp4_det_test_{name}.txt").write_text("".join(class_lines))
+    out = tmp_path / "metrics.json"
+    args = ["--format", "voc", "--voc-root", str(VOC_SAMPLE / "VOC2012"), "--split", "val", "--dets", str(dets)]
+    assert eval_det.main([*args, "--json-out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^mAP\s+60\.11\s+60\.76$", printed, re.MULTILINE), printed
+    assert re.search(r"^cat\s+100\.00\s+100\.00$", printed, re.MULTILINE)
+    voc = json.loads(out.read_text())["voc"]
+    assert voc["mAP_07"] == pytest.approx(0.6011089995807699, abs=1e-9)  # fractions, as in the evaluator's test
+    assert voc["mAP_area"] == pytest.approx(0.6075503875223763, abs=1e-9)
+    assert set(voc["per_class"]) == set(class_names)
+    assert voc["per_class"]["car"]["AP_area"] == pytest.approx(0.245, abs=1e-4)
+
+
+def test_voc_needs_its_arguments(tmp_path, capsys):
+    assert eval_det.main(["--format", "voc", "--dets", str(tmp_path)]) == 1
+    assert "--voc-root" in capsys.readouterr().err
+    assert eval_det.main(["--format", "voc", "--voc-root", str(tmp_path), "--split", "val", "--dets", str(tmp_path / "none")]) == 1
+    assert "not found" in capsys.readouterr().err
+    assert eval_det.main(["--format", "coco", "--dets", str(tmp_path / "d.json")]) == 1
+    assert "--gt" in capsys.readouterr().err

@@ -83,3 +83,34 @@ def test_unknown_key_on_the_command_line_fails_before_any_work(tiny_shapes, tmp_
     with pytest.raises(ValueError, match=r"SOLVER\.BASE_RL.*did you mean 'SOLVER\.BASE_LR'"):
         train_det.main(["--cfg", str(REPO / "configs/shapes_r18.yaml"), "--output", str(tmp_path / "x"), "SOLVER.BASE_RL=0.1"])
     assert not (tmp_path / "x").exists()
+
+
+VOC_SAMPLE = REPO.parent / "shared" / "data" / "voc2012_sample"
+
+
+@pytest.mark.skipif(not VOC_SAMPLE.is_dir(), reason=f"{VOC_SAMPLE} not present")
+def test_voc_config_trains_and_writes_coco_and_devkit_results(tmp_path):
+    out = tmp_path / "voc"
+    metrics = train_det.main(
+        [
+            "--cfg", str(REPO / "configs/voc_r50.yaml"), "--output", str(out),
+            "MODEL.DEVICE=cpu", f"DATASETS.ROOT={VOC_SAMPLE}",
+            "DATASETS.TRAIN=[voc_2012_val]", "DATASETS.TEST=[voc_2012_val]",
+            # a narrow trunk and small images: the run checks the plumbing, not the accuracy
+            "MODEL.BACKBONE.DEPTH=18", "MODEL.BACKBONE.WIDTH=8", "MODEL.BACKBONE.NORM=BN", "MODEL.BACKBONE.FREEZE_AT=0",
+            "MODEL.RPN.POST_NMS_TOPK_TEST=20", "MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.0",
+            "INPUT.MIN_SIZE_TRAIN=[96]", "INPUT.MAX_SIZE_TRAIN=160", "INPUT.MIN_SIZE_TEST=96", "INPUT.MAX_SIZE_TEST=160",
+            "DATALOADER.NUM_WORKERS=0", "SOLVER.IMS_PER_BATCH=2", "SOLVER.MAX_ITER=2", "SOLVER.STEPS=[1]",
+        ]
+    )  # fmt: skip
+    assert {"bbox", "voc"} <= set(metrics)
+    written = json.loads((out / "metrics.json").read_text())
+    assert set(written["voc"]) == {"mAP_07", "mAP_area", "per_class"}
+    assert 0.0 <= written["voc"]["mAP_area"] <= 1.0 and len(written["voc"]["per_class"]) == 20
+    results = out / "inference" / "voc_2012_val"
+    coco_results = json.loads((results / "coco_instances_results.json").read_text())
+    assert coco_results and {"image_id", "category_id", "bbox", "score"} <= set(coco_results[0])
+    devkit = sorted(p.name for p in (results / "voc_results").glob("comp4_det_test_*.txt"))
+    assert len(devkit) == 20 and "comp4_det_test_aeroplane.txt" in devkit
+    image_id, score, *box = (results / "voc_results" / "comp4_det_test_person.txt").read_text().split("\n")[0].split()
+    assert image_id.startswith("20") and len(box) == 4  # "2008_000123 0.31 x1 y1 x2 y2", devkit 1-based pixels

@@ -14,6 +14,7 @@ from pathlib import Path
 from .base import DetectionDataset
 from .coco import load_coco_json
 from .shapes import ensure_shapes, generate_shapes, load_shapes
+from .voc import VOC_CLASSES, load_voc, voc_dataset_names
 
 __all__ = [
     "DATASET_CATALOG",
@@ -25,6 +26,8 @@ __all__ = [
     "get_dataset",
     "load_coco_json",
     "load_shapes",
+    "load_voc",
+    "VOC_CLASSES",
     "register_dataset",
     "resolve_root",
 ]
@@ -104,4 +107,6 @@ for _name, _fn in {
     "shapes_val": _shapes("val"),
 }.items():
     register_dataset(_name, _fn)
-del _name, _fn
+for _name, _voc in voc_dataset_names().items():  # voc_2007_trainval, ..., read from <root>/VOCdevkit/VOC<year>
+    register_dataset(_name, lambda root, name, load=_voc: load(root))
+del _name, _fn, _voc

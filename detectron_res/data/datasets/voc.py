@@ -265,11 +265,19 @@ def load_voc(
 
 
 def _load_named(root: str | Path, *, name: str, year: str, split: str) -> DetectionDataset:
-    return load_voc(Path(root) / "VOCdevkit" / f"VOC{year}", split, name=name)
+    """Reads ``root/VOCdevkit/VOC{year}``, or ``root/VOC{year}`` when the root holds the year folders directly."""
+    candidates = [Path(root) / "VOCdevkit" / f"VOC{year}", Path(root) / f"VOC{year}"]
+    for voc_root in candidates:
+        if (voc_root / "ImageSets" / "Main" / f"{split}.txt").is_file():
+            return load_voc(voc_root, split, name=name)
+    raise FileNotFoundError(
+        f"data set {name!r} needs {candidates[0]} (or {candidates[1]}) holding ImageSets/Main/{split}.txt, "
+        "Annotations/ and JPEGImages/; set DATASETS.ROOT or $DETECTRON_RES_DATASETS to the folder that holds it"
+    )
 
 
 def voc_dataset_names() -> dict[str, Callable[[str | Path], DetectionDataset]]:
-    """``voc_{year}_{split}`` -> loader taking the data root; it reads ``root/VOCdevkit/VOC{year}``.
+    """``voc_{year}_{split}`` -> loader taking the data root; it reads ``root/VOCdevkit/VOC{year}`` (or ``root/VOC{year}``).
 
     Years 2007 and 2012, splits ``trainval``, ``train``, ``val`` and ``test``.
     """
