@@ -95,6 +95,23 @@ def log_metrics_summary(name: str, metrics: dict) -> None:
         logger.info("%s %s: %s", name, task, "  ".join(f"{k} {v:.2f}" if task == "bbox" else f"{k} {v:.4f}" for k, v in main.items()))
 
 
+def warn_about_random_frozen_trunk(backbone_cfg) -> None:
+    """Training starts from no weights at all: say so when the trunk cannot learn from scratch (FrozenBN's
+    identity statistics leave a deep random ResNet's activations unnormalised; a frozen stem stays random)."""
+    problems = []
+    if backbone_cfg.NORM == "FrozenBN":
+        problems.append("MODEL.BACKBONE.NORM=FrozenBN keeps identity statistics, so activations grow with depth")
+    if backbone_cfg.FREEZE_AT > 0:
+        problems.append(f"MODEL.BACKBONE.FREEZE_AT={backbone_cfg.FREEZE_AT} keeps random layers frozen")
+    if problems:
+        logger.warning(
+            "Training from random weights (MODEL.BACKBONE.WEIGHTS and MODEL.WEIGHTS are empty) while %s: "
+            "good for checking the plumbing, not for accuracy. Set MODEL.BACKBONE.WEIGHTS to ImageNet weights "
+            "(docs/models.md), or train from scratch with MODEL.BACKBONE.NORM=BN (or GN) MODEL.BACKBONE.FREEZE_AT=0.",
+            "; ".join(problems),
+        )
+
+
 def train(cfg, *, resume: bool = False) -> dict:
     """Trains the config's model on DATASETS.TRAIN, checkpointing and logging as it goes, then evaluates on
     DATASETS.TEST. With `resume`, continues from the last checkpoint in OUTPUT_DIR when there is one."""
@@ -120,6 +137,8 @@ def train(cfg, *, resume: bool = False) -> dict:
         logger.info("--resume: no checkpoint in %s yet; starting from the beginning", output_dir)
     if last is None and cfg.MODEL.WEIGHTS:
         checkpointer.load(cfg.MODEL.WEIGHTS)
+    if last is None and not cfg.MODEL.WEIGHTS and not cfg.MODEL.BACKBONE.WEIGHTS:
+        warn_about_random_frozen_trunk(cfg.MODEL.BACKBONE)
 
     final_metrics: dict = {}
 
