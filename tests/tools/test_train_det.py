@@ -114,3 +114,81 @@ def test_voc_config_trains_and_writes_coco_and_devkit_results(tmp_path):
     assert len(devkit) == 20 and "comp4_det_test_aeroplane.txt" in devkit
     image_id, score, *box = (results / "voc_results" / "comp4_det_test_person.txt").read_text().split("\n")[0].split()
     assert image_id.startswith("20") and len(box) == 4  # "2008_000123 0.31 x1 y1 x2 y2", devkit 1-based pixels
+
+
+# shapes classes stand in for three of the 20 VOC classes in the generated devkit below
+SHAPE_TO_VOC = {"circle": "cat", "square": "tvmonitor", "triangle": "sheep"}
+
+
+def write_voc_devkit_from_shapes(root: Path, *, year: str, splits: dict[str, int], seed: int) -> None:
+    """``root/VOCdevkit/VOC<year>`` with JPEG images, XML annotations (devkit 1-based boxes, one object marked
+    difficult) and ``ImageSets/Main/<split>.txt``, drawn from a generated shapes set."""
+    from PIL import Image
+
+    shapes = root / f"shapes_{year}"
+    generate_shapes(shapes, num_train=sum(splits.values()), num_val=1, image_size=96, seed=seed)
+    coco = json.loads((shapes / "annotations" / "instances_train.json").read_text())
+    names = {c["id"]: SHAPE_TO_VOC[c["name"]] for c in coco["categories"]}
+    voc = root / "VOCdevkit" / f"VOC{year}"
+    for folder in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (voc / folder).mkdir(parents=True)
+    ids = []
+    for image in coco["images"]:
+        image_id = f"{year}_{image['id']:06d}"
+        ids.append(image_id)
+        Image.open(shapes / "train" / image["file_name"]).convert("RGB").save(voc / "JPEGImages" / f"{image_id}.jpg")
+        objects = ""
+        for index, ann in enumerate(a for a in coco["annotations"] if a["image_id"] == image["id"]):
+            x, y, w, h = ann["bbox"]
+            objects += (
+                f"<object><name>{names[ann['category_id']]}</name><difficult>{int(index == 1)}</difficult>"
+                f"<bndbox><xmin>{x + 1}</xmin><ymin>{y + 1}</ymin><xmax>{x + w}</xmax><ymax>{y + h}</ymax></bndbox>"
+                "</object>"
+            )
+        size = f"<size><width>{image['width']}</width><height>{image['height']}</height><depth>3</depth></size>"
+        (voc / "Annotations" / f"{image_id}.xml").write_text(f"<annotation>{size}{objects}</annotation>")
+    start = 0
+    for split, count in splits.items():
+        (voc / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids[start : start + count]))
+        start += count
+
+
+def test_voc_07_plus_12_trains_and_its_devkit_files_score_the_same_with_eval_det(tmp_path, capsys):
+    """The paper's 07+12 -> 07 test setup by data set names, on a generated devkit (no shared data needed)."""
+    import eval_det
+
+    write_voc_devkit_from_shapes(tmp_path, year="2007", splits={"trainval": 4, "test": 3}, seed=3)
+    write_voc_devkit_from_shapes(tmp_path, year="2012", splits={"trainval": 3}, seed=4)
+    out = tmp_path / "voc"
+    metrics = train_det.main(
+        [
+            "--cfg", str(REPO / "configs/voc_r50.yaml"), "--output", str(out), "MODEL.DEVICE=cpu",
+            f"DATASETS.ROOT={tmp_path}", "DATASETS.TRAIN=[voc_2007_trainval,voc_2012_trainval]",
+            # a narrow trunk and small images: the run checks the plumbing, not the accuracy
+            "MODEL.BACKBONE.DEPTH=18", "MODEL.BACKBONE.WIDTH=8", "MODEL.BACKBONE.NORM=BN", "MODEL.BACKBONE.FREEZE_AT=0",
+            "MODEL.RPN.ANCHOR_SIZES=[32,64]", "MODEL.RPN.POST_NMS_TOPK_TEST=20", "MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.0",
+            "INPUT.MIN_SIZE_TRAIN=[96]", "INPUT.MAX_SIZE_TRAIN=96", "INPUT.MIN_SIZE_TEST=96", "INPUT.MAX_SIZE_TEST=96",
+            "DATALOADER.NUM_WORKERS=0", "SOLVER.IMS_PER_BATCH=2", "SOLVER.MAX_ITER=2", "SOLVER.STEPS=[1]",
+        ]
+    )  # fmt: skip
+    log = (out / "log.txt").read_text()
+    assert "voc_2007_trainval: 4 images" in log and "voc_2012_trainval: 3 images" in log
+    assert "'voc_2007_trainval+voc_2012_trainval': left out 0 of 7 images" in log
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["voc"]["mAP_area"] == pytest.approx(metrics["voc"]["mAP_area"])
+    per_class = written["voc"]["per_class"]
+    # only the three classes present in VOC 2007 test have an AP; the other 17 have none (null in json)
+    assert {name for name, ap in per_class.items() if ap["AP_area"] is not None} <= set(SHAPE_TO_VOC.values())
+    assert sum(ap["AP_area"] is None for ap in per_class.values()) >= 17
+
+    devkit = out / "inference" / "voc_2007_test" / "voc_results"
+    assert len(list(devkit.glob("comp4_det_test_*.txt"))) == 20
+    lines = [line.split() for path in sorted(devkit.glob("*.txt")) for line in path.read_text().splitlines()]
+    assert lines and all(len(fields) == 6 and fields[0].startswith("2007_") for fields in lines)
+    capsys.readouterr()
+    rescored = tmp_path / "rescored.json"
+    voc_root = tmp_path / "VOCdevkit" / "VOC2007"
+    args = ["--format", "voc", "--voc-root", str(voc_root), "--split", "test", "--dets", str(devkit)]
+    assert eval_det.main([*args, "--json-out", str(rescored)]) == 0
+    assert "mAP" in capsys.readouterr().out
+    assert json.loads(rescored.read_text())["voc"] == written["voc"]  # the same numbers from the files alone
