@@ -254,40 +254,13 @@ def test_devkit_files_bad_input(tiny_dataset, tmp_path: Path, caplog: pytest.Log
 # ---------------------------------------------------------------- the real VOC2012 sample
 
 
-def _sample_detections() -> list[tuple[str, int, float, list[float]]]:
-    """(image_id, class index, score, 0-based box) from ``detections_xyxy``, in split then file order.
-
-    Those boxes are 0-based continuous pixels, checked against the XML: 31 detections have x1 = 0 and 12 have
-    y1 = 0 (impossible for 1-based devkit boxes, whose smallest index is 1; no XML box of the sample has a 0),
-    and none exceeds the image width or height (x2 = width 21 times), i.e. they live in [0, W] x [0, H] like
-    detectron2's outputs. So the devkit box is (x1 + 1, y1 + 1, x2, y2).
-    """
-    split = (VOC_SAMPLE / "VOC2012" / "ImageSets" / "Main" / "val.txt").read_text().split()
-    detections = []
-    for image_id in split:
-        path = VOC_SAMPLE / "detections_xyxy" / f"{image_id}.txt"
-        if not path.is_file():  # 2007_000676 and 2007_001377 have no detection
-            continue
-        for line in path.read_text().splitlines():
-            class_index, score, *box = line.split()
-            detections.append((image_id, int(class_index), float(score), [float(v) for v in box]))
-    return detections
-
-
-def test_real_voc2012_sample_devkit_files_and_evaluator(tmp_path: Path) -> None:
-    if not VOC_SAMPLE.is_dir():
-        pytest.skip(f"sample data not present: {VOC_SAMPLE}")
+def test_real_voc2012_sample_devkit_files_and_evaluator(voc_sample_detections, voc_sample_devkit_dir: Path) -> None:
     class_names = (VOC_SAMPLE / "voc.names").read_text().split()
     assert tuple(class_names) == VOC_CLASSES
-    detections = _sample_detections()
+    detections = voc_sample_detections
     assert len(detections) == 452
-    lines: dict[str, list[str]] = {name: [] for name in class_names}
-    for image_id, class_index, score, (x1, y1, x2, y2) in detections:
-        lines[class_names[class_index]].append(f"{image_id} {score} {x1 + 1} {y1 + 1} {x2} {y2}\n")
-    for name, class_lines in lines.items():
-        (tmp_path / f"comp4_det_test_{name}.txt").write_text("".join(class_lines))
 
-    from_files = evaluate_voc_devkit_results(voc_root=VOC_SAMPLE / "VOC2012", split="val", dets_dir=tmp_path)["voc"]
+    from_files = evaluate_voc_devkit_results(voc_root=VOC_SAMPLE / "VOC2012", split="val", dets_dir=voc_sample_devkit_dir)["voc"]
     # Computed once with this code; an independent re-typing of py-faster-rcnn's voc_eval.py gives the same
     # per-class APs on these data to 1e-15 (it sums p/11 as it goes; no recall is exactly 0.3, 0.6 or 0.7).
     assert from_files["mAP_07"] == pytest.approx(0.6011089995807699, abs=1e-4)

@@ -120,21 +120,9 @@ def test_coco_api_fake_results_on_first100(tmp_path):
 VOC_SAMPLE = SHARED_DATA / "voc2012_sample"
 
 
-@pytest.mark.skipif(not VOC_SAMPLE.is_dir(), reason=f"shared data not present: {VOC_SAMPLE}")
-def test_voc_devkit_results_on_the_real_sample(tmp_path, capsys):
+def test_voc_devkit_results_on_the_real_sample(voc_sample_devkit_dir, tmp_path, capsys):
     class_names = (VOC_SAMPLE / "voc.names").read_text().split()
-    lines: dict[str, list[str]] = {name: [] for name in class_names}
-    for path in sorted((VOC_SAMPLE / "detections_xyxy").glob("*.txt")):
-        for line in path.read_text().splitlines():
-            class_index, score, x1, y1, x2, y2 = line.split()
-            # 0-based continuous boxes -> the devkit's 1-based pixels (see tests/evaluation/test_voc_evaluation.py)
-            lines[class_names[int(class_index)]].append(
-                f"{path.stem} {score} {float(x1) + 1} {float(y1) + 1} {x2} {y2}\n"
-            )
-    dets = tmp_path / "results"
-    dets.mkdir()
-    for name, class_lines in lines.items():
-        (dets / f"comp4_det_test_{name}.txt").write_text("".join(class_lines))
+    dets = voc_sample_devkit_dir  # the sample's 452 detections as devkit files (tests/conftest.py)
     out = tmp_path / "metrics.json"
     args = ["--format", "voc", "--voc-root", str(VOC_SAMPLE / "VOC2012"), "--split", "val", "--dets", str(dets)]
     assert eval_det.main([*args, "--json-out", str(out)]) == 0

@@ -1,0 +1,49 @@
+"""Fixtures shared across test folders: the real VOC2012 sample's detections, as tuples and as devkit files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# ../shared/data beside the checkout (this file is <checkout>/tests/conftest.py)
+VOC_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc2012_sample"
+
+
+@pytest.fixture(scope="session")
+def voc_sample_detections() -> list[tuple[str, int, float, list[float]]]:
+    """(image_id, class index, score, 0-based box) from ``voc2012_sample/detections_xyxy``, in split then file
+    order; skips the test when the sample is absent.
+
+    Those boxes are 0-based continuous pixels, checked against the XML: 31 detections have x1 = 0 and 12 have
+    y1 = 0 (impossible for 1-based devkit boxes, whose smallest index is 1; no XML box of the sample has a 0),
+    and none exceeds the image width or height (x2 = width 21 times), i.e. they live in [0, W] x [0, H] like
+    detectron2's outputs. So the devkit box is (x1 + 1, y1 + 1, x2, y2).
+    """
+    if not VOC_SAMPLE.is_dir():
+        pytest.skip(f"sample data not present: {VOC_SAMPLE}")
+    split = (VOC_SAMPLE / "VOC2012" / "ImageSets" / "Main" / "val.txt").read_text().split()
+    detections = []
+    for image_id in split:
+        path = VOC_SAMPLE / "detections_xyxy" / f"{image_id}.txt"
+        if not path.is_file():  # 2007_000676 and 2007_001377 have no detection
+            continue
+        for line in path.read_text().splitlines():
+            class_index, score, *box = line.split()
+            detections.append((image_id, int(class_index), float(score), [float(v) for v in box]))
+    return detections
+
+
+@pytest.fixture
+def voc_sample_devkit_dir(voc_sample_detections, tmp_path: Path) -> Path:
+    """A folder of devkit files ``comp4_det_test_<class>.txt`` holding the sample's detections, boxes shifted
+    to the devkit's 1-based pixels (x1 + 1, y1 + 1, x2, y2), one file per class of ``voc.names``."""
+    class_names = (VOC_SAMPLE / "voc.names").read_text().split()
+    lines: dict[str, list[str]] = {name: [] for name in class_names}
+    for image_id, class_index, score, (x1, y1, x2, y2) in voc_sample_detections:
+        lines[class_names[class_index]].append(f"{image_id} {score} {x1 + 1} {y1 + 1} {x2} {y2}\n")
+    results = tmp_path / "voc_sample_results"
+    results.mkdir()
+    for name, class_lines in lines.items():
+        (results / f"comp4_det_test_{name}.txt").write_text("".join(class_lines))
+    return results
