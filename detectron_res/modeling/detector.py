@@ -14,19 +14,23 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import clip_boxes_to_image
 
+from ..postprocess import nonempty_boxes
 from ..structures import batch_images
-from .rpn import RPN
+from .rpn import RPN, NonFiniteProposalsError
 from .roi_heads import Res5ROIHeads
 
 
 def rescale_detections(
     detections: dict[str, Tensor], *, input_size: tuple[int, int], output_size: tuple[int, int]
 ) -> dict[str, Tensor]:
-    """Maps boxes from the resized input image (h, w) back to the original (height, width), clipped."""
+    """Maps boxes from the resized input image (h, w) back to the original (height, width), clipped; detections
+    whose box is empty after that are dropped (every field of `detections` is indexed alike)."""
     scale_y = output_size[0] / input_size[0]
     scale_x = output_size[1] / input_size[1]
     boxes = detections["boxes"] * detections["boxes"].new_tensor([scale_x, scale_y, scale_x, scale_y])
-    return {**detections, "boxes": clip_boxes_to_image(boxes, output_size)}
+    boxes = clip_boxes_to_image(boxes, output_size)
+    keep = nonempty_boxes(boxes)
+    return {**{key: value[keep] for key, value in detections.items()}, "boxes": boxes[keep]}
 
 
 class FasterRCNN(nn.Module):
@@ -75,7 +79,12 @@ class FasterRCNN(nn.Module):
         gt_boxes = [x["gt_boxes"].to(self.device, non_blocking=True) for x in batched_inputs]
         gt_classes = [x["gt_classes"].to(self.device, non_blocking=True) for x in batched_inputs]
         features = self.backbone(images)
-        proposals, rpn_losses = self.rpn(features, image_sizes, gt_boxes)
+        try:
+            proposals, rpn_losses = self.rpn(features, image_sizes, gt_boxes)
+        except NonFiniteProposalsError as error:
+            image = batched_inputs[error.image_index]
+            name = image.get("file_name", f"image_id {image.get('image_id', '?')}")
+            raise NonFiniteProposalsError(f"{error} (image: {name})", image_index=error.image_index) from None
         _, detector_losses = self.roi_heads(features, proposals, image_sizes, gt_boxes, gt_classes)
         return {**rpn_losses, **detector_losses}
 

@@ -1,6 +1,6 @@
 """Pure tensor post-processing of detections: per-class NMS and top-k (refinement, voting and multi-scale
 merging build on these)."""
 
-from .nms import per_class_nms
+from .nms import nonempty_boxes, per_class_nms
 
-__all__ = ["per_class_nms"]
+__all__ = ["nonempty_boxes", "per_class_nms"]

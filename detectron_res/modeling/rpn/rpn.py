@@ -13,7 +13,16 @@ from torch import Tensor, nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 from torchvision.ops import box_iou, clip_boxes_to_image, nms
 
+from ...postprocess import nonempty_boxes
 from .anchors import AnchorGenerator
+
+
+class NonFiniteProposalsError(FloatingPointError):
+    """The RPN produced a NaN or infinite box or score in training; `image_index` is the image's place in the batch."""
+
+    def __init__(self, message: str, *, image_index: int):
+        super().__init__(message)
+        self.image_index = image_index
 
 
 class RPNHead(nn.Module):
@@ -32,13 +41,6 @@ class RPNHead(nn.Module):
         """(N, C, H, W) -> objectness (N, A, H, W), deltas (N, 4A, H, W)."""
         x = F.relu(self.conv(features))
         return self.objectness_logits(x), self.anchor_deltas(x)
-
-
-def nonempty_boxes(boxes: Tensor, min_size: float = 0.0) -> Tensor:
-    """(R, 4) -> (R,) mask of boxes whose sides are both larger than `min_size`."""
-    widths = boxes[:, 2] - boxes[:, 0]
-    heights = boxes[:, 3] - boxes[:, 1]
-    return (widths > min_size) & (heights > min_size)
 
 
 class RPN(nn.Module):
@@ -174,11 +176,18 @@ class RPN(nn.Module):
         pre_nms_topk = self.pre_nms_topk[0 if self.training else 1]
         post_nms_topk = self.post_nms_topk[0 if self.training else 1]
         proposals = []
-        for scores, image_deltas, image_size in zip(objectness, deltas, image_sizes):
+        for image_index, (scores, image_deltas, image_size) in enumerate(zip(objectness, deltas, image_sizes)):
             scores, index = scores.topk(min(pre_nms_topk, len(scores)))
             boxes = self.box_coder.decode_single(image_deltas[index], anchors[index])
+            finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
+            if self.training and not finite.all():
+                raise NonFiniteProposalsError(
+                    f"The RPN predicted {int((~finite).sum())} non-finite proposal boxes or scores for image "
+                    f"{image_index} of the batch: training has diverged",
+                    image_index=image_index,
+                )
             boxes = clip_boxes_to_image(boxes, image_size)
-            keep = nonempty_boxes(boxes, self.min_size) & torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
+            keep = nonempty_boxes(boxes, self.min_size) & finite
             boxes, scores = boxes[keep], scores[keep]
             keep = nms(boxes, scores, self.nms_thresh)[:post_nms_topk]
             proposals.append(boxes[keep])
