@@ -237,6 +237,8 @@ VALUE_RULES: tuple[tuple[str, Check], ...] = (
     ("INPUT.SIZE_DIVISIBILITY", at_least(1)),
     ("DATASETS.TRAIN", non_empty()),
     ("DATALOADER.NUM_WORKERS", at_least(0)),
+    ("DATALOADER.ON_BAD_IMAGE", one_of("error", "skip")),
+    ("DATALOADER.TIMEOUT", at_least(0)),
     ("SOLVER.IMS_PER_BATCH", at_least(1)),
     ("SOLVER.BASE_LR", greater_than(0)),
     ("SOLVER.MOMENTUM", between(0.0, 1.0, include_high=False)),

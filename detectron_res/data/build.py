@@ -44,8 +44,9 @@ def build_train_dataset(cfg) -> DetectionDataset:
     return concatenate_datasets([load_dataset(cfg, name) for name in cfg.DATASETS.TRAIN])
 
 
-def build_train_data_loader(cfg, dataset: DetectionDataset, *, rank: int = 0, world_size: int = 1):
-    """Infinite loader of SOLVER.IMS_PER_BATCH / world_size images per batch for this process."""
+def build_train_data_loader(cfg, dataset: DetectionDataset, *, start_iter: int = 0, rank: int = 0, world_size: int = 1):
+    """Infinite loader of SOLVER.IMS_PER_BATCH / world_size images per batch for this process, from batch number
+    `start_iter` on (the iterations a resumed run already trained)."""
     if cfg.SOLVER.IMS_PER_BATCH % world_size:
         raise ValueError(
             f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} is not divisible by the {world_size} processes"
@@ -66,6 +67,9 @@ def build_train_data_loader(cfg, dataset: DetectionDataset, *, rank: int = 0, wo
         seed=cfg.SEED,
         rank=rank,
         world_size=world_size,
+        start_iter=start_iter,
+        on_bad_image=cfg.DATALOADER.ON_BAD_IMAGE,
+        timeout=cfg.DATALOADER.TIMEOUT,
     )
 
 
@@ -80,4 +84,6 @@ def build_test_data_loader(cfg, dataset: DetectionDataset, *, rank: int = 0, wor
         num_workers=cfg.DATALOADER.NUM_WORKERS,
         rank=rank,
         world_size=world_size,
+        on_bad_image=cfg.DATALOADER.ON_BAD_IMAGE,
+        timeout=cfg.DATALOADER.TIMEOUT,
     )

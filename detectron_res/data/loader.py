@@ -1,39 +1,57 @@
-"""Training and inference data loaders: records -> mapper -> batches (lists of dicts), one process's share."""
+"""Training and inference data loaders: records -> mapper -> batches (lists of dicts), one process's share.
+
+Worker processes start from a fork server (a clean process that imported torch, OpenCV and this package), never
+by forking the main process: a fork inherits OpenCV's thread pool in whatever state the main process left it,
+and a worker touching it can block forever (seen after the Predictor or the shapes generator had used OpenCV).
+A worker that dies ends the run with torch's error; one that hangs, with an error after ``timeout`` seconds.
+
+Training randomness does not depend on which worker maps a sample: every sample gets its own seed from
+(seed, rank, batch number, place in batch), so resuming at batch ``start_iter`` replays exactly the batches and
+augmentations an uninterrupted run would have drawn.
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
+import multiprocessing
 import pickle
 import random
-from collections.abc import Callable, Sequence
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from .datasets.base import DetectionDataset
+from .mapper import BadImageError
 from .samplers import GroupedBatchSampler, InferenceSampler, TrainingSampler, aspect_ratio_group_ids
 
 logger = logging.getLogger(__name__)
 
-Mapper = Callable[[dict], dict]
+Mapper = Callable[..., dict]
+ON_BAD_IMAGE = ("error", "skip")
+BAD_IMAGE_ERRORS = (BadImageError, FileNotFoundError, IsADirectoryError)
+# modules the fork server imports once, so that each worker forked from it starts in milliseconds
+_WORKER_PRELOAD = ["torch", "cv2", "albumentations", "detectron_res.data.loader"]
+_MAX_REPLACEMENTS = 10  # consecutive bad images a training sample may skip before the run stops
 
 
 class SerializedRecords(Sequence):
-    """The records pickled into one numpy byte buffer.
+    """The records pickled into one byte buffer held by a torch tensor.
 
-    Worker processes forked from the main one then share a single buffer instead of touching (and so
-    copying, through reference counts) millions of small Python objects.
+    Millions of small Python objects would be copied into every worker (reference counts touch their pages);
+    one buffer is not, and as a tensor it travels to the workers through shared memory.
     """
 
     def __init__(self, records: Sequence[dict]) -> None:
-        blobs = [
-            np.frombuffer(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8) for record in records
-        ]
-        self._ends = np.cumsum([len(blob) for blob in blobs], dtype=np.int64)
-        self._buffer = np.concatenate(blobs) if blobs else np.zeros(0, dtype=np.uint8)
+        blobs = [pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL) for record in records]
+        self._ends = torch.tensor(np.cumsum([len(blob) for blob in blobs], dtype=np.int64))
+        self._buffer = torch.from_numpy(np.frombuffer(b"".join(blobs), dtype=np.uint8).copy())
 
     def __len__(self) -> int:
         return len(self._ends)
@@ -43,21 +61,105 @@ class SerializedRecords(Sequence):
             raise IndexError(f"record index {index} out of range for {len(self)} records")
         index %= len(self)
         begin = int(self._ends[index - 1]) if index > 0 else 0
-        return pickle.loads(memoryview(self._buffer[begin : int(self._ends[index])]))
+        return pickle.loads(self._buffer[begin : int(self._ends[index])].numpy().tobytes())
 
 
 class MappedDataset(Dataset):
-    """Map-style data set: item ``i`` is ``mapper(records[i])``."""
+    """Map-style data set: item ``i`` is ``mapper(records[i])``; item ``(i, seed)`` is
+    ``mapper(records[i], rng=numpy.random.default_rng(seed))`` (the training loader's seeded samples).
 
-    def __init__(self, *, records: Sequence[dict], mapper: Mapper) -> None:
+    With ``on_bad_image="skip"`` an image that cannot be read (missing, corrupt, truncated, of another size than
+    its record says) does not stop the run: a training sample moves on to the next record (up to
+    ``_MAX_REPLACEMENTS`` of them), an inference sample becomes ``{"bad_image": message}``; the main process
+    reports them (see :class:`SkipReportingLoader`). With ``"error"`` the error propagates.
+    """
+
+    def __init__(self, *, records: Sequence[dict], mapper: Mapper, on_bad_image: str = "error") -> None:
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
         self.records = SerializedRecords(records)
         self.mapper = mapper
+        self.on_bad_image = on_bad_image
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict:
-        return self.mapper(self.records[index])
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        skipped: list[str] = []
+        for _ in range(_MAX_REPLACEMENTS + 1):
+            try:
+                mapped = self._map(index, seed)
+            except BAD_IMAGE_ERRORS as error:
+                if self.on_bad_image == "error":
+                    raise
+                skipped.append(f"{type(error).__name__}: {error}")
+                if seed is None:  # inference: report it, there is nothing to replace it with
+                    return {"bad_image": skipped[0]}
+                index = (index + 1) % len(self)
+                continue
+            if skipped:
+                mapped["skipped_bad_images"] = skipped
+            return mapped
+        raise BadImageError(
+            f"{_MAX_REPLACEMENTS + 1} consecutive images could not be read (DATALOADER.ON_BAD_IMAGE=skip): "
+            + "; ".join(skipped)
+        )
+
+    def _map(self, index: int, seed: int | None) -> dict:
+        if seed is None:
+            return self.mapper(self.records[index])
+        return self.mapper(self.records[index], rng=np.random.default_rng(seed))
+
+
+class SeededBatchSampler(Sampler[list[tuple[int, int]]]):
+    """The batches of ``batch_sampler`` from batch number ``start`` on, each index paired with its own seed.
+
+    The seed of the k-th sample of batch b is a hash of (seed, rank, b, k): it depends only on the sample's place
+    in the stream, so skipping ``start`` batches gives a resumed run the same data and augmentations as an
+    uninterrupted one. Skipping replays the (cheap, index-only) batch sampler, grouping buffers included.
+    """
+
+    def __init__(self, batch_sampler: Iterable[list[int]], *, seed: int, rank: int, start: int = 0) -> None:
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self.batch_sampler = batch_sampler
+        self.seed = seed
+        self.rank = rank
+        self.start = start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for number, batch in enumerate(self.batch_sampler):
+            if number < self.start:
+                continue
+            seeds = np.random.SeedSequence([self.seed, self.rank, number]).generate_state(len(batch))
+            yield [(index, int(sample_seed)) for index, sample_seed in zip(batch, seeds.tolist())]
+
+
+class SkipReportingLoader:
+    """Iterates a loader of ``DATALOADER.ON_BAD_IMAGE=skip`` and logs every image left out, with a running count,
+    in the main process: ``{"bad_image": ...}`` items are dropped (a batch left empty is not yielded) and a
+    training sample's ``skipped_bad_images`` list is removed from it."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.num_skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        for batch in self.loader:
+            kept = []
+            for item in batch:
+                messages = [item["bad_image"]] if "bad_image" in item else item.pop("skipped_bad_images", [])
+                for message in messages:
+                    self.num_skipped += 1
+                    logger.warning("Skipped an unreadable image (%d so far): %s", self.num_skipped, message)
+                if "bad_image" not in item:
+                    kept.append(item)
+            if kept:
+                yield kept
 
 
 def has_usable_annotation(record: dict) -> bool:
@@ -76,19 +178,25 @@ def build_train_loader(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
-) -> DataLoader:
+    start_iter: int = 0,
+    on_bad_image: str = "error",
+    timeout: float = 0.0,
+) -> Iterable[list[dict]]:
     """An infinite iterable of training batches for process ``rank``: lists of ``batch_size`` mapped records.
 
     Args:
         dataset: the training data set (concatenate several beforehand).
-        mapper: turns a record into the model's input dict (e.g. ``DatasetMapper(is_train=True)``).
+        mapper: ``mapper(record, *, rng)`` -> the model's input dict (e.g. ``DatasetMapper(is_train=True)``); all its
+            randomness must come from ``rng``, a numpy Generator seeded per sample.
         batch_size: images per batch in this process.
-        num_workers: loading processes; 0 loads in the main process (the mapper's randomness then comes
-            from the main process's numpy state).
+        num_workers: loading processes; 0 loads in the main process.
         aspect_ratio_grouping: batch landscape images together and portrait images together.
         filter_empty: leave out records with no non-crowd annotation.
-        seed: seeds the shuffling (shared by all processes) and each worker's random state.
+        seed: seeds the shuffling (shared by all processes) and every sample's random generator.
         rank, world_size: this process and the number of processes of distributed training.
+        start_iter: the batches this process already trained on (a resumed run starts after them).
+        on_bad_image: "error" stops at an unreadable image; "skip" logs it and takes the next record.
+        timeout: seconds to wait for a batch from the workers before stopping with an error; 0 waits forever.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -109,14 +217,16 @@ def build_train_loader(
         )
     else:
         batch_sampler = BatchSampler(sampler, batch_size=batch_size, drop_last=True)
-    return DataLoader(
-        MappedDataset(records=records, mapper=mapper),
-        batch_sampler=batch_sampler,
+    loader = _data_loader(
+        MappedDataset(records=records, mapper=mapper, on_bad_image=on_bad_image),
+        batch_sampler=SeededBatchSampler(batch_sampler, seed=seed, rank=rank, start=start_iter),
         num_workers=num_workers,
-        collate_fn=_as_list,
-        worker_init_fn=functools.partial(_init_worker, seed=seed, rank=rank),
+        seed=seed,
+        rank=rank,
+        timeout=timeout,
         persistent_workers=num_workers > 0,
     )
+    return SkipReportingLoader(loader) if on_bad_image == "skip" else loader
 
 
 def build_test_loader(
@@ -126,16 +236,82 @@ def build_test_loader(
     num_workers: int,
     rank: int = 0,
     world_size: int = 1,
-) -> DataLoader:
-    """Batches of one mapped record, in data set order, over this process's contiguous shard."""
+    on_bad_image: str = "error",
+    timeout: float = 0.0,
+) -> Iterable[list[dict]]:
+    """Batches of one mapped record, in data set order, over this process's contiguous shard (``on_bad_image`` and
+    ``timeout`` as in :func:`build_train_loader`; skipped images are not evaluated)."""
     sampler = InferenceSampler(len(dataset.records), rank=rank, world_size=world_size)
-    return DataLoader(
-        MappedDataset(records=dataset.records, mapper=mapper),
+    loader = _data_loader(
+        MappedDataset(records=dataset.records, mapper=mapper, on_bad_image=on_bad_image),
         batch_sampler=BatchSampler(sampler, batch_size=1, drop_last=False),
         num_workers=num_workers,
-        collate_fn=_as_list,
-        worker_init_fn=functools.partial(_init_worker, seed=0, rank=rank),
+        seed=0,
+        rank=rank,
+        timeout=timeout,
+        persistent_workers=False,
     )
+    return SkipReportingLoader(loader) if on_bad_image == "skip" else loader
+
+
+class _WatchedWorkersIter(_MultiProcessingDataLoaderIter):
+    """torch's multi-process iterator, waiting at most ``batch_timeout`` seconds for a batch while still checking
+    every few seconds that no worker died (torch's own ``timeout`` makes it check only once the timeout is over)."""
+
+    def __init__(self, loader: WatchedDataLoader) -> None:
+        super().__init__(loader)
+        self._batch_timeout = loader.batch_timeout
+
+    def _get_data(self):
+        start = time.monotonic()
+        while True:
+            success, data = self._try_get_data()  # raises when a worker has died
+            if success:
+                return data
+            waited = time.monotonic() - start
+            if self._batch_timeout > 0 and waited >= self._batch_timeout:
+                raise RuntimeError(
+                    f"No batch from the data-loading workers for {waited:.0f} s (DATALOADER.TIMEOUT="
+                    f"{self._batch_timeout:g}): a worker is stuck. Stopping instead of waiting forever."
+                )
+
+
+class WatchedDataLoader(DataLoader):
+    """A DataLoader whose workers must deliver a batch within ``batch_timeout`` seconds (0 = no limit)."""
+
+    def __init__(self, *args, batch_timeout: float = 0.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_timeout = batch_timeout
+
+    def _get_iterator(self):
+        return _WatchedWorkersIter(self) if self.num_workers > 0 else super()._get_iterator()
+
+
+def _data_loader(
+    dataset: Dataset, *, batch_sampler, num_workers: int, seed: int, rank: int, timeout: float, persistent_workers: bool
+) -> DataLoader:
+    """A DataLoader whose workers come from the fork server and whose own random draws (the workers' base seed)
+    use a private generator, leaving the global torch random state to the model."""
+    return WatchedDataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        collate_fn=_as_list,
+        worker_init_fn=functools.partial(_init_worker, seed=seed, rank=rank),
+        multiprocessing_context=_worker_context() if num_workers > 0 else None,
+        persistent_workers=persistent_workers,
+        generator=torch.Generator().manual_seed(seed),
+        batch_timeout=timeout,
+    )
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """The fork server where the platform has one (Linux, macOS), else spawn (Windows)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([name for name in _WORKER_PRELOAD if name in sys.modules])
+    return context
 
 
 def _as_list(batch: list[dict]) -> list[dict]:
@@ -143,7 +319,8 @@ def _as_list(batch: list[dict]) -> list[dict]:
 
 
 def _init_worker(worker_id: int, *, seed: int, rank: int) -> None:
-    """Seed python, numpy and torch from (seed, rank, worker id); keep OpenCV single-threaded per worker."""
+    """Seed python, numpy and torch from (seed, rank, worker id) for any randomness outside the per-sample
+    generators; keep OpenCV single-threaded per worker (safe here: the worker did not inherit a thread pool)."""
     worker_seed = int(np.random.SeedSequence([seed, rank, worker_id]).generate_state(1)[0])
     random.seed(worker_seed)
     np.random.seed(worker_seed)

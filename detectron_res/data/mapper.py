@@ -19,20 +19,61 @@ _MIN_BOX_SIDE = 1e-5  # boxes thinner than this (in resized pixels) are dropped,
 _TRANSFORM_CACHE_SIZE = 512
 
 
+class BadImageError(ValueError):
+    """An image file that exists but cannot be used: not decodable, or a JPEG whose data stops early."""
+
+
 def read_image_rgb(file_name: str | os.PathLike) -> np.ndarray:
-    """Decode an image file with OpenCV into an (H, W, 3) uint8 RGB array.
+    """Decode an image file with OpenCV into an (H, W, 3) uint8 RGB array (EXIF orientation applied).
+
+    A truncated JPEG is an error: OpenCV would decode what is there, fill the rest with grey and only print a
+    libjpeg warning (see :func:`jpeg_is_truncated`).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: OpenCV cannot decode it (corrupt or unsupported format).
+        IsADirectoryError: the path is a folder.
+        BadImageError: OpenCV cannot decode it (corrupt or unsupported format), or it is a truncated JPEG.
     """
     path = os.fspath(file_name)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"expected an image file, got a folder: {path}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    data = np.fromfile(path, dtype=np.uint8)
+    if jpeg_is_truncated(data.tobytes()):
+        raise BadImageError(f"truncated JPEG (its data stops before the end-of-image marker): {path}")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
-        raise ValueError(f"corrupt or unsupported image: {path}")
+        raise BadImageError(f"corrupt or unsupported image: {path}")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def jpeg_is_truncated(data: bytes) -> bool:
+    """Whether ``data`` is a JPEG stream whose image data ends without the end-of-image marker (FFD9).
+
+    The marker segments are walked by their lengths up to the first start-of-scan (FFDA) of the main image, so an
+    EXIF thumbnail's own end marker (inside APP1, before the scan) does not count; after it, the entropy-coded data
+    can only hold FF followed by 00 or a restart marker, so the first FFD9 is the real end. Bytes after that end
+    (some cameras append data) are fine. Not a JPEG: False.
+    """
+    if data[:2] != b"\xff\xd8":
+        return False
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return False  # not a marker where one must be: corrupt, left to the decoder to reject
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            position += 2
+        elif marker == 0xD9:
+            return False
+        elif marker == 0xDA:
+            return data.find(b"\xff\xd9", position + 2) < 0
+        else:
+            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return True  # the headers end before any image data
 
 
 def resize_shortest_edge_shape(height: int, width: int, *, short_side: int, max_size: int) -> tuple[int, int]:
@@ -55,8 +96,10 @@ def resize_shortest_edge_shape(height: int, width: int, *, short_side: int, max_
 class DatasetMapper:
     """Callable that loads and transforms one record (see ``datasets/base.py``) for the model.
 
-    Training draws the shorter side from ``min_size`` and the flip from numpy's global random state, which
-    the data loader seeds in each worker process. Inference uses ``min_size[0]`` and never flips.
+    Training draws the shorter side from ``min_size`` and the flip from the ``rng`` passed in (the training loader
+    gives each sample its own generator, seeded from the run's seed and the sample's place in the stream, so a
+    resumed run draws the same augmentations); without one, from numpy's global random state. Inference uses
+    ``min_size[0]`` and never flips.
 
     The output dict holds ``image`` (uint8 tensor (3, h, w), RGB), the original ``height`` and ``width``,
     ``image_id``, ``file_name`` and, when the record has an ``annotations`` list, ``gt_boxes`` (float32
@@ -84,7 +127,7 @@ class DatasetMapper:
         self.hflip_prob = float(hflip_prob)
         self.is_train = is_train
 
-    def __call__(self, record: dict) -> dict:
+    def __call__(self, record: dict, *, rng: np.random.Generator | None = None) -> dict:
         file_name = record["file_name"]
         image = read_image_rgb(file_name)
         height, width = image.shape[:2]
@@ -95,8 +138,10 @@ class DatasetMapper:
             )
 
         if self.is_train:
-            short_side = self.min_sizes[np.random.randint(len(self.min_sizes))]
-            flip = self.hflip_prob > 0 and np.random.random() < self.hflip_prob
+            if rng is None:
+                rng = np.random.default_rng(np.random.randint(2**31))  # seeded from numpy's global state
+            short_side = self.min_sizes[rng.integers(len(self.min_sizes))]
+            flip = self.hflip_prob > 0 and rng.random() < self.hflip_prob
         else:
             short_side, flip = self.min_sizes[0], False
         new_height, new_width = resize_shortest_edge_shape(
@@ -135,16 +180,24 @@ class DatasetMapper:
 
         The same resize as `__call__` with ``is_train=False``; the dict has no annotations, image_id or file name.
         """
-        if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
-            shape = getattr(image, "shape", None)
-            dtype = getattr(image, "dtype", type(image).__name__)
-            raise ValueError(f"expected an (H, W, 3) uint8 image array, got shape {shape} and dtype {dtype}")
+        check_image_array(image)
         height, width = image.shape[:2]
         new_height, new_width = resize_shortest_edge_shape(
             height, width, short_side=self.min_sizes[0], max_size=self.max_size
         )
         resized = _geometric_transform(new_height, new_width, False)(image=image, bboxes=[], class_labels=[])
         return {"image": _to_chw_tensor(resized["image"]), "height": height, "width": width}
+
+
+def check_image_array(image: object) -> None:
+    """Raises ValueError unless ``image`` is an (H, W, 3) uint8 array with H, W > 0; the message says what it got."""
+    shape = getattr(image, "shape", None)
+    dtype = getattr(image, "dtype", type(image).__name__)
+    if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
+        hint = " (a grayscale image? convert it to 3 channels first)" if isinstance(image, np.ndarray) and image.ndim == 2 else ""
+        raise ValueError(f"expected an (H, W, 3) uint8 image array, got shape {shape} and dtype {dtype}{hint}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"the image is empty: {image.shape[0]}x{image.shape[1]} (HxW) pixels")
 
 
 def _to_chw_tensor(image: np.ndarray) -> torch.Tensor:
