@@ -1,13 +1,47 @@
-"""Fixtures shared across test folders: the real VOC2012 sample's detections, as tuples and as devkit files."""
+"""Fixtures shared across test folders: the package logger restored after each test, the shared real data (which
+must be there when CI is set), and the real VOC2012 sample's detections, as tuples and as devkit files."""
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import pytest
 
 # ../shared/data beside the checkout (this file is <checkout>/tests/conftest.py)
-VOC_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc2012_sample"
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+VOC_SAMPLE = SHARED_DATA / "voc2012_sample"
+
+
+def require_shared_data(path: Path) -> Path:
+    """`path` under ../shared/data: skips the test when it is missing, except under CI (the CI environment variable
+    set), where the data is provided and its absence is a failure, never a silent skip."""
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"shared test data missing under CI: {path}")
+        pytest.skip(f"sample data not present: {path}")
+    return path
+
+
+@pytest.fixture
+def shared_data():
+    """`shared_data("coco128")` -> ../shared/data/coco128, or a skip (a failure under CI) when it is missing."""
+    return lambda name: require_shared_data(SHARED_DATA / name)
+
+
+@pytest.fixture(autouse=True)
+def restore_package_logger():
+    """The tools' `setup_logging` gives the `detectron_res` logger its own handlers (one writing to a test's
+    log.txt) and stops propagation; put it back as it was so that later tests (and caplog) see every record."""
+    package_logger = logging.getLogger("detectron_res")
+    saved = (list(package_logger.handlers), package_logger.propagate, package_logger.level)
+    yield
+    for handler in package_logger.handlers:
+        if handler not in saved[0]:
+            handler.close()
+    package_logger.handlers[:] = saved[0]
+    package_logger.propagate, package_logger.level = saved[1], saved[2]
 
 
 @pytest.fixture(scope="session")
@@ -20,8 +54,7 @@ def voc_sample_detections() -> list[tuple[str, int, float, list[float]]]:
     and none exceeds the image width or height (x2 = width 21 times), i.e. they live in [0, W] x [0, H] like
     detectron2's outputs. So the devkit box is (x1 + 1, y1 + 1, x2, y2).
     """
-    if not VOC_SAMPLE.is_dir():
-        pytest.skip(f"sample data not present: {VOC_SAMPLE}")
+    require_shared_data(VOC_SAMPLE)
     split = (VOC_SAMPLE / "VOC2012" / "ImageSets" / "Main" / "val.txt").read_text().split()
     detections = []
     for image_id in split:

@@ -1,12 +1,23 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written checkpoint, config or metrics file."""
+"""Atomic file writes: a reader (or a crash) never sees a half-written checkpoint, config or metrics file.
+
+The temporary file is ``.<name>.<pid>.<random>.tmp`` beside the target, created with mode 0666 minus the umask
+(like any other file the process writes). A process killed during a write leaves it behind;
+`remove_orphaned_temporary_files` deletes those of processes that are gone.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
-import tempfile
+import re
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+logger = logging.getLogger(__name__)
+
+_TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> None:
@@ -16,7 +27,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     try:
         with os.fdopen(fd, "wb") as stream:
             write(stream)
@@ -24,10 +36,39 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
             os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Writes ``text`` (UTF-8) to ``path`` atomically, as `atomic_write`."""
     atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
+
+
+def remove_orphaned_temporary_files(folder: str | os.PathLike) -> list[Path]:
+    """Deletes the temporary files of `atomic_write` in ``folder`` whose writing process no longer runs (it was
+    killed mid-write); returns them. Files of running processes (another run writing now) are kept."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        match = _TEMPORARY_NAME.fullmatch(path.name)
+        if match is None or not path.is_file() or _process_is_running(int(match["pid"])):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+        logger.warning("Removed %s, left by an interrupted write of %s", path, match["name"])
+    return removed
+
+
+def _process_is_running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True

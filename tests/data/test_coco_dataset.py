@@ -122,10 +122,8 @@ def test_malformed_json_is_a_value_error_naming_the_file(tmp_path: Path, content
     assert "broken.json" in str(error.value)
 
 
-def test_coco128_sample() -> None:
-    root = SHARED_DATA / "coco128"
-    if not root.is_dir():
-        pytest.skip(f"{root} not present")
+def test_coco128_sample(shared_data) -> None:
+    root = shared_data("coco128")
     dataset = load_coco_json(
         root / "annotations" / "instances_train2017.json", root / "train2017", name="coco128"
     )

@@ -195,9 +195,8 @@ def test_catalog_names_and_a_root_holding_the_year_folders(tiny_voc: Path) -> No
     assert by_devkit_parent.extra["voc_root"] == str(tiny_voc)
 
 
-def test_real_voc2012_sample() -> None:
-    if not VOC_SAMPLE.is_dir():
-        pytest.skip(f"sample data not present: {VOC_SAMPLE}")
+def test_real_voc2012_sample(shared_data) -> None:
+    shared_data("voc2012_sample")
     dataset = load_voc(VOC_SAMPLE / "VOC2012", "val", name="voc2012_sample")
     assert len(dataset) == 100
     annotations = [a for r in dataset.records for a in r["annotations"]]

@@ -27,8 +27,8 @@ def narrow_coco_config():
     return cfg
 
 
-@pytest.mark.skipif(not COCO128.is_dir(), reason=f"{COCO128} not present")
-def test_loss_falls_on_four_real_coco_images():
+def test_loss_falls_on_four_real_coco_images(shared_data):
+    shared_data("coco128")
     dataset = load_coco_json(COCO128 / "annotations" / "instances_train2017.json", COCO128 / "train2017", name="coco128")
     mapper = DatasetMapper(min_size=192, max_size=320, is_train=True)
     records = [r for r in dataset.records if r["annotations"]][:4]

@@ -87,8 +87,8 @@ def test_missing_file_exits_with_clear_error(tiny_gt, tmp_path, capsys):
     assert "COCO results file not found: " in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not COCO_FIRST100.is_dir(), reason=f"shared data not present: {COCO_FIRST100}")
-def test_coco_api_fake_results_on_first100(tmp_path):
+def test_coco_api_fake_results_on_first100(tmp_path, shared_data):
+    shared_data("coco_val2014_first100")
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
