@@ -4,30 +4,45 @@
     python tools/train_det.py --cfg configs/shapes_r18.yaml --output output/shapes
     python tools/train_det.py --cfg configs/coco_r101.yaml SOLVER.IMS_PER_BATCH=8 --resume
     python tools/train_det.py --cfg configs/coco_r50.yaml --eval-only --output output/coco_r50
+
+Flags may come before or after the KEY=VALUE overrides. An error stops the tool with one line on stderr and exit
+status 1 (the traceback goes to OUTPUT_DIR/log.txt).
 """
 
 from __future__ import annotations
 
 import sys
 
-from detectron_res.engine.runner import default_argument_parser, evaluate, load_for_inference, setup, train
+from detectron_res.engine.runner import (
+    EVAL_CONFIG_FILE,
+    default_argument_parser,
+    evaluate,
+    load_for_inference,
+    parse_args,
+    run_tool,
+    setup,
+    train,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = default_argument_parser(__doc__.splitlines()[0])
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in the output folder, exactly"
+    )
     parser.add_argument(
         "--eval-only",
         action="store_true",
-        help="only evaluate MODEL.WEIGHTS (default: the last checkpoint in the output folder)",
+        help="only evaluate MODEL.WEIGHTS (default: the newest checkpoint in the output folder)",
     )
-    args = parser.parse_args(argv)
-    cfg = setup(args)
+    args = parse_args(parser, argv)
     if args.eval_only:
+        cfg = setup(args, config_file=EVAL_CONFIG_FILE)
         model, _ = load_for_inference(cfg)
         return evaluate(cfg, model)
+    cfg = setup(args, config_file=None)  # training writes config.yaml once its checks pass
     return train(cfg, resume=args.resume)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_tool(main, sys.argv[1:]))

@@ -132,7 +132,7 @@ class DatasetMapper:
         image = read_image_rgb(file_name)
         height, width = image.shape[:2]
         if (height, width) != (record["height"], record["width"]):
-            raise ValueError(
+            raise BadImageError(
                 f"{file_name}: decoded image is {height}x{width} (HxW) but the data set says "
                 f"{record['height']}x{record['width']}"
             )

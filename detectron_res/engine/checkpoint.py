@@ -1,13 +1,19 @@
-"""Checkpoints of model, optimizer, scheduler and iteration, written atomically.
+"""Checkpoints of model, optimizer, scheduler, iteration and trainer state, written atomically and only when finite.
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed over its final name;
 `last_checkpoint` (a one-line text file naming the newest checkpoint) is replaced the same way afterwards. A crash
-at any moment leaves the previous checkpoint and pointer intact.
+at any moment leaves the previous checkpoint and pointer intact. A model or optimizer holding a NaN or infinite
+value is never written: `save` refuses with `NonFiniteCheckpointError`, so the newest checkpoint is always one a
+run can resume from.
+
+Periodic checkpoints are `model_<iteration, 7 digits>.pth` (the iterations done), the last one `model_final.pth`.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,13 @@ from ..utils import atomic_write, atomic_write_text
 logger = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last_checkpoint"
+FINAL_CHECKPOINT = "model_final"
+_PERIODIC_NAME = re.compile(r"model_(\d{7})\.pth")
+_SHOWN = 10
+
+
+class NonFiniteCheckpointError(FloatingPointError):
+    """The model or optimizer state holds NaN or infinite values; the checkpoint was not written."""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -26,28 +39,59 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def state_dict_mismatches(own: dict, theirs: dict, *, shown: int = 10) -> list[str]:
+def _names(keys: list[str], shown: int = _SHOWN) -> str:
+    return ", ".join(keys[:shown]) + (f" (+{len(keys) - shown} more)" if len(keys) > shown else "")
+
+
+def state_dict_mismatches(own: dict, theirs: dict, *, shown: int = _SHOWN) -> list[str]:
     """Human-readable differences between a model's state_dict and a checkpoint's: wrong shapes, missing keys,
     unexpected keys (at most `shown` names each)."""
-
-    def names(keys: list[str]) -> str:
-        return ", ".join(keys[:shown]) + (f" (+{len(keys) - shown} more)" if len(keys) > shown else "")
-
-    wrong_shape = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in theirs.items()
-        if k in own and own[k].shape != v.shape
-    ]
+    wrong_shape = shape_mismatches(own, theirs)
     missing = sorted(set(own) - set(theirs))
     unexpected = sorted(set(theirs) - set(own))
     problems = []
     if wrong_shape:
-        problems.append(f"shape mismatch: {names(wrong_shape)}")
+        problems.append(f"shape mismatch: {_names(wrong_shape, shown)}")
     if missing:
-        problems.append(f"missing: {names(missing)}")
+        problems.append(f"missing: {_names(missing, shown)}")
     if unexpected:
-        problems.append(f"unexpected: {names(unexpected)}")
+        problems.append(f"unexpected: {_names(unexpected, shown)}")
     return problems
+
+
+def shape_mismatches(own: dict, theirs: dict) -> list[str]:
+    """`key: checkpoint (shape) vs model (shape)` for every key both hold with different shapes."""
+    return [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in theirs.items()
+        if k in own and own[k].shape != v.shape
+    ]
+
+
+def non_finite_tensors(state: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the floating-point tensors anywhere in `state` (nested dicts and lists) holding a NaN or an
+    infinity."""
+    if isinstance(state, torch.Tensor):
+        return [prefix] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    items = state.items() if isinstance(state, Mapping) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    found = []
+    for key, value in items:
+        found += non_finite_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    return found
+
+
+def checkpoint_iteration(path: Path) -> int | None:
+    """The iteration a checkpoint file was written at: from its name (`model_0005000.pth`), else read from the
+    file (memory-mapped: the weights are not read); None when the file cannot be read."""
+    match = _PERIODIC_NAME.fullmatch(path.name)
+    if match:
+        return int(match.group(1))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any unreadable file simply has no iteration
+        return None
+    iteration = state.get("iteration") if isinstance(state, dict) else None
+    return int(iteration) if isinstance(iteration, int) else None
 
 
 class Checkpointer:
@@ -74,31 +118,89 @@ class Checkpointer:
         self.metadata = metadata or {}
 
     def save(self, name: str, **extra: Any) -> Path:
-        """Writes `save_dir/name.pth` holding the model, optimizer, scheduler and `extra` (e.g. iteration)."""
+        """Writes `save_dir/name.pth` holding the model, optimizer, scheduler and `extra` (e.g. iteration), then
+        points `last_checkpoint` at it.
+
+        Raises:
+            NonFiniteCheckpointError: a model parameter or buffer (e.g. a BatchNorm running variance) or an optimizer
+                state holds NaN or infinity; nothing is written, the previous checkpoint stays the newest.
+        """
         state = {"model": self.model.state_dict(), "metadata": self.metadata, **extra}
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
         path = self.save_dir / f"{name}.pth"
+        bad = non_finite_tensors({"model": state["model"], "optimizer": state.get("optimizer", {})})
+        if bad:
+            raise NonFiniteCheckpointError(
+                f"Refusing to write {path}: {len(bad)} tensors hold NaN or infinite values ({_names(bad)}); "
+                "training has diverged."
+            )
         atomic_write(path, lambda f: torch.save(state, f))
         atomic_write_text(self.save_dir / LAST_CHECKPOINT, path.name)
         logger.info("Saved checkpoint %s", path)
         return path
 
+    def checkpoint_files(self) -> list[tuple[int | None, Path]]:
+        """Every `model_*.pth` in `save_dir` with its iteration (None: unreadable), newest first."""
+        found = [(checkpoint_iteration(path), path) for path in self.save_dir.glob("model_*.pth")]
+        return sorted(found, key=lambda item: (item[0] is not None, item[0] or 0, item[1].name), reverse=True)
+
     def last_checkpoint(self) -> Path | None:
-        """The checkpoint `last_checkpoint` names, if both exist."""
+        """The checkpoint `last_checkpoint` names; if that file is gone (or there is no pointer), the newest
+        checkpoint file in the folder by iteration, with a warning; None when there is none."""
         pointer = self.save_dir / LAST_CHECKPOINT
-        if not pointer.is_file():
-            return None
-        path = self.save_dir / pointer.read_text().strip()
-        return path if path.is_file() else None
+        named = self.save_dir / pointer.read_text().strip() if pointer.is_file() else None
+        if named is not None and named.is_file():
+            return named
+        readable = [path for iteration, path in self.checkpoint_files() if iteration is not None]
+        if readable and named is not None:
+            logger.warning("%s names %s, which is missing; using the newest checkpoint, %s", pointer, named.name, readable[0])
+        return readable[0] if readable else None
 
-    def load(self, path: str | Path, *, resume: bool = False) -> dict[str, Any]:
-        """Loads the model weights of `path` (a detectron_res checkpoint or a bare state_dict); with `resume`,
-        also the optimizer and scheduler. Returns the checkpoint's other entries (e.g. "iteration").
+    def resume_point(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint in `save_dir` that can be resumed from, and its contents.
 
-        Raises on any missing, unexpected or mis-shaped model key: a checkpoint must fit the model exactly.
+        Newest means the highest iteration, whatever `last_checkpoint` says (a missing, stale or unreadable pointer
+        is only worth a warning). A file that cannot be read, lacks the optimizer or iteration, or holds non-finite
+        values is skipped with a warning and the next newest is tried. None when the folder holds no checkpoint.
+
+        Raises:
+            ValueError: the folder holds checkpoint files but none of them can be resumed from.
+        """
+        candidates = self.checkpoint_files()
+        problems = []
+        for _, path in candidates:
+            try:
+                state = self.read(path)
+                for key in ("iteration", "optimizer"):
+                    if key not in state:
+                        raise ValueError(f"it holds no {key!r}: not a training checkpoint")
+                bad = non_finite_tensors({"model": state["model"], "optimizer": state["optimizer"]})
+                if bad:
+                    raise ValueError(f"{len(bad)} tensors hold NaN or infinite values ({_names(bad)})")
+            except ValueError as error:
+                problems.append(f"{path.name}: {error}")
+                logger.warning("Cannot resume from %s: %s", path, error)
+                continue
+            pointer = self.save_dir / LAST_CHECKPOINT
+            named = pointer.read_text().strip() if pointer.is_file() else None
+            if named != path.name:
+                logger.warning("%s names %r; resuming from the newest usable checkpoint, %s", pointer, named, path.name)
+            return path, state
+        if problems:
+            raise ValueError(
+                f"--resume: none of the checkpoints in {self.save_dir} can be resumed from ({'; '.join(problems)}). "
+                "Move them away to start afresh, or choose another output folder."
+            )
+        return None
+
+    def read(self, path: str | Path) -> dict[str, Any]:
+        """The contents of a detectron_res checkpoint, or {"model": state_dict} for a bare state_dict file.
+
+        Raises:
+            FileNotFoundError: no such file. ValueError: it cannot be read or holds no model state_dict.
         """
         path = Path(path)
         if not path.is_file():
@@ -108,9 +210,34 @@ class Checkpointer:
         except Exception as e:
             raise ValueError(f"Could not read checkpoint {path}: {e}") from e
         model_state = state.get("model", state) if isinstance(state, dict) else None
-        if not isinstance(model_state, dict):
+        if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):
             raise ValueError(f"{path} holds no model state_dict")
-        problems = state_dict_mismatches(self.model.state_dict(), model_state)
+        return state if "model" in state else {"model": model_state}
+
+    def load(
+        self, path: str | Path, *, resume: bool = False, allow_shape_mismatch: bool = False, state: dict | None = None
+    ) -> dict[str, Any]:
+        """Loads the model weights of `path` (a detectron_res checkpoint or a bare state_dict; `state` when already
+        read); with `resume`, also the optimizer and scheduler. Returns the checkpoint's other entries (e.g.
+        "iteration", "metadata", "trainer").
+
+        Every key must match the model. With `allow_shape_mismatch` (fine-tuning, e.g. COCO weights for a VOC
+        model), tensors whose shape differs are skipped with a warning naming them and keep their initial values;
+        otherwise any difference is an error.
+        """
+        path = Path(path)
+        state = state if state is not None else self.read(path)
+        model_state = dict(state["model"])
+        own = self.model.state_dict()
+        skipped = shape_mismatches(own, model_state) if allow_shape_mismatch else []
+        if skipped:
+            model_state = {k: v for k, v in model_state.items() if k not in own or own[k].shape == v.shape}
+            model_state.update({k: v for k, v in own.items() if k not in model_state and k in state["model"]})
+            logger.warning(
+                "Not loaded from %s because the shapes differ (they keep their initial values): %s",
+                path, "; ".join(skipped),
+            )
+        problems = state_dict_mismatches(own, model_state)
         if problems:
             raise ValueError(
                 f"Checkpoint {path} does not fit the model (is the config the one it was trained with?): "

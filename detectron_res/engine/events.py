@@ -13,15 +13,28 @@ from pathlib import Path
 
 import torch
 
+from ..utils import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 
 class MetricsStorage:
     """Scalar histories of one training run: name -> [(iteration, value)]."""
 
+    KEPT_IN_CHECKPOINTS = 200  # recent values per name saved for a resumed run (more than any median window)
+
     def __init__(self, *, start_iter: int = 0):
         self.iter = start_iter
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+
+    def state_dict(self) -> dict[str, list[list[float]]]:
+        """The last `KEPT_IN_CHECKPOINTS` (iteration, value) pairs of every name."""
+        return {name: [[i, v] for i, v in values[-self.KEPT_IN_CHECKPOINTS :]] for name, values in self.history.items()}
+
+    def load_state_dict(self, state: dict[str, list[list[float]]]) -> None:
+        self.history.clear()
+        for name, values in state.items():
+            self.history[name] = [(int(i), float(v)) for i, v in values]
 
     def put_scalar(self, name: str, value: float) -> None:
         self.history[name].append((self.iter, float(value)))
@@ -81,20 +94,47 @@ class ConsoleWriter:
 
 
 class JSONWriter:
-    """Appends one JSON object per write to `path` (metrics.jsonl): the iteration and the latest scalars."""
+    """Appends one JSON object per write to `path` (metrics.jsonl): the iteration and the scalars new since the last
+    write (evaluation results at the end of training get a record of their own for the last iteration).
 
-    def __init__(self, *, path: str | Path, window: int = 20):
+    A run starting at `start_iter` (resumed from a checkpoint of that iteration) first drops the file's records of
+    later iterations, which a killed run wrote after its last checkpoint and the resumed run writes again, so no
+    iteration appears twice; a half-written last line is dropped too.
+    """
+
+    def __init__(self, *, path: str | Path, window: int = 20, start_iter: int = 0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.window = window
+        self.start_iter = start_iter
         self._written_until: dict[str, int] = {}
+        self._drop_records_after(start_iter)
+
+    def _drop_records_after(self, iteration: int) -> None:
+        if not self.path.is_file():
+            return
+        kept, dropped = [], 0
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+                keep = record["iteration"] <= iteration
+            except (json.JSONDecodeError, TypeError, KeyError):
+                keep = False
+            kept += [line] if keep else []
+            dropped += not keep
+        if dropped:
+            atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+            logger.info("Dropped %d records after iteration %d from %s (written after the last checkpoint)",
+                        dropped, iteration, self.path)
 
     def write(self, storage: MetricsStorage) -> None:
         record: dict[str, float | int] = {"iteration": storage.iter + 1}
         for name, values in storage.history.items():
-            if values and values[-1][0] > self._written_until.get(name, -1):
+            if values and values[-1][0] > self._written_until.get(name, self.start_iter - 1):
                 smooth = name.startswith(("loss", "total_loss")) or name in ("time", "data_time")
                 record[name] = storage.median(name, self.window) if smooth else values[-1][1]
                 self._written_until[name] = values[-1][0]
+        if len(record) == 1:  # nothing new since the last write
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-from .checkpoint import Checkpointer
+from .checkpoint import FINAL_CHECKPOINT, Checkpointer
 from .events import peak_memory_mb
 from .trainer import HookBase
 
@@ -45,26 +46,44 @@ class LRScheduler(HookBase):
 
 
 class PeriodicCheckpointer(HookBase):
-    """Saves `model_XXXXXXX.pth` every `period` iterations and `model_final.pth` when training completes.
-    A run that fails (e.g. a non-finite loss) writes nothing more: the last good checkpoint stays the newest."""
+    """Saves `model_XXXXXXX.pth` every `period` iterations and `model_final.pth` when training completes, each with
+    the trainer's state for an exact resume. A run that fails (e.g. a non-finite loss) writes nothing more: the last
+    good checkpoint stays the newest. A run that had nothing left to do (resumed at `max_iter`) rewrites nothing."""
 
     def __init__(self, checkpointer: Checkpointer, *, period: int):
         self.checkpointer = checkpointer
         self.period = period
 
+    def _save(self, name: str) -> None:
+        state = self.trainer.state_dict()
+        self.checkpointer.save(name, iteration=state["iteration"], trainer=state)
+
     def after_step(self) -> None:
         done = self.trainer.iter + 1
         if done % self.period == 0 and done < self.trainer.max_iter:
-            self.checkpointer.save(f"model_{done:07d}", iteration=done)
+            self._save(f"model_{done:07d}")
 
     def after_train(self) -> None:
-        if self.trainer.completed:
-            self.checkpointer.save("model_final", iteration=self.trainer.max_iter)
+        if self.trainer.completed and self.trainer.max_iter > self.trainer.start_iter:
+            self._save(FINAL_CHECKPOINT)
+
+
+def scalar_metrics(results: Mapping, prefix: str = "") -> dict[str, float]:
+    """The numbers of nested evaluation results under "/"-joined names: {"bbox": {"AP": 1.0}} -> {"bbox/AP": 1.0},
+    {"set_a": {"bbox": {"AP": 1.0}}} -> {"set_a/bbox/AP": 1.0}; undefined values (None, NaN) are left out."""
+    scalars: dict[str, float] = {}
+    for key, value in results.items():
+        if isinstance(value, Mapping):
+            scalars.update(scalar_metrics(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            scalars[f"{prefix}{key}"] = value
+    return scalars
 
 
 class EvalHook(HookBase):
-    """Runs `eval_function() -> {task: {metric: value}}` every `period` iterations (0 = never during training)
-    and once after training completes; the numbers go to the metrics storage as "task/metric"."""
+    """Runs `eval_function() -> {task: {metric: value}}` (or {data set: {task: ...}} for several) every `period`
+    iterations (0 = never during training) and once after training completes; the numbers go to the metrics
+    storage as "task/metric" ("data set/task/metric")."""
 
     def __init__(self, eval_function: Callable[[], dict], *, period: int):
         self.eval_function = eval_function
@@ -72,10 +91,8 @@ class EvalHook(HookBase):
 
     def _evaluate(self) -> None:
         results = self.eval_function()
-        for task, metrics in results.items():
-            for name, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.trainer.storage.put_scalar(f"{task}/{name}", value)
+        for name, value in scalar_metrics(results).items():
+            self.trainer.storage.put_scalar(name, value)
         self.trainer.model.train()
 
     def after_step(self) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..data.build import build_test_mapper
-from ..data.mapper import DatasetMapper, read_image_rgb
+from ..data.mapper import DatasetMapper, check_image_array, read_image_rgb
 from .runner import load_for_inference
 
 logger = logging.getLogger(__name__)
@@ -64,13 +64,18 @@ class Predictor:
         Returns:
             {"boxes": float32 (D, 4) XYXY in the image's pixels, "scores": float32 (D,), "labels": int64 (D,),
             "class_names": D names}, sorted by descending score.
+        Raises:
+            FileNotFoundError, IsADirectoryError, BadImageError: a path that is missing, a folder, or not a readable
+                image; ValueError: an array that is not (H, W, 3) uint8 with H, W > 0, or an unknown input_format.
         """
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
         if isinstance(image, (str, os.PathLike)):
             image = read_image_rgb(image)
-        elif input_format == "BGR" and isinstance(image, np.ndarray):
-            image = np.ascontiguousarray(image[:, :, ::-1])
+        else:
+            check_image_array(image)
+            if input_format == "BGR":
+                image = np.ascontiguousarray(image[:, :, ::-1])
         inputs = self.mapper.map_image(image)
         (detections,) = self.model([inputs])
         labels = detections["labels"].cpu().numpy().astype(np.int64)

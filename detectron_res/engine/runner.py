@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from ..data.build import build_test_data_loader, build_train_data_loader, build_
 from ..evaluation import inference_on_dataset, write_metrics_json
 from ..evaluation.build import build_evaluator
 from ..modeling import build_model
+from ..utils import remove_orphaned_temporary_files
 from .checkpoint import Checkpointer
 from .events import ConsoleWriter, JSONWriter
 from .hooks import EvalHook, IterationTimer, LRScheduler, PeriodicCheckpointer, PeriodicWriter
@@ -27,29 +30,41 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 TRAIN_LOG_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
+EVAL_CONFIG_FILE = "inference/config.yaml"  # evaluation tools keep a training run's config.yaml as it is
 
 
 def default_argument_parser(description: str) -> argparse.ArgumentParser:
+    """`--cfg`, `--output` and trailing `KEY=VALUE` overrides; parse with `parse_args`, which lets flags come
+    before, between or after the overrides."""
     parser = argparse.ArgumentParser(
-        description=description, epilog="Trailing KEY=VALUE arguments override config keys, e.g. SOLVER.BASE_LR=0.02"
+        description=description, epilog="KEY=VALUE arguments override config keys, e.g. SOLVER.BASE_LR=0.02"
     )
     parser.add_argument("--cfg", required=True, help="config file (YAML)")
     parser.add_argument("--output", default=None, help="output folder (default: the config's OUTPUT_DIR)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY=VALUE config overrides")
+    parser.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides")
     return parser
 
 
-def setup(args: argparse.Namespace):
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Flags and `KEY=VALUE` overrides in any order (`... SOLVER.IMS_PER_BATCH=8 --resume`)."""
+    return parser.parse_intermixed_args(argv)
+
+
+def setup(args: argparse.Namespace, *, config_file: str | None = CONFIG_FILE):
     """Loads the config (file, overrides, --output), prepares the output folder and logging, saves the resolved
-    config there, seeds every random generator. Returns the frozen config."""
+    config as `OUTPUT_DIR/<config_file>` (None: not here; training writes it once its checks passed), seeds every
+    random generator. Returns the frozen config."""
     overrides = list(args.opts)
     if args.output is not None:
         overrides.append(f"OUTPUT_DIR={args.output}")
     cfg = load_config(args.cfg, overrides)
     output_dir = Path(cfg.OUTPUT_DIR)
     setup_logging(output_dir)
-    save_config(cfg, output_dir / CONFIG_FILE)
-    logger.info("Config %s with overrides %s; resolved config saved to %s", args.cfg, overrides, output_dir / CONFIG_FILE)
+    remove_orphaned_temporary_files(output_dir)
+    logger.info("Config %s with overrides %s", args.cfg, overrides)
+    if config_file is not None:
+        save_config(cfg, output_dir / config_file)
+        logger.info("Resolved config saved to %s", output_dir / config_file)
     seed_everything(cfg.SEED)
     return cfg
 
@@ -58,6 +73,36 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def run_tool(main: Callable[[list[str]], object], argv: Sequence[str]) -> int:
+    """Runs a tool's `main(argv)`; an error it stops on (bad config, missing file, unreadable image, diverged
+    training, a dead data-loading worker, ...) prints one line to stderr and returns 1, and its traceback goes to
+    the output folder's log.txt when logging to one had started. Other exceptions (bugs) propagate with their
+    traceback."""
+    try:
+        main(list(argv))
+    except (ValueError, OSError, FloatingPointError, RuntimeError) as error:
+        message = error_summary(error)
+        package_logger = logging.getLogger("detectron_res")
+        record = package_logger.makeRecord(
+            package_logger.name, logging.ERROR, __file__, 0, "Stopped: %s", (message,), (type(error), error, error.__traceback__)
+        )
+        for handler in package_logger.handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def error_summary(error: BaseException) -> str:
+    """The message of `error` and its notes; for an error re-raised from a data-loading worker (whose message holds
+    the worker's traceback), the worker's own last line, e.g. `BadImageError: truncated JPEG ...: a.jpg`."""
+    message = str(error).strip() or type(error).__name__
+    if "Original Traceback" in message:
+        message = message.splitlines()[-1].strip()
+    return " ".join([message, *getattr(error, "__notes__", ())])
 
 
 def evaluate(cfg, model: torch.nn.Module, *, progress: bool = True) -> dict:
@@ -114,8 +159,14 @@ def warn_about_random_frozen_trunk(backbone_cfg) -> None:
 
 def train(cfg, *, resume: bool = False) -> dict:
     """Trains the config's model on DATASETS.TRAIN, checkpointing and logging as it goes, then evaluates on
-    DATASETS.TEST. With `resume`, continues from the last checkpoint in OUTPUT_DIR when there is one."""
+    DATASETS.TEST. With `resume`, continues from the newest usable checkpoint in OUTPUT_DIR when there is one,
+    exactly where it stopped (same batches, same random draws).
+
+    Nothing is written before these checks pass: a resume point beyond SOLVER.MAX_ITER, and a fresh start in a folder
+    that already holds checkpoints (they would be overwritten), are errors.
+    """
     output_dir = Path(cfg.OUTPUT_DIR)
+    max_iter = cfg.SOLVER.MAX_ITER
     dataset = build_train_dataset(cfg)
     model = build_model(cfg)
     optimizer = build_optimizer(cfg, model)
@@ -128,17 +179,38 @@ def train(cfg, *, resume: bool = False) -> dict:
         metadata={"class_names": list(dataset.class_names)},
     )
 
-    start_iter = 0
-    last = checkpointer.last_checkpoint() if resume else None
-    if last is not None:
-        start_iter = int(checkpointer.load(last, resume=True).get("iteration", 0))
-        logger.info("Resuming from %s at iteration %d", last, start_iter)
-    elif resume:
-        logger.info("--resume: no checkpoint in %s yet; starting from the beginning", output_dir)
-    if last is None and cfg.MODEL.WEIGHTS:
-        checkpointer.load(cfg.MODEL.WEIGHTS)
-    if last is None and not cfg.MODEL.WEIGHTS and not cfg.MODEL.BACKBONE.WEIGHTS:
-        warn_about_random_frozen_trunk(cfg.MODEL.BACKBONE)
+    start_iter, trainer_state = 0, None
+    resume_point = checkpointer.resume_point() if resume else None
+    if resume_point is not None:
+        path, state = resume_point
+        start_iter = int(state["iteration"])
+        if start_iter > max_iter:
+            raise ValueError(
+                f"--resume: the newest checkpoint, {path}, is at iteration {start_iter}, beyond SOLVER.MAX_ITER="
+                f"{max_iter}. Set SOLVER.MAX_ITER={start_iter} or more to train on, or evaluate it with --eval-only."
+            )
+        checkpointer.load(path, resume=True, state=state)
+        trainer_state = state.get("trainer")
+        logger.info("Resuming from %s at iteration %d", path, start_iter)
+        if trainer_state is None:
+            logger.warning("%s holds no trainer state (random generators, data position): the resumed run will "
+                           "not repeat exactly what an uninterrupted one would have done", path)
+    else:
+        existing = checkpointer.checkpoint_files()
+        if existing:
+            names = ", ".join(p.name for _, p in existing[:5]) + (" ..." if len(existing) > 5 else "")
+            raise ValueError(
+                f"{output_dir} already holds checkpoints of another run ({names}); training from iteration 0 would "
+                "overwrite them. Pass --resume to continue that run, or choose another output folder (--output)."
+            )
+        if resume:
+            logger.info("--resume: no checkpoint in %s yet; starting from the beginning", output_dir)
+        if cfg.MODEL.WEIGHTS:
+            checkpointer.load(cfg.MODEL.WEIGHTS, allow_shape_mismatch=True)
+        elif not cfg.MODEL.BACKBONE.WEIGHTS:
+            warn_about_random_frozen_trunk(cfg.MODEL.BACKBONE)
+    save_config(cfg, output_dir / CONFIG_FILE)
+    logger.info("Resolved config saved to %s", output_dir / CONFIG_FILE)
 
     final_metrics: dict = {}
 
@@ -147,7 +219,6 @@ def train(cfg, *, resume: bool = False) -> dict:
         final_metrics.update(evaluate(cfg, model))
         return final_metrics
 
-    max_iter = cfg.SOLVER.MAX_ITER
     hooks = [
         IterationTimer(),
         LRScheduler(scheduler),
@@ -157,26 +228,39 @@ def train(cfg, *, resume: bool = False) -> dict:
         hooks.append(EvalHook(evaluate_and_keep, period=cfg.TEST.EVAL_PERIOD))
     hooks.append(
         PeriodicWriter(
-            [ConsoleWriter(max_iter=max_iter), JSONWriter(path=output_dir / TRAIN_LOG_FILE)], period=cfg.LOG_PERIOD
+            [ConsoleWriter(max_iter=max_iter), JSONWriter(path=output_dir / TRAIN_LOG_FILE, start_iter=start_iter)],
+            period=cfg.LOG_PERIOD,
         )
     )
     trainer = Trainer(
         model=model,
-        data_loader=build_train_data_loader(cfg, dataset),
+        data_loader=build_train_data_loader(cfg, dataset, start_iter=start_iter),
         optimizer=optimizer,
         max_iter=max_iter,
         start_iter=start_iter,
         hooks=hooks,
         clip_grad_norm=cfg.SOLVER.CLIP_GRAD_NORM,
     )
-    trainer.train()
+    if trainer_state is not None:
+        trainer.load_state_dict(trainer_state)
+    try:
+        trainer.train()
+    except FloatingPointError as error:  # a non-finite loss, proposal or weight: say where a restart can begin
+        last = checkpointer.last_checkpoint()
+        error.add_note(
+            f"The newest checkpoint, {last}, was written before the failure and holds finite values; "
+            "continue from it with --resume once the cause is fixed."
+            if last is not None
+            else "No checkpoint had been written yet."
+        )
+        raise
     return final_metrics
 
 
 def load_for_inference(cfg, checkpoint: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """The config's model with the weights of `checkpoint` (default: MODEL.WEIGHTS, else the last checkpoint in
-    OUTPUT_DIR), in eval mode, and the checkpoint's metadata (e.g. {"class_names": [...]}; {} for a bare
-    state_dict)."""
+    """The config's model with the weights of `checkpoint` (default: MODEL.WEIGHTS, else the newest checkpoint in
+    OUTPUT_DIR, as detectron2 does), in eval mode, and the checkpoint's metadata (e.g. {"class_names": [...]}; {}
+    for a bare state_dict). The checkpoint must fit the model exactly."""
     model = build_model(cfg)
     checkpointer = Checkpointer(model=model, save_dir=cfg.OUTPUT_DIR)
     path = checkpoint or cfg.MODEL.WEIGHTS or checkpointer.last_checkpoint()
@@ -184,5 +268,6 @@ def load_for_inference(cfg, checkpoint: str | None = None) -> tuple[torch.nn.Mod
         raise FileNotFoundError(
             f"No weights to evaluate: pass --ckpt, set MODEL.WEIGHTS, or train into {cfg.OUTPUT_DIR} first"
         )
+    logger.info("Evaluating the weights of %s", path)
     extra = checkpointer.load(path)
     return model.eval(), dict(extra.get("metadata") or {})

@@ -84,7 +84,7 @@ class FasterRCNN(nn.Module):
         except NonFiniteProposalsError as error:
             image = batched_inputs[error.image_index]
             name = image.get("file_name", f"image_id {image.get('image_id', '?')}")
-            raise NonFiniteProposalsError(f"{error} (image: {name})", image_index=error.image_index) from None
+            raise NonFiniteProposalsError(f"{error} Image: {name}.", image_index=error.image_index) from None
         _, detector_losses = self.roi_heads(features, proposals, image_sizes, gt_boxes, gt_classes)
         return {**rpn_losses, **detector_losses}
 

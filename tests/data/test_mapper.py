@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import cv2
@@ -9,7 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from detectron_res.data.mapper import DatasetMapper, read_image_rgb, resize_shortest_edge_shape
+from detectron_res.data.mapper import (
+    BadImageError,
+    DatasetMapper,
+    jpeg_is_truncated,
+    read_image_rgb,
+    resize_shortest_edge_shape,
+)
 
 
 def test_resize_shortest_edge_shape() -> None:
@@ -109,8 +116,69 @@ def test_missing_corrupt_and_wrong_size_images(tmp_path: Path, landscape: dict) 
     with pytest.raises(ValueError, match="corrupt or unsupported image: .*garbage.jpg"):
         mapper({**landscape, "file_name": str(garbage)})
 
-    with pytest.raises(ValueError, match=r"landscape.png: decoded image is 480x640 .* says 640x480"):
+    with pytest.raises(BadImageError, match=r"landscape.png: decoded image is 480x640 .* says 640x480"):
         mapper({**landscape, "height": 640, "width": 480})
+
+    with pytest.raises(IsADirectoryError, match="expected an image file, got a folder"):
+        mapper({**landscape, "file_name": str(tmp_path)})
+
+
+def jpeg_bytes(*, progressive: bool = False, exif_thumbnail: bool = False) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    stream = io.BytesIO()
+    extra = {}
+    if exif_thumbnail:  # an APP1 segment carrying a whole small JPEG, with its own end-of-image marker
+        thumbnail = io.BytesIO()
+        image.resize((16, 12)).save(thumbnail, format="JPEG")
+        payload = b"Exif\x00\x00" + thumbnail.getvalue()
+        extra["extra"] = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    image.save(stream, format="JPEG", quality=90, progressive=progressive)
+    data = stream.getvalue()
+    if exif_thumbnail:  # insert the APP1 segment right after the start-of-image marker
+        data = data[:2] + extra["extra"] + data[2:]
+    return data
+
+
+@pytest.mark.parametrize("kind", ["baseline", "progressive", "exif_thumbnail"])
+def test_a_truncated_jpeg_is_detected_and_a_complete_one_is_not(tmp_path: Path, kind: str) -> None:
+    data = jpeg_bytes(progressive=kind == "progressive", exif_thumbnail=kind == "exif_thumbnail")
+    assert data[-2:] == b"\xff\xd9" and not jpeg_is_truncated(data)
+    assert not jpeg_is_truncated(data + b"trailing bytes some cameras append")
+    for cut in (len(data) - 2, len(data) * 2 // 3, len(data) // 3, 40):
+        assert jpeg_is_truncated(data[:cut]), cut
+    assert not jpeg_is_truncated(b"\x89PNG\r\n\x1a\n")  # not a JPEG: left to the decoder
+
+    (tmp_path / "whole.jpg").write_bytes(data)
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
+    assert read_image_rgb(tmp_path / "whole.jpg").shape == (64, 96, 3)
+    # OpenCV alone would return a (64, 96, 3) image with the missing part grey
+    assert cv2.imread(str(tmp_path / "cut.jpg")).shape == (64, 96, 3)
+    with pytest.raises(BadImageError, match=r"truncated JPEG .*cut\.jpg"):
+        read_image_rgb(tmp_path / "cut.jpg")
+
+
+def test_map_image_refuses_empty_and_grayscale_arrays() -> None:
+    mapper = DatasetMapper(min_size=[64], max_size=100, is_train=False)
+    with pytest.raises(ValueError, match=r"the image is empty: 0x0 \(HxW\)"):
+        mapper.map_image(np.zeros((0, 0, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"the image is empty: 0x5"):
+        mapper.map_image(np.zeros((0, 5, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"got shape \(4, 5\) and dtype uint8 \(a grayscale image\?"):
+        mapper.map_image(np.zeros((4, 5), np.uint8))
+
+
+def test_training_draws_come_from_the_generator_passed_in(landscape: dict) -> None:
+    mapper = DatasetMapper(min_size=[100, 200, 300], max_size=1000, hflip_prob=0.5, is_train=True)
+    rng = np.random.default_rng(11)
+    expected_size = [100, 200, 300][rng.integers(3)]
+    expected_flip = rng.random() < 0.5
+    out = mapper(landscape, rng=np.random.default_rng(11))
+    assert min(out["image"].shape[1:]) == expected_size
+    left_is_red = out["image"][0, 0, 0].item() == 255
+    assert left_is_red != expected_flip
 
 
 def test_read_image_rgb_channel_order(landscape: dict) -> None:

@@ -1,13 +1,20 @@
-"""Checkpoints are atomic and resumable; a non-finite loss stops training and leaves the last good checkpoint."""
+"""Checkpoints are atomic, finite and resumable; a non-finite loss stops training and leaves the last good
+checkpoint; the trainer's state restores the random generators and the metric history; the JSON log never
+repeats an iteration."""
 
 import itertools
+import json
+import logging
+import random
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from detectron_res.engine.checkpoint import Checkpointer
-from detectron_res.engine.hooks import PeriodicCheckpointer
+from detectron_res.engine.checkpoint import Checkpointer, NonFiniteCheckpointError
+from detectron_res.engine.events import JSONWriter, MetricsStorage
+from detectron_res.engine.hooks import PeriodicCheckpointer, scalar_metrics
 from detectron_res.engine.trainer import NonFiniteLossError, Trainer
 
 
@@ -98,3 +105,121 @@ def test_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path):
     torch.save({"model": {"w": torch.zeros(2)}}, path)
     with pytest.raises(ValueError, match=r"other\.pth does not fit the model.*w: checkpoint \(2,\) vs model \(1,\)"):
         Checkpointer(model=ToyModel(), save_dir=tmp_path).load(path)
+
+
+class ToyBN(nn.Module):
+    """A weight and a BatchNorm-like running variance buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+        self.register_buffer("running_var", torch.ones(2))
+
+
+def test_a_non_finite_buffer_or_optimizer_state_is_never_written(tmp_path):
+    model = ToyBN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    checkpointer = Checkpointer(model=model, save_dir=tmp_path, optimizer=optimizer)
+    good = checkpointer.save("model_0000001", iteration=1)
+    model.running_var[1] = float("inf")
+    with pytest.raises(NonFiniteCheckpointError, match=r"model_0000002.pth: 1 tensors hold NaN or infinite values \(model.running_var\)"):
+        checkpointer.save("model_0000002", iteration=2)
+    model.running_var[1] = 1.0
+    model.w.grad = torch.tensor([1.0, float("nan")])
+    optimizer.step()  # the momentum buffer (and the weight) become NaN
+    with pytest.raises(NonFiniteCheckpointError, match=r"model.w, optimizer.state.0.momentum_buffer"):
+        checkpointer.save("model_0000002", iteration=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000001.pth"]
+    assert checkpointer.last_checkpoint() == good
+
+
+def test_resume_point_is_the_newest_usable_checkpoint_whatever_the_pointer_says(tmp_path, caplog):
+    model = ToyBN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    checkpointer = Checkpointer(model=model, save_dir=tmp_path, optimizer=optimizer)
+    assert checkpointer.resume_point() is None  # an empty folder: start from scratch
+    for iteration in (5, 10):
+        checkpointer.save(f"model_{iteration:07d}", iteration=iteration)
+    checkpointer.save("model_final", iteration=15)
+    (tmp_path / "last_checkpoint").write_text("model_0000005.pth")  # a stale pointer
+    path, state = checkpointer.resume_point()
+    assert path.name == "model_final.pth" and state["iteration"] == 15
+
+    (tmp_path / "model_final.pth").write_bytes(b"truncated by a full disk")
+    bad = {"model": {"w": torch.ones(2), "running_var": torch.tensor([1.0, float("nan")])},
+           "optimizer": optimizer.state_dict(), "iteration": 10}
+    torch.save(bad, tmp_path / "model_0000010.pth")  # written by an older version, before the finite check
+    with caplog.at_level(logging.WARNING, logger="detectron_res.engine.checkpoint"):
+        path, state = checkpointer.resume_point()
+    assert path.name == "model_0000005.pth" and state["iteration"] == 5
+    assert "Cannot resume from" in caplog.text and "model.running_var" in caplog.text
+
+    (tmp_path / "model_0000005.pth").unlink()
+    with pytest.raises(ValueError, match=r"none of the checkpoints .* can be resumed from \(model_0000010.pth: 1 tensors"):
+        checkpointer.resume_point()
+
+
+def test_fine_tuning_skips_tensors_of_another_shape_with_a_warning_and_evaluation_does_not(tmp_path, caplog):
+    source = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 6))  # e.g. a detector with another class count
+    torch.save({"model": source.state_dict()}, tmp_path / "other.pth")
+    target = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    initial_head = target[1].weight.detach().clone()
+    checkpointer = Checkpointer(model=target, save_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"1.weight: checkpoint \(6, 4\) vs model \(2, 4\)"):
+        checkpointer.load(tmp_path / "other.pth")
+    with caplog.at_level(logging.WARNING, logger="detectron_res.engine.checkpoint"):
+        checkpointer.load(tmp_path / "other.pth", allow_shape_mismatch=True)
+    assert "because the shapes differ" in caplog.text and "1.weight: checkpoint (6, 4) vs model (2, 4)" in caplog.text
+    assert "1.bias: checkpoint (6,) vs model (2,)" in caplog.text
+    assert torch.equal(target[0].weight, source[0].weight) and torch.equal(target[1].weight, initial_head)
+
+    torch.save({"model": {"0.weight": torch.zeros(4, 3)}}, tmp_path / "partial.pth")  # missing keys stay an error
+    with pytest.raises(ValueError, match=r"missing: 0.bias, 1.bias, 1.weight"):
+        checkpointer.load(tmp_path / "partial.pth", allow_shape_mismatch=True)
+
+
+def test_trainer_state_restores_every_random_generator_and_the_metric_history():
+    trainer = Trainer(model=ToyModel(), data_loader=itertools.repeat([{}]), optimizer=torch.optim.SGD(
+        ToyModel().parameters(), lr=0.1), max_iter=3, start_iter=0)
+    trainer.train()
+    state = trainer.state_dict()
+    expected = (random.random(), np.random.random(), np.random.normal(), torch.rand(2))
+    resumed = Trainer(model=ToyModel(), data_loader=itertools.repeat([{}]), optimizer=torch.optim.SGD(
+        ToyModel().parameters(), lr=0.1), max_iter=5, start_iter=3)
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    resumed.load_state_dict(state)
+    assert (random.random(), np.random.random(), np.random.normal()) == expected[:3]
+    assert torch.equal(torch.rand(2), expected[3])
+    assert resumed.storage.history["loss_a"] == trainer.storage.history["loss_a"]
+    assert [i for i, _ in resumed.storage.history["loss_a"]] == [0, 1, 2]
+    with pytest.raises(ValueError, match="trainer state of iteration 3 for a run starting at 0"):
+        Trainer(model=ToyModel(), data_loader=[], optimizer=torch.optim.SGD(ToyModel().parameters(), lr=0.1),
+                max_iter=5).load_state_dict(state)
+
+
+def test_non_finite_loss_names_the_images_of_the_batch():
+    model = ToyModel(nan_at=0)
+    batches = itertools.repeat([{"file_name": "a.jpg"}, {"file_name": "b.jpg"}])
+    trainer = Trainer(model=model, data_loader=batches, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), max_iter=2)
+    with pytest.raises(NonFiniteLossError, match=r"images: a.jpg, b.jpg"):
+        trainer.train()
+
+
+def test_json_log_drops_records_after_the_resume_point_and_a_half_written_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"iteration": i, "total_loss": i / 10}) + "\n" for i in range(1, 8)) + '{"itera')
+    writer = JSONWriter(path=path, start_iter=5)
+    assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+    storage = MetricsStorage(start_iter=5)
+    storage.load_state_dict({"total_loss": [[4, 0.5]], "bbox/AP": [[4, 12.0]]})  # already written by the first run
+    storage.put_scalar("total_loss", 0.6)
+    writer.write(storage)
+    writer.write(storage)  # nothing new: no record
+    assert path.read_text().splitlines()[5:] == ['{"iteration": 6, "total_loss": 0.55}']  # the median of 0.5, 0.6
+
+
+def test_scalar_metrics_flattens_one_or_several_test_sets():
+    one = {"bbox": {"AP": 50.0, "APs": None}, "voc": {"mAP_07": 0.5, "per_class": {"cat": {"AP_07": float("nan")}}}}
+    assert scalar_metrics(one) == {"bbox/AP": 50.0, "voc/mAP_07": 0.5}
+    several = {"set_a": {"bbox": {"AP": 1.0}}, "set_b": {"bbox": {"AP": 2.0}}}
+    assert scalar_metrics(several) == {"set_a/bbox/AP": 1.0, "set_b/bbox/AP": 2.0}

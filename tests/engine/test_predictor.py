@@ -79,3 +79,15 @@ def test_bad_inputs_are_named(trained, tmp_path):
         predictor(np.zeros((10, 10, 3), dtype=np.uint8), input_format="HSV")
     with pytest.raises(ValueError, match="3 class names"):
         Predictor.from_config(cfg, class_names=["a", "b", "c"])
+
+
+def test_empty_and_grayscale_arrays_and_folders_get_clear_errors(trained, tmp_path):
+    cfg, _, _ = trained
+    predictor = Predictor.from_config(cfg)
+    for shape in ((0, 0, 3), (0, 7, 3), (7, 0, 3)):  # used to be ZeroDivisionError in the resize
+        with pytest.raises(ValueError, match=rf"the image is empty: {shape[0]}x{shape[1]} \(HxW\)"):
+            predictor(np.zeros(shape, dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"got shape \(10, 12\) .*grayscale"):  # used to be an IndexError
+        predictor(np.zeros((10, 12), dtype=np.uint8), input_format="BGR")
+    with pytest.raises(IsADirectoryError, match="expected an image file, got a folder"):  # used to say "not found"
+        predictor(tmp_path)

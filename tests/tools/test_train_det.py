@@ -1,6 +1,7 @@
 """End to end through the tools: train a few iterations on a tiny shapes set, evaluate, resume, test."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -88,8 +89,8 @@ def test_unknown_key_on_the_command_line_fails_before_any_work(tiny_shapes, tmp_
 VOC_SAMPLE = REPO.parent / "shared" / "data" / "voc2012_sample"
 
 
-@pytest.mark.skipif(not VOC_SAMPLE.is_dir(), reason=f"{VOC_SAMPLE} not present")
-def test_voc_config_trains_and_writes_coco_and_devkit_results(tmp_path):
+def test_voc_config_trains_and_writes_coco_and_devkit_results(tmp_path, shared_data):
+    shared_data("voc2012_sample")
     out = tmp_path / "voc"
     metrics = train_det.main(
         [
@@ -192,3 +193,62 @@ def test_voc_07_plus_12_trains_and_its_devkit_files_score_the_same_with_eval_det
     assert eval_det.main([*args, "--json-out", str(rescored)]) == 0
     assert "mAP" in capsys.readouterr().out
     assert json.loads(rescored.read_text())["voc"] == written["voc"]  # the same numbers from the files alone
+
+
+def test_tool_errors_are_one_line_on_stderr_with_the_traceback_in_log_txt(tmp_path):
+    def tool(*args):
+        return subprocess.run(
+            [sys.executable, str(REPO / "tools" / "train_det.py"), "--cfg", str(REPO / "configs/shapes_r18.yaml"), *args],
+            capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        )
+
+    typo = tool("--output", str(tmp_path / "a"), "SOLVER.BASE_RL=0.1")
+    assert typo.returncode == 1
+    assert typo.stderr == (
+        "train_det.py: error: Unknown config key 'SOLVER.BASE_RL' on the command line; did you mean 'SOLVER.BASE_LR'?\n"
+    )
+    # an error once the output folder is set up: one line, and the whole story in log.txt
+    missing = tool("MODEL.DEVICE=cpu", f"DATASETS.TRAIN=[{tmp_path}/absent.json:{tmp_path}]", "--output", str(tmp_path / "b"))
+    assert missing.returncode == 1
+    assert missing.stderr == f"train_det.py: error: COCO annotation file not found: {tmp_path}/absent.json\n"
+    log = (tmp_path / "b" / "log.txt").read_text()
+    assert "Stopped: COCO annotation file not found" in log and "Traceback (most recent call last)" in log
+
+
+def test_evaluation_keeps_the_training_config_and_logs_every_test_set(tiny_shapes, tmp_path):
+    out = tmp_path / "run"
+    orphan = out / f".model_0000002.pth.{2**22 + 12345}.0123abcd.tmp"  # left by a writer killed long ago
+    out.mkdir()
+    orphan.write_bytes(b"half")
+    sets = f"[{tiny_shapes['val']},{tiny_shapes['train']}]"
+    train_det.main(["--cfg", str(REPO / "configs/shapes_r18.yaml"), "--output", str(out),
+                    *overrides(tiny_shapes, **{"DATASETS.TEST": sets, "SOLVER.MAX_ITER": "2", "SOLVER.STEPS": "[]"})])
+    assert not orphan.exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {f"{tiny_shapes['val']}/bbox/AP", f"{tiny_shapes['train']}/bbox/AP"} <= set(records[-1])
+    written = json.loads((out / "metrics.json").read_text())
+    assert set(written) == {tiny_shapes["val"], tiny_shapes["train"]}  # one entry per test set
+    assert {p.name for p in (out / "inference").iterdir()} == {"instances_val", "instances_train"}
+
+    config = (out / "config.yaml").read_text()
+    test_det.main(["--cfg", str(out / "config.yaml"), "--ckpt", str(out / "model_final.pth"), "MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.5"])
+    train_det.main(["--cfg", str(out / "config.yaml"), "MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.5", "--eval-only"])
+    assert (out / "config.yaml").read_text() == config  # the training record stays as it was
+    assert "SCORE_THRESH_TEST: 0.5" in (out / "inference" / "config.yaml").read_text()
+
+
+def test_fine_tuning_from_a_detector_with_another_class_count(tiny_shapes, tmp_path):
+    from detectron_res.config import load_config
+    from detectron_res.engine.checkpoint import Checkpointer
+    from detectron_res.modeling import build_model
+
+    five_classes = load_config(REPO / "configs/shapes_r18.yaml", ["MODEL.DEVICE=cpu", "MODEL.NUM_CLASSES=5"])
+    Checkpointer(model=build_model(five_classes), save_dir=tmp_path / "other").save("model_final")
+    out = tmp_path / "finetuned"
+    train_det.main(["--cfg", str(REPO / "configs/shapes_r18.yaml"), "--output", str(out),
+                    *overrides(tiny_shapes, **{"MODEL.WEIGHTS": str(tmp_path / "other" / "model_final.pth"),
+                                               "DATASETS.TEST": "[]", "SOLVER.MAX_ITER": "1", "SOLVER.STEPS": "[]"})])
+    log = (out / "log.txt").read_text()
+    assert "because the shapes differ" in log
+    assert "roi_heads.predictor.cls_score.weight: checkpoint (6, 128) vs model (4, 128)" in log
+    assert "roi_heads.predictor.bbox_pred.bias: checkpoint (20,) vs model (12,)" in log

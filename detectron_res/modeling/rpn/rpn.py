@@ -183,7 +183,7 @@ class RPN(nn.Module):
             if self.training and not finite.all():
                 raise NonFiniteProposalsError(
                     f"The RPN predicted {int((~finite).sum())} non-finite proposal boxes or scores for image "
-                    f"{image_index} of the batch: training has diverged",
+                    f"{image_index} of the batch: training has diverged.",
                     image_index=image_index,
                 )
             boxes = clip_boxes_to_image(boxes, image_size)
