@@ -16,10 +16,10 @@ in ``EVALUATORS``.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from detectron_res.engine.logger import setup_logging
 from detectron_res.evaluation.coco import evaluate_coco_results
 from detectron_res.evaluation.metrics import format_per_category_table, per_category_values, write_metrics_json
 from detectron_res.evaluation.voc import evaluate_voc_devkit_results, format_voc_table
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the tool; returns the exit status (0 ok, 1 bad input files)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()  # the package's log lines, the COCOeval summary among them, on stdout
     try:
         metrics = EVALUATORS[args.format](args)
     except (FileNotFoundError, ValueError) as error:

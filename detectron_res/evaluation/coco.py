@@ -27,6 +27,7 @@ from torch import Tensor
 from torchvision.ops import box_convert
 
 from detectron_res.data.datasets.base import DetectionDataset
+from detectron_res.structures.boxes import usable_ground_truth
 
 from .evaluator import DatasetEvaluator
 from .metrics import format_per_category_table, per_category_values
@@ -122,12 +123,17 @@ def records_to_coco_dict(dataset: DetectionDataset) -> dict:
 def load_coco_ground_truth(source: COCO | dict | str | os.PathLike) -> COCO:
     """A pycocotools ``COCO`` from a COCO object (returned as is), a COCO dict or the path of a COCO json.
 
-    Annotations without ``iscrowd`` get 0, without ``area`` get ``w * h``, without ``id`` get their position
-    plus one, as COCOeval needs all three.
+    The boxes go through the rule training applies
+    (:func:`~detectron_res.structures.boxes.usable_ground_truth`): a box with a NaN or infinite coordinate, a
+    negative width or height, or lying outside its image is dropped, and one reaching outside its image is clipped
+    to it (its ``area``, which COCO takes from the segmentation, is kept); a warning counts both and names the
+    first dropped annotations. Annotations without ``iscrowd`` get 0, without ``area`` get ``w * h``, without
+    ``id`` get their position plus one, as COCOeval needs all three.
 
     Raises:
         FileNotFoundError: the json does not exist.
-        ValueError: it is not valid JSON or lacks ``images`` / ``categories`` lists or well-formed annotations.
+        ValueError: it is not valid JSON, lacks ``images`` / ``categories`` lists or well-formed annotations, an
+            image has no valid ``height`` / ``width``, or an annotation names an image that is not in ``images``.
     """
     if isinstance(source, COCO):
         return source
@@ -150,15 +156,50 @@ def load_coco_ground_truth(source: COCO | dict | str | os.PathLike) -> COCO:
             raise ValueError(f"{name}: annotation #{position} must be an object with 'image_id' and 'category_id'")
         if not _is_number_list(ann.get("bbox"), length=4):
             raise ValueError(f"{name}: annotation #{position} has bbox {ann.get('bbox')!r}; expected [x, y, w, h]")
+        ann.setdefault("id", position + 1)
+    data["annotations"] = _usable_annotations(data, name)
+    for ann in data["annotations"]:
         ann.setdefault("iscrowd", 0)
         ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
-        ann.setdefault("id", position + 1)
 
     coco = COCO()
     coco.dataset = data
     with _quiet():
         coco.createIndex()
     return coco
+
+
+def _usable_annotations(data: dict, name: str) -> list[dict]:
+    """``data["annotations"]`` after the ground-truth rule (see :func:`load_coco_ground_truth`), logged."""
+    sizes = {}
+    for image in data["images"]:
+        height, width = image.get("height") if isinstance(image, dict) else None, image.get("width") if isinstance(image, dict) else None
+        if not (_is_number(height, finite=True) and _is_number(width, finite=True) and height > 0 and width > 0):
+            raise ValueError(f"{name}: image {image!r} needs a positive 'height' and 'width'")
+        sizes[image["id"]] = (float(height), float(width))
+    annotations = data["annotations"]
+    for ann in annotations:
+        if ann["image_id"] not in sizes:
+            raise ValueError(f"{name}: annotation {ann['id']!r} refers to image_id {ann['image_id']!r}, which is not in 'images'")
+    if not annotations:
+        return annotations
+    size = np.array([sizes[ann["image_id"]] for ann in annotations])
+    xywh = np.array([ann["bbox"] for ann in annotations], dtype=np.float64)
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    clipped, keep = usable_ground_truth(boxes, height=size[:, 0], width=size[:, 1])
+    changed = keep & np.any(clipped != boxes, axis=1)
+    kept = []
+    for ann, box, usable, was_clipped in zip(annotations, clipped, keep.tolist(), changed.tolist()):
+        if usable:
+            kept.append({**ann, "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]} if was_clipped else ann)
+    dropped = [ann["id"] for ann, usable in zip(annotations, keep.tolist()) if not usable]
+    if dropped or changed.any():
+        logger.warning(
+            "Ground truth %s: dropped %d boxes with a non-finite coordinate, a negative or zero width or height, or "
+            "lying outside their image%s; clipped %d boxes to their image (the rule training applies)",
+            name, len(dropped), f" (annotation ids {', '.join(map(str, dropped[:10]))}{' ...' if len(dropped) > 10 else ''})" if dropped else "", int(changed.sum()),
+        )
+    return kept
 
 
 def load_coco_results(path: str | os.PathLike) -> list[dict]:
@@ -178,7 +219,7 @@ def validate_coco_results(results: object, *, source: str = "results") -> None:
     """Check that ``results`` is a list of COCO box results; the message names ``source`` and the first bad entry.
 
     Each entry must be an object with an int or str ``image_id``, an int ``category_id``, a ``bbox`` of 4 finite
-    numbers ``[x, y, w, h]`` and a finite number ``score``.
+    numbers ``[x, y, w, h]`` with ``w, h >= 0`` and a finite number ``score``.
 
     Raises:
         ValueError: on the first entry that does not fit.
@@ -201,6 +242,11 @@ def validate_coco_results(results: object, *, source: str = "results") -> None:
             raise ValueError(
                 f"{source}: entry #{index} has bbox {entry['bbox']!r}; expected 4 finite numbers [x, y, w, h]"
             )
+        if entry["bbox"][2] < 0 or entry["bbox"][3] < 0:
+            raise ValueError(
+                f"{source}: entry #{index} has bbox {entry['bbox']!r} with a negative width or height; "
+                "COCO boxes are [x, y, width, height] (was [x1, y1, x2, y2] written?)"
+            )
         if not _is_number(entry["score"], finite=True):
             raise ValueError(f"{source}: entry #{index} has score {entry['score']!r}; expected a finite number")
 
@@ -211,7 +257,7 @@ def evaluate_coco_results(
     *,
     img_ids: Sequence[int | str] | None = None,
 ) -> dict[str, dict[str, float | None]]:
-    """Run COCOeval (bbox) of ``results`` against ``gt``, print its standard summary and return the metrics.
+    """Run COCOeval (bbox) of ``results`` against ``gt``, log its standard summary and return the metrics.
 
     Args:
         gt: a pycocotools ``COCO`` or the path of a COCO ground-truth json.
@@ -257,7 +303,7 @@ def evaluate_coco_results(
     summary = io.StringIO()
     with contextlib.redirect_stdout(summary):
         coco_eval.summarize()
-    print(summary.getvalue(), end="")
+    logger.info("COCOeval bbox summary of %s:\n%s", results_name, summary.getvalue().rstrip("\n"))
 
     if detections:
         metrics = {name: _percent(value) for name, value in zip(SUMMARY_METRICS, coco_eval.stats[:6])}

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from detectron_res.data.datasets.base import DetectionDataset
-from detectron_res.data.datasets.voc import VOC_CLASSES, read_voc_annotation, read_voc_split
+from detectron_res.data.datasets.voc import VOC_CLASSES, load_voc
 
 __all__ = [
     "voc_ap",
@@ -262,6 +262,22 @@ def _as_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
+def devkit_ground_truth(records: Sequence[Mapping], num_classes: int) -> list[dict]:
+    """Per class, image id -> ``{"boxes": devkit 1-based boxes, "difficult": flags}`` from data set records (whose
+    0-based boxes went through the loaders' ground-truth rule): ``xmin = x1 + 1, ymin = y1 + 1, xmax = x2, ymax = y2``."""
+    ground_truth: list[dict] = [{} for _ in range(num_classes)]
+    for record in records:
+        per_class: dict[int, tuple[list, list]] = {}
+        for ann in record["annotations"]:
+            x1, y1, x2, y2 = ann["bbox"]
+            boxes, difficult = per_class.setdefault(ann["category_id"], ([], []))
+            boxes.append([x1 + 1.0, y1 + 1.0, x2, y2])
+            difficult.append(bool(ann.get("difficult", 0)))
+        for class_index, (boxes, difficult) in per_class.items():
+            ground_truth[class_index][record["image_id"]] = {"boxes": boxes, "difficult": difficult}
+    return ground_truth
+
+
 class VOCDetectionEvaluator:
     """detectron2-style evaluator (``reset`` / ``process`` / ``evaluate``) computing the devkit metric.
 
@@ -317,17 +333,7 @@ class VOCDetectionEvaluator:
             self._predictions.append((image_id, scores, devkit_boxes, labels.astype(np.int64)))
 
     def _ground_truth(self) -> list[dict]:
-        ground_truth: list[dict] = [{} for _ in range(self.dataset.num_classes)]
-        for record in self.dataset.records:
-            per_class: dict[int, tuple[list, list]] = {}
-            for ann in record["annotations"]:
-                x1, y1, x2, y2 = ann["bbox"]
-                boxes, difficult = per_class.setdefault(ann["category_id"], ([], []))
-                boxes.append([x1 + 1.0, y1 + 1.0, x2, y2])
-                difficult.append(bool(ann.get("difficult", 0)))
-            for class_index, (boxes, difficult) in per_class.items():
-                ground_truth[class_index][record["image_id"]] = {"boxes": boxes, "difficult": difficult}
-        return ground_truth
+        return devkit_ground_truth(self.dataset.records, self.dataset.num_classes)
 
     def _detections(self) -> list[_ClassDetections]:
         detections = []
@@ -390,6 +396,14 @@ def _read_result_file(path: Path, split_ids: set[str]) -> _ClassDetections:
             raise ValueError(f"{path}, line {line_number}: not a number in {line!r}") from None
         if not all(math.isfinite(number) for number in numbers):
             raise ValueError(f"{path}, line {line_number}: non-finite number in {line!r}")
+        _, xmin, ymin, xmax, ymax = numbers
+        if xmax < xmin or ymax < ymin:
+            raise ValueError(f"{path}, line {line_number}: xmax < xmin or ymax < ymin in {line!r}")
+        if xmin < 1 or ymin < 1:
+            raise ValueError(
+                f"{path}, line {line_number}: xmin or ymin below 1 in {line!r}; devkit boxes are 1-based pixel indices "
+                "(the first pixel is 1), so these look like 0-based boxes: write x1 + 1, y1 + 1, x2, y2"
+            )
         if fields[0] not in split_ids and fields[0] not in unknown:
             unknown.append(fields[0])
         image_ids.append(fields[0])
@@ -413,30 +427,24 @@ def evaluate_voc_devkit_results(
     """Evaluate devkit result files ``dets_dir/comp4_det_test_<class>.txt`` against ``voc_root/Annotations``.
 
     Both sides are in the devkit's 1-based pixels (no shift). The images are those of
-    ``voc_root/ImageSets/Main/{split}.txt``; ground truth is read from the XML unchanged (no clipping).
-    A missing class file means no detections for that class (warning). Same result as the evaluator.
+    ``voc_root/ImageSets/Main/{split}.txt``; the ground truth is read by :func:`load_voc`, so it goes through the
+    rule training applies (boxes clipped to the image, degenerate ones dropped, both counted in its log line);
+    for valid VOC annotations that changes nothing. A missing class file means no detections for that class
+    (warning). Same result as the evaluator.
 
     Raises:
         FileNotFoundError: ``dets_dir``, the split file or an annotation file is missing.
-        ValueError: a malformed result line (file and line named), an image id not in the split, an object
-            whose class is not in ``class_names``, or malformed XML.
+        ValueError: a malformed result line (file and line named: not 6 fields, a non-finite number, xmax < xmin
+            or ymax < ymin, or xmin or ymin below 1, i.e. 0-based boxes), an image id not in the split, an
+            object whose class is not in ``class_names``, or malformed XML.
     """
     voc_root, dets_dir = Path(voc_root), Path(dets_dir)
     if not dets_dir.is_dir():
         raise FileNotFoundError(f"devkit result folder not found: {dets_dir}")
     class_names = list(class_names)
-    class_index = {name: i for i, name in enumerate(class_names)}
-    split_ids = read_voc_split(voc_root, split)
-    ground_truth: list[dict] = [{} for _ in class_names]
-    for image_id in split_ids:
-        xml_path = voc_root / "Annotations" / f"{image_id}.xml"
-        for obj in read_voc_annotation(xml_path).objects:
-            if obj.name not in class_index:
-                raise ValueError(f"{xml_path}: class {obj.name!r} is not one of the {len(class_names)} class names")
-            gt = ground_truth[class_index[obj.name]].setdefault(image_id, {"boxes": [], "difficult": []})
-            gt["boxes"].append(list(obj.bbox))
-            gt["difficult"].append(bool(obj.difficult))
-    split_id_set = set(split_ids)
+    dataset = load_voc(voc_root, split, name=f"{voc_root.name} {split}", class_names=class_names, check_files=False)
+    ground_truth = devkit_ground_truth(dataset.records, len(class_names))
+    split_id_set = {record["image_id"] for record in dataset.records}
     detections = []
     for class_name in class_names:
         path = dets_dir / devkit_result_file_name(class_name)

@@ -1,4 +1,5 @@
-"""Small pure helpers for axis-aligned boxes held as numpy arrays (conversion, clipping, validity)."""
+"""Small pure helpers for axis-aligned boxes held as numpy arrays (conversion, clipping, validity), and the one rule
+for ground-truth boxes that training and evaluation share (`usable_ground_truth`)."""
 
 from __future__ import annotations
 
@@ -42,3 +43,22 @@ def nonempty_boxes(boxes: np.ndarray, *, min_side: float = 0.0) -> np.ndarray:
         widths = boxes[:, 2] - boxes[:, 0]
         heights = boxes[:, 3] - boxes[:, 1]
         return finite_boxes(boxes) & (widths > min_side) & (heights > min_side)
+
+
+def usable_ground_truth(
+    boxes: np.ndarray, *, height: float | np.ndarray, width: float | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rule every ground-truth box goes through, in training (the data set loaders) and in evaluation (the COCO
+    and VOC ground truth): a box with a non-finite coordinate is dropped; the others are clipped to their image
+    ``[0, width] x [0, height]``; a box empty after clipping (x2 <= x1 or y2 <= y1: a negative width or height, or a
+    box lying outside its image) is dropped.
+
+    Args:
+        boxes: (N, 4) XYXY boxes.
+        height, width: the image size, one for all boxes or (N,) arrays.
+    Returns:
+        the clipped boxes (N, 4) float64 and the (N,) mask of the boxes kept.
+    """
+    with np.errstate(invalid="ignore"):
+        clipped = clip_boxes(boxes, height=height, width=width)
+    return clipped, nonempty_boxes(clipped)

@@ -71,7 +71,12 @@ def tiny_voc(tmp_path: Path) -> Path:
     _write_xml(
         voc_root,
         "000003",
-        [_object("cat", (0, -3, 12.5, 30)), _object("bird", (15, 2, 10, 9)), _object("bird", (2, 2, 6, 9))],
+        [
+            _object("cat", (0, -3, 12.5, 30)),
+            _object("bird", (15, 2, 10, 9)),
+            _object("bird", (2, 2, 6, 9)),
+            _object("bird", ("nan", 2, 6, 9)),  # kept (as NaN) before the shared ground-truth rule
+        ],
         size=(20, 20),
     )
     _write_split(voc_root, "trainval", ["000001", "000002", "000003"])
@@ -99,7 +104,7 @@ def test_load_voc_boxes_flags_and_metadata(tiny_voc: Path, caplog: pytest.LogCap
     assert (r2["height"], r2["width"]) == (24, 32)
     assert r2["annotations"][0]["bbox"] == [2.0, 3.0, 32.0, 24.0]
     assert r2["annotations"][0]["category_id"] == 6
-    # cat: x1 -1 -> 0, y1 -4 -> 0, y2 30 -> 20 (one clipped box); first bird x2 < x1: dropped
+    # cat: x1 -1 -> 0, y1 -4 -> 0, y2 30 -> 20 (one clipped box); first bird x2 < x1 and the NaN bird: dropped
     assert [a["bbox"] for a in r3["annotations"]] == [[0.0, 0.0, 12.5, 20.0], [1.0, 1.0, 6.0, 9.0]]
     assert [a["category_id"] for a in r3["annotations"]] == [7, 2]
     assert dataset.extra == {
@@ -107,12 +112,12 @@ def test_load_voc_boxes_flags_and_metadata(tiny_voc: Path, caplog: pytest.LogCap
         "split": "trainval",
         "year": 2007,
         "clipped_boxes": 2,
-        "dropped_boxes": 1,
+        "dropped_boxes": 2,
     }
     summary = [r.getMessage() for r in caplog.records if r.name == "detectron_res.data.datasets.voc"]
     assert len(summary) == 1
     assert "5 boxes (1 difficult)" in summary[0]
-    assert "2 boxes clipped" in summary[0] and "1 degenerate boxes dropped" in summary[0]
+    assert "2 boxes clipped" in summary[0] and "2 degenerate boxes dropped" in summary[0]
 
 
 def test_read_voc_annotation_keeps_devkit_boxes(tiny_voc: Path) -> None:

@@ -47,20 +47,21 @@ def coco_gt_file(tmp_path) -> str:
     )
 
 
-def test_perfect_detections_give_ap_100(coco_gt_file, capsys):
+def test_perfect_detections_give_ap_100(coco_gt_file, caplog):
     results = [
         {"image_id": 10, "category_id": 1, "bbox": [10, 10, 50, 50], "score": 0.9},
         {"image_id": 10, "category_id": 1, "bbox": [100, 100, 50, 50], "score": 0.8},
         {"image_id": 11, "category_id": 2, "bbox": [0, 0, 100, 100], "score": 0.7},
     ]
     original = [dict(entry) for entry in results]
-    metrics = evaluate_coco_results(coco_gt_file, results)["bbox"]
+    with caplog.at_level(logging.INFO, logger="detectron_res.evaluation.coco"):
+        metrics = evaluate_coco_results(coco_gt_file, results)["bbox"]
     assert results == original  # loadRes must not write into the caller's dicts
     assert list(metrics) == [*SUMMARY, "AP-cat", "AP-dog"]
     assert metrics["APs"] is None  # no small ground truth
     for key in ("AP", "AP50", "AP75", "APm", "APl", "AP-cat", "AP-dog"):
         assert metrics[key] == pytest.approx(100.0, abs=1e-9), key
-    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 1.000" in capsys.readouterr().out
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 1.000" in caplog.text
 
 
 def test_one_of_two_objects_missed(coco_gt_file):
@@ -108,6 +109,53 @@ def test_bad_results_file_names_file_and_entry(coco_gt_file, tmp_path, content, 
     with pytest.raises(ValueError, match=message) as info:
         evaluate_coco_results(coco_gt_file, path)
     assert "bad_results.json" in str(info.value)
+
+
+def test_ground_truth_goes_through_the_training_rule_in_evaluation(tmp_path, caplog):
+    """NaN, negative-width and outside-the-image boxes are dropped (they used to stay, so perfect detections scored
+    AP50 50.5), a box reaching past the border is clipped, and training keeps exactly the same boxes."""
+    valid = [
+        {"id": 1, "image_id": 10, "category_id": 1, "bbox": [10, 10, 50, 50], "area": 2500},
+        {"id": 2, "image_id": 10, "category_id": 1, "bbox": [150, 150, 100, 40], "area": 4000},  # clipped to x 150..200
+    ]
+    bad = [
+        {"id": 3, "image_id": 10, "category_id": 1, "bbox": [float("nan"), 10, 50, 50], "area": 2500},
+        {"id": 4, "image_id": 10, "category_id": 1, "bbox": [60, 60, -20, 30], "area": 600},
+        {"id": 5, "image_id": 10, "category_id": 1, "bbox": [250, 10, 30, 30], "area": 900},  # right of the image
+    ]
+    gt = {"images": [{"id": 10, "height": 200, "width": 200, "file_name": "10.jpg"}],
+          "categories": [{"id": 1, "name": "cat"}], "annotations": valid + bad}
+    gt_file = _write_json(tmp_path / "gt.json", gt)
+    perfect = [
+        {"image_id": 10, "category_id": 1, "bbox": [10, 10, 50, 50], "score": 0.9},
+        {"image_id": 10, "category_id": 1, "bbox": [150, 150, 50, 40], "score": 0.8},
+    ]
+    with caplog.at_level(logging.WARNING, logger="detectron_res.evaluation.coco"):
+        metrics = evaluate_coco_results(gt_file, perfect)["bbox"]
+    assert metrics["AP50"] == pytest.approx(100.0) and metrics["AP"] == pytest.approx(100.0)
+    assert "dropped 3 boxes" in caplog.text and "(annotation ids 3, 4, 5)" in caplog.text
+    assert "clipped 1 boxes to their image" in caplog.text
+
+    from detectron_res.data.datasets.coco import load_coco_json
+    from detectron_res.evaluation.coco import load_coco_ground_truth
+
+    (tmp_path / "10.jpg").write_bytes(b"")
+    training = load_coco_json(gt_file, tmp_path, name="gt")
+    evaluation = load_coco_ground_truth(gt_file)
+    train_boxes = [ann["bbox"] for ann in training.records[0]["annotations"]]
+    eval_boxes = [[x, y, x + w, y + h] for x, y, w, h in (ann["bbox"] for ann in evaluation.dataset["annotations"])]
+    assert train_boxes == eval_boxes == [[10.0, 10.0, 60.0, 60.0], [150.0, 150.0, 200.0, 190.0]]
+    assert training.extra["dropped_boxes"] == 3 and training.extra["clipped_boxes"] == 1
+
+
+def test_results_with_a_negative_width_are_refused(coco_gt_file, tmp_path):
+    """Such results used to be scored silently (AP 0.0)."""
+    negative = _write_json(tmp_path / "negative.json", [
+        {"image_id": 10, "category_id": 1, "bbox": [10, 10, 50, 50], "score": 0.9},
+        {"image_id": 10, "category_id": 1, "bbox": [100, 100, -5, 6], "score": 0.8},
+    ])
+    with pytest.raises(ValueError, match=r"negative.json: entry #1 has bbox \[100, 100, -5, 6\] with a negative width"):
+        evaluate_coco_results(coco_gt_file, negative)
 
 
 def test_missing_and_invalid_files(coco_gt_file, tmp_path):

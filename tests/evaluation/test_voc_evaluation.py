@@ -251,6 +251,47 @@ def test_devkit_files_bad_input(tiny_dataset, tmp_path: Path, caplog: pytest.Log
         evaluate_voc_devkit_results(voc_root=voc_root, split="test", dets_dir=tmp_path / "nope", class_names=CLASSES)
 
 
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("b 0.6 0 0 9 9", r"line 2: xmin or ymin below 1 .* look like 0-based boxes"),  # used to be scored silently
+        ("b 0.6 1 0.5 9 9", r"line 2: xmin or ymin below 1"),
+        ("b 0.6 9 1 1 9", r"line 2: xmax < xmin or ymax < ymin"),
+        ("b 0.6 1 9 9 1", r"line 2: xmax < xmin or ymax < ymin"),
+        ("b 0.6 1 1 nan 9", r"line 2: non-finite number"),
+    ],
+)
+def test_devkit_files_with_malformed_boxes_are_refused_naming_file_and_line(tiny_dataset, tmp_path, line, message):
+    voc_root, _ = tiny_dataset
+    dets = tmp_path / "devkit"
+    dets.mkdir()
+    (dets / "comp4_det_test_cat.txt").write_text(f"a 0.9 1 1 10 10\n{line}\n")
+    with pytest.raises(ValueError, match=rf"comp4_det_test_cat\.txt, {message}"):
+        evaluate_voc_devkit_results(voc_root=voc_root, split="test", dets_dir=dets, class_names=CLASSES)
+
+
+def test_devkit_scoring_applies_the_training_rule_to_the_xml_ground_truth(tiny_dataset, tmp_path) -> None:
+    """An XML box reaching past the image is clipped and a degenerate one dropped, as load_voc does for training."""
+    voc_root, _ = tiny_dataset
+    xml = voc_root / "Annotations" / "b.xml"
+    text = xml.read_text()
+    # image b is 100x100; add a cat reaching past the right border and one with xmax < xmin
+    extra = (
+        "<object><name>cat</name><difficult>0</difficult><bndbox><xmin>41</xmin><ymin>11</ymin>"
+        "<xmax>130</xmax><ymax>30</ymax></bndbox></object>"
+        "<object><name>cat</name><difficult>0</difficult><bndbox><xmin>30</xmin><ymin>5</ymin>"
+        "<xmax>20</xmax><ymax>9</ymax></bndbox></object>"
+    )
+    xml.write_text(text.replace("</annotation>", extra + "</annotation>"))
+    dets = tmp_path / "devkit"
+    dets.mkdir()
+    # a's cat, b's first cat and b's clipped one (x 41..100, IoU 60/90 = 0.67 with the unclipped box, 1 clipped);
+    # the dropped box needs no detection: all found, AP 1
+    (dets / "comp4_det_test_cat.txt").write_text("a 0.9 1 1 10 10\nb 0.8 1 1 10 10\nb 0.7 41 11 100 30\n")
+    result = evaluate_voc_devkit_results(voc_root=voc_root, split="test", dets_dir=dets, class_names=CLASSES)
+    assert result["voc"]["per_class"]["cat"] == {"AP_07": 1.0, "AP_area": 1.0}
+
+
 # ---------------------------------------------------------------- the real VOC2012 sample
 
 

@@ -10,7 +10,7 @@ from numbers import Real
 
 import numpy as np
 
-from detectron_res.structures.boxes import clip_boxes, nonempty_boxes, xywh_to_xyxy
+from detectron_res.structures.boxes import usable_ground_truth, xywh_to_xyxy
 
 from .base import DetectionDataset
 
@@ -28,9 +28,10 @@ def load_coco_json(
 ) -> DetectionDataset:
     """Read a COCO instances json and return its images as records (see ``base.py``).
 
-    Categories sorted by their COCO id become the contiguous classes ``0..K-1``. Boxes partly outside
-    their image are clipped to it; boxes that are malformed (not 4 numbers), non-finite or empty after
-    clipping are dropped. The counts are logged in one line and kept in ``extra["clipped_boxes"]`` and
+    Categories sorted by their COCO id become the contiguous classes ``0..K-1``. Boxes go through
+    :func:`~detectron_res.structures.boxes.usable_ground_truth` (the rule evaluation applies too): partly outside
+    their image they are clipped to it; malformed (not 4 numbers), non-finite or empty after clipping they are
+    dropped. The counts are logged in one line and kept in ``extra["clipped_boxes"]`` and
     ``extra["dropped_boxes"]``. Images without annotations are kept with an empty list.
 
     Args:
@@ -89,9 +90,7 @@ def load_coco_json(
     widths = np.array([record["width"] for record in records], dtype=np.float64)
     owner_array = np.array(owners, dtype=np.int64)
     boxes = xywh_to_xyxy(np.array(xywh, dtype=np.float64).reshape(-1, 4))
-    with np.errstate(invalid="ignore"):
-        clipped = clip_boxes(boxes, height=heights[owner_array], width=widths[owner_array])
-    keep = nonempty_boxes(clipped)
+    clipped, keep = usable_ground_truth(boxes, height=heights[owner_array], width=widths[owner_array])
     was_clipped = keep & np.any(clipped != boxes, axis=1)
     num_clipped = int(was_clipped.sum())
     num_dropped = malformed + int((~keep).sum())

@@ -16,9 +16,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from detectron_res.data.datasets.base import DetectionDataset
+from detectron_res.structures.boxes import usable_ground_truth
 
 __all__ = [
     "VOC_CLASSES",
@@ -177,10 +179,11 @@ def load_voc(
 ) -> DetectionDataset:
     """Load one split of a VOC year folder (e.g. ``VOCdevkit/VOC2007``) as a :class:`DetectionDataset`.
 
-    Each annotation keeps the ``difficult`` and ``truncated`` flags (0/1) and ``iscrowd = 0``. A box reaching
-    outside the image is clipped to it (counted in ``extra["clipped_boxes"]``); a box with no area left after
-    clipping (``x2 <= x1`` or ``y2 <= y1``) is dropped (counted in ``extra["dropped_boxes"]``, not in
-    ``clipped_boxes``). One summary line is logged per data set.
+    Each annotation keeps the ``difficult`` and ``truncated`` flags (0/1) and ``iscrowd = 0``. Boxes go through
+    :func:`~detectron_res.structures.boxes.usable_ground_truth`, the rule evaluation applies too: a box reaching
+    outside the image is clipped to it (counted in ``extra["clipped_boxes"]``); a non-finite box or one with no
+    area left after clipping (``x2 <= x1`` or ``y2 <= y1``) is dropped (counted in ``extra["dropped_boxes"]``, not
+    in ``clipped_boxes``). One summary line is logged per data set.
 
     Args:
         voc_root: the folder holding ``ImageSets``, ``Annotations`` and ``JPEGImages``.
@@ -211,23 +214,23 @@ def load_voc(
                 raise FileNotFoundError(f"{xml_path} has no <size> and its image is missing: {image_path}")
             with Image.open(image_path) as image:  # reads the header only
                 width, height = image.size
-        annotations = []
         for obj in annotation.objects:
             if obj.name not in class_index:
                 raise ValueError(f"{xml_path}: class {obj.name!r} is not one of the {len(class_names)} class names")
-            xmin, ymin, xmax, ymax = obj.bbox
-            box = [xmin - 1.0, ymin - 1.0, xmax, ymax]
-            inside = [max(box[0], 0.0), max(box[1], 0.0), min(box[2], float(width)), min(box[3], float(height))]
-            if inside[2] <= inside[0] or inside[3] <= inside[1]:
-                dropped += 1
+        boxes = np.array([obj.bbox for obj in annotation.objects], dtype=np.float64).reshape(-1, 4)
+        boxes -= np.array([1.0, 1.0, 0.0, 0.0])
+        inside, keep = usable_ground_truth(boxes, height=height, width=width)
+        dropped += int((~keep).sum())
+        clipped += int((keep & np.any(inside != boxes, axis=1)).sum())
+        annotations = []
+        for obj, box, kept in zip(annotation.objects, inside.tolist(), keep.tolist()):
+            if not kept:
                 continue
-            if inside != box:
-                clipped += 1
             num_boxes += 1
             num_difficult += obj.difficult
             annotations.append(
                 {
-                    "bbox": inside,
+                    "bbox": box,
                     "category_id": class_index[obj.name],
                     "iscrowd": 0,
                     "difficult": obj.difficult,
