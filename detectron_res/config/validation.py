@@ -8,6 +8,7 @@ the check builders below (``at_least``, ``between``, ``one_of``, ``each``, ...).
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -272,14 +273,31 @@ def _show(value: Any) -> str:
     return repr(list(value)) if isinstance(value, (list, tuple)) else repr(value)
 
 
+def non_finite_values(cfg: Mapping[str, Any], prefix: str = "") -> list[ConfigProblem]:
+    """Every number of the config that is NaN or infinite (``SOLVER.BASE_LR=.inf`` passes "> 0")."""
+    problems = []
+    for key, value in cfg.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            problems += non_finite_values(value, f"{dotted}.")
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(item, float) and not math.isfinite(item) for item in values):
+            problems.append(ConfigProblem((dotted,), f"{dotted}={_show(value)} must be finite"))
+    return problems
+
+
 def find_problems(
     cfg: Mapping[str, Any],
     *,
     value_rules: Iterable[tuple[str, Check]] = VALUE_RULES,
     cross_key_rules: Iterable[CrossKeyRule] = CROSS_KEY_RULES,
 ) -> list[ConfigProblem]:
-    """Every rule that ``cfg`` breaks, in table order (value rules first)."""
-    problems = []
+    """Every rule that ``cfg`` breaks: non-finite numbers, then the value rules in table order, then the cross-key
+    rules. A key with a non-finite number is not checked further."""
+    problems = non_finite_values(cfg)
+    broken = {key for problem in problems for key in problem.keys}
+    value_rules = [(key, check) for key, check in value_rules if key not in broken]
     for key, check in value_rules:
         value = lookup(cfg, key)
         reason = check(value)

@@ -352,6 +352,11 @@ def test_type_error_in_a_file_names_the_file(tmp_path: Path) -> None:
         ("INPUT.SIZE_DIVISIBILITY=0", "INPUT.SIZE_DIVISIBILITY=0 must be >= 1"),
         ("INPUT.HFLIP_PROB=1.5", "INPUT.HFLIP_PROB=1.5 must be in [0.0, 1.0]"),
         ("DATASETS.TRAIN=[]", "DATASETS.TRAIN=[] must not be empty"),
+        ("SOLVER.BASE_LR=.inf", "SOLVER.BASE_LR=inf must be finite"),  # passed "> 0" before
+        ("SOLVER.CLIP_GRAD_NORM=.nan", "SOLVER.CLIP_GRAD_NORM=nan must be finite"),
+        ("MODEL.RPN.ASPECT_RATIOS=[1,.inf]", "MODEL.RPN.ASPECT_RATIOS=[1.0, inf] must be finite"),
+        ("DATALOADER.ON_BAD_IMAGE=ignore", "DATALOADER.ON_BAD_IMAGE='ignore' must be one of 'error', 'skip'"),
+        ("DATALOADER.TIMEOUT=-1", "DATALOADER.TIMEOUT=-1.0 must be >= 0"),
         ("MODEL.BACKBONE.WIDTH=48", None),  # fine with FrozenBN ...
     ],
 )
