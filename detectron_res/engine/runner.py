@@ -157,6 +157,46 @@ def warn_about_random_frozen_trunk(backbone_cfg) -> None:
         )
 
 
+def starting_point(cfg, checkpointer: Checkpointer, *, resume: bool) -> tuple[int, dict | None]:
+    """Where training starts, with the model (and for a resume the optimizer and scheduler) loaded: the iteration
+    and the trainer state to restore (None for a fresh start). Resuming takes the newest usable checkpoint; a fresh
+    start takes MODEL.WEIGHTS (tensors of another shape skipped) and refuses a folder that holds checkpoints.
+
+    Raises:
+        ValueError: the resume point is beyond SOLVER.MAX_ITER, or a fresh start would overwrite checkpoints.
+    """
+    max_iter = cfg.SOLVER.MAX_ITER
+    resume_point = checkpointer.resume_point() if resume else None
+    if resume_point is not None:
+        path, state = resume_point
+        start_iter = int(state["iteration"])
+        if start_iter > max_iter:
+            raise ValueError(
+                f"--resume: the newest checkpoint, {path}, is at iteration {start_iter}, beyond SOLVER.MAX_ITER="
+                f"{max_iter}. Set SOLVER.MAX_ITER={start_iter} or more to train on, or evaluate it with --eval-only."
+            )
+        checkpointer.load(path, resume=True, state=state)
+        logger.info("Resuming from %s at iteration %d", path, start_iter)
+        if "trainer" not in state:
+            logger.warning("%s holds no trainer state (random generators, data position): the resumed run will "
+                           "not repeat exactly what an uninterrupted one would have done", path)
+        return start_iter, state.get("trainer")
+    existing = checkpointer.checkpoint_files()
+    if existing:
+        names = ", ".join(p.name for _, p in existing[:5]) + (" ..." if len(existing) > 5 else "")
+        raise ValueError(
+            f"{checkpointer.save_dir} already holds checkpoints of another run ({names}); training from iteration 0 "
+            "would overwrite them. Pass --resume to continue that run, or choose another output folder (--output)."
+        )
+    if resume:
+        logger.info("--resume: no checkpoint in %s yet; starting from the beginning", checkpointer.save_dir)
+    if cfg.MODEL.WEIGHTS:
+        checkpointer.load(cfg.MODEL.WEIGHTS, allow_shape_mismatch=True)
+    elif not cfg.MODEL.BACKBONE.WEIGHTS:
+        warn_about_random_frozen_trunk(cfg.MODEL.BACKBONE)
+    return 0, None
+
+
 def train(cfg, *, resume: bool = False) -> dict:
     """Trains the config's model on DATASETS.TRAIN, checkpointing and logging as it goes, then evaluates on
     DATASETS.TEST. With `resume`, continues from the newest usable checkpoint in OUTPUT_DIR when there is one,
@@ -166,7 +206,6 @@ def train(cfg, *, resume: bool = False) -> dict:
     that already holds checkpoints (they would be overwritten), are errors.
     """
     output_dir = Path(cfg.OUTPUT_DIR)
-    max_iter = cfg.SOLVER.MAX_ITER
     dataset = build_train_dataset(cfg)
     model = build_model(cfg)
     optimizer = build_optimizer(cfg, model)
@@ -179,36 +218,7 @@ def train(cfg, *, resume: bool = False) -> dict:
         metadata={"class_names": list(dataset.class_names)},
     )
 
-    start_iter, trainer_state = 0, None
-    resume_point = checkpointer.resume_point() if resume else None
-    if resume_point is not None:
-        path, state = resume_point
-        start_iter = int(state["iteration"])
-        if start_iter > max_iter:
-            raise ValueError(
-                f"--resume: the newest checkpoint, {path}, is at iteration {start_iter}, beyond SOLVER.MAX_ITER="
-                f"{max_iter}. Set SOLVER.MAX_ITER={start_iter} or more to train on, or evaluate it with --eval-only."
-            )
-        checkpointer.load(path, resume=True, state=state)
-        trainer_state = state.get("trainer")
-        logger.info("Resuming from %s at iteration %d", path, start_iter)
-        if trainer_state is None:
-            logger.warning("%s holds no trainer state (random generators, data position): the resumed run will "
-                           "not repeat exactly what an uninterrupted one would have done", path)
-    else:
-        existing = checkpointer.checkpoint_files()
-        if existing:
-            names = ", ".join(p.name for _, p in existing[:5]) + (" ..." if len(existing) > 5 else "")
-            raise ValueError(
-                f"{output_dir} already holds checkpoints of another run ({names}); training from iteration 0 would "
-                "overwrite them. Pass --resume to continue that run, or choose another output folder (--output)."
-            )
-        if resume:
-            logger.info("--resume: no checkpoint in %s yet; starting from the beginning", output_dir)
-        if cfg.MODEL.WEIGHTS:
-            checkpointer.load(cfg.MODEL.WEIGHTS, allow_shape_mismatch=True)
-        elif not cfg.MODEL.BACKBONE.WEIGHTS:
-            warn_about_random_frozen_trunk(cfg.MODEL.BACKBONE)
+    start_iter, trainer_state = starting_point(cfg, checkpointer, resume=resume)
     save_config(cfg, output_dir / CONFIG_FILE)
     logger.info("Resolved config saved to %s", output_dir / CONFIG_FILE)
 
@@ -228,7 +238,7 @@ def train(cfg, *, resume: bool = False) -> dict:
         hooks.append(EvalHook(evaluate_and_keep, period=cfg.TEST.EVAL_PERIOD))
     hooks.append(
         PeriodicWriter(
-            [ConsoleWriter(max_iter=max_iter), JSONWriter(path=output_dir / TRAIN_LOG_FILE, start_iter=start_iter)],
+            [ConsoleWriter(max_iter=cfg.SOLVER.MAX_ITER), JSONWriter(path=output_dir / TRAIN_LOG_FILE, start_iter=start_iter)],
             period=cfg.LOG_PERIOD,
         )
     )
@@ -236,7 +246,7 @@ def train(cfg, *, resume: bool = False) -> dict:
         model=model,
         data_loader=build_train_data_loader(cfg, dataset, start_iter=start_iter),
         optimizer=optimizer,
-        max_iter=max_iter,
+        max_iter=cfg.SOLVER.MAX_ITER,
         start_iter=start_iter,
         hooks=hooks,
         clip_grad_norm=cfg.SOLVER.CLIP_GRAD_NORM,
