@@ -39,10 +39,11 @@ def read_image_rgb(file_name: str | os.PathLike) -> np.ndarray:
         raise IsADirectoryError(f"expected an image file, got a folder: {path}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
-    data = np.fromfile(path, dtype=np.uint8)
-    if jpeg_is_truncated(data.tobytes()):
+    with open(path, "rb") as stream:
+        data = stream.read()
+    if jpeg_is_truncated(data):
         raise BadImageError(f"truncated JPEG (its data stops before the end-of-image marker): {path}")
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR) if data else None
     if image is None:
         raise BadImageError(f"corrupt or unsupported image: {path}")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

@@ -172,10 +172,12 @@ def load_coco_ground_truth(source: COCO | dict | str | os.PathLike) -> COCO:
 def _usable_annotations(data: dict, name: str) -> list[dict]:
     """``data["annotations"]`` after the ground-truth rule (see :func:`load_coco_ground_truth`), logged."""
     sizes = {}
-    for image in data["images"]:
-        height, width = image.get("height") if isinstance(image, dict) else None, image.get("width") if isinstance(image, dict) else None
+    for position, image in enumerate(data["images"]):
+        if not isinstance(image, dict) or "id" not in image:
+            raise ValueError(f"{name}: image #{position} must be an object with an 'id'")
+        height, width = image.get("height"), image.get("width")
         if not (_is_number(height, finite=True) and _is_number(width, finite=True) and height > 0 and width > 0):
-            raise ValueError(f"{name}: image {image!r} needs a positive 'height' and 'width'")
+            raise ValueError(f"{name}: image {image['id']!r} needs a positive 'height' and 'width', got {height!r}, {width!r}")
         sizes[image["id"]] = (float(height), float(width))
     annotations = data["annotations"]
     for ann in annotations:
@@ -194,10 +196,11 @@ def _usable_annotations(data: dict, name: str) -> list[dict]:
             kept.append({**ann, "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]} if was_clipped else ann)
     dropped = [ann["id"] for ann, usable in zip(annotations, keep.tolist()) if not usable]
     if dropped or changed.any():
+        ids = ", ".join(map(str, dropped[:10])) + (" ..." if len(dropped) > 10 else "")
         logger.warning(
             "Ground truth %s: dropped %d boxes with a non-finite coordinate, a negative or zero width or height, or "
             "lying outside their image%s; clipped %d boxes to their image (the rule training applies)",
-            name, len(dropped), f" (annotation ids {', '.join(map(str, dropped[:10]))}{' ...' if len(dropped) > 10 else ''})" if dropped else "", int(changed.sum()),
+            name, len(dropped), f" (annotation ids {ids})" if dropped else "", int(changed.sum()),
         )
     return kept
 
