@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 from torch import nn
-from torchvision.models.detection._utils import BoxCoder
 
 from detectron_res.config import get_default_config
 from detectron_res.modeling import build_model
 from detectron_res.modeling.detector import FasterRCNN, rescale_detections
-from detectron_res.modeling.rpn import RPN, AnchorGenerator, NonFiniteProposalsError
+from detectron_res.modeling.rpn import RPN, NonFiniteProposalsError
 from detectron_res.structures import batch_images
+from rpn_stubs import FixedHead, make_rpn
 
 
 def tiny_config(**rpn):
@@ -110,17 +110,6 @@ class ZeroBackbone(nn.Module):
         return images.new_zeros((n, 4, h // 16, w // 16))
 
 
-class FixedHead(nn.Module):
-    """RPN head returning the given objectness and deltas (cropped to the feature map)."""
-
-    def __init__(self, objectness, deltas):
-        super().__init__()
-        self.objectness, self.deltas = objectness, deltas
-
-    def forward(self, features):
-        return self.objectness, self.deltas
-
-
 def stub_detector(**kwargs) -> FasterRCNN:
     return FasterRCNN(
         backbone=kwargs.pop("backbone", ZeroBackbone()),
@@ -201,19 +190,11 @@ def nan_rpn() -> RPN:
     """An RPN whose objectness is NaN at one anchor of image 1 (2 images, 1 anchor on a 1 x 2 map)."""
     objectness = torch.zeros(2, 1, 1, 2)
     objectness[1, 0, 0, 1] = math.nan
-    return RPN(
+    return make_rpn(
         head=FixedHead(objectness, torch.zeros(2, 4, 1, 2)),
-        anchor_generator=AnchorGenerator(sizes=[16], aspect_ratios=[1.0], stride=16, offset=0.5),
-        box_coder=BoxCoder((1.0, 1.0, 1.0, 1.0)),
-        positive_iou=0.7,
-        negative_iou=0.3,
         batch_size_per_image=8,
-        positive_fraction=0.5,
-        boundary_thresh=-1,
         pre_nms_topk=(10, 10),
         post_nms_topk=(10, 10),
-        nms_thresh=0.7,
-        min_size=0.0,
         smooth_l1_beta=0.0,
     )
 
