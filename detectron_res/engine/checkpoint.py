@@ -150,14 +150,19 @@ class Checkpointer:
     def last_checkpoint(self) -> Path | None:
         """The checkpoint `last_checkpoint` names; if that file is gone (or there is no pointer), the newest
         checkpoint file in the folder by iteration, with a warning; None when there is none."""
-        pointer = self.save_dir / LAST_CHECKPOINT
-        named = self.save_dir / pointer.read_text().strip() if pointer.is_file() else None
-        if named is not None and named.is_file():
-            return named
+        named = self._pointer_target()
+        if named is not None and (self.save_dir / named).is_file():
+            return self.save_dir / named
         readable = [path for iteration, path in self.checkpoint_files() if iteration is not None]
         if readable and named is not None:
-            logger.warning("%s names %s, which is missing; using the newest checkpoint, %s", pointer, named.name, readable[0])
+            logger.warning("%s names %s, which is missing; using the newest checkpoint, %s",
+                           self.save_dir / LAST_CHECKPOINT, named, readable[0])
         return readable[0] if readable else None
+
+    def _pointer_target(self) -> str | None:
+        """The file name `last_checkpoint` holds, None without a pointer."""
+        pointer = self.save_dir / LAST_CHECKPOINT
+        return pointer.read_text().strip() if pointer.is_file() else None
 
     def resume_point(self) -> tuple[Path, dict[str, Any]] | None:
         """The newest checkpoint in `save_dir` that can be resumed from, and its contents.
@@ -184,10 +189,10 @@ class Checkpointer:
                 problems.append(f"{path.name}: {error}")
                 logger.warning("Cannot resume from %s: %s", path, error)
                 continue
-            pointer = self.save_dir / LAST_CHECKPOINT
-            named = pointer.read_text().strip() if pointer.is_file() else None
+            named = self._pointer_target()
             if named != path.name:
-                logger.warning("%s names %r; resuming from the newest usable checkpoint, %s", pointer, named, path.name)
+                logger.warning("%s names %r; resuming from the newest usable checkpoint, %s",
+                               self.save_dir / LAST_CHECKPOINT, named, path.name)
             return path, state
         if problems:
             raise ValueError(
@@ -230,9 +235,8 @@ class Checkpointer:
         model_state = dict(state["model"])
         own = self.model.state_dict()
         skipped = shape_mismatches(own, model_state) if allow_shape_mismatch else []
-        if skipped:
-            model_state = {k: v for k, v in model_state.items() if k not in own or own[k].shape == v.shape}
-            model_state.update({k: v for k, v in own.items() if k not in model_state and k in state["model"]})
+        if skipped:  # those tensors keep the model's own values
+            model_state = {k: own[k] if k in own and own[k].shape != v.shape else v for k, v in model_state.items()}
             logger.warning(
                 "Not loaded from %s because the shapes differ (they keep their initial values): %s",
                 path, "; ".join(skipped),

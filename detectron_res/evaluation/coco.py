@@ -27,7 +27,7 @@ from torch import Tensor
 from torchvision.ops import box_convert
 
 from detectron_res.data.datasets.base import DetectionDataset
-from detectron_res.structures.boxes import usable_ground_truth
+from detectron_res.structures.boxes import usable_ground_truth, xywh_to_xyxy
 
 from .evaluator import DatasetEvaluator
 from .metrics import format_per_category_table, per_category_values
@@ -186,8 +186,7 @@ def _usable_annotations(data: dict, name: str) -> list[dict]:
     if not annotations:
         return annotations
     size = np.array([sizes[ann["image_id"]] for ann in annotations])
-    xywh = np.array([ann["bbox"] for ann in annotations], dtype=np.float64)
-    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    boxes = xywh_to_xyxy(np.array([ann["bbox"] for ann in annotations], dtype=np.float64))
     clipped, keep = usable_ground_truth(boxes, height=size[:, 0], width=size[:, 1])
     changed = keep & np.any(clipped != boxes, axis=1)
     kept = []
