@@ -1,6 +1,16 @@
-"""Pure tensor post-processing of detections: per-class NMS and top-k (refinement, voting and multi-scale
-merging build on these)."""
+"""Pure tensor post-processing of detections: candidates, per-class NMS and top-k, box voting, and the scale choice
+of multi-scale testing."""
 
-from .nms import nonempty_boxes, per_class_nms
+from .multiscale import adjacent_scale_pairs, pyramid_max_size
+from .nms import detection_candidates, nonempty_boxes, per_class_nms, select_detections
+from .vote import box_voting
 
-__all__ = ["nonempty_boxes", "per_class_nms"]
+__all__ = [
+    "adjacent_scale_pairs",
+    "box_voting",
+    "detection_candidates",
+    "nonempty_boxes",
+    "per_class_nms",
+    "pyramid_max_size",
+    "select_detections",
+]

@@ -1,11 +1,14 @@
-"""Per-class NMS over class-specific boxes: score threshold, NMS per class, best `max_detections` overall; and the
-mask of boxes with a positive area."""
+"""From class-specific boxes and scores to detections: the candidates (score threshold, empty and non-finite boxes
+dropped), then per-class NMS and the best `max_detections`, optionally with box voting; and the mask of boxes with a
+positive area."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
+
+from .vote import box_voting
 
 
 def nonempty_boxes(boxes: Tensor, min_size: float = 0.0) -> Tensor:
@@ -15,26 +18,56 @@ def nonempty_boxes(boxes: Tensor, min_size: float = 0.0) -> Tensor:
     return (widths > min_size) & (heights > min_size)
 
 
-def per_class_nms(
-    boxes: Tensor, scores: Tensor, *, score_thresh: float, nms_thresh: float, max_detections: int
-) -> tuple[Tensor, Tensor, Tensor]:
+def detection_candidates(boxes: Tensor, scores: Tensor, *, score_thresh: float) -> tuple[Tensor, Tensor, Tensor]:
     """
     Args:
         boxes: (R, K, 4) one box per RoI and class, XYXY.
         scores: (R, K) class probabilities (background excluded).
         score_thresh: (RoI, class) pairs scoring at or below this are dropped, and so are empty boxes (zero width
             or height, e.g. clipped to the image border) and non-finite ones.
-        nms_thresh: IoU threshold of the NMS, run independently for each class.
-        max_detections: detections kept, highest score first; negative keeps all.
     Returns:
-        boxes (D, 4), scores (D,), labels (D,) int64 class indices, sorted by descending score.
+        the remaining pairs as boxes (C, 4), scores (C,), labels (C,) int64 class indices, RoI by RoI.
     """
     keep = (scores > score_thresh) & torch.isfinite(boxes).all(dim=2) & torch.isfinite(scores)
     roi_index, labels = keep.nonzero(as_tuple=True)
     boxes, scores = boxes[roi_index, labels], scores[roi_index, labels]
     nonempty = nonempty_boxes(boxes)
-    boxes, scores, labels = boxes[nonempty], scores[nonempty], labels[nonempty]
+    return boxes[nonempty], scores[nonempty], labels[nonempty]
+
+
+def select_detections(
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    *,
+    nms_thresh: float,
+    max_detections: int,
+    vote_iou_thresh: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """
+    Args:
+        boxes (C, 4), scores (C,), labels (C,): candidates, e.g. from `detection_candidates`.
+        nms_thresh: IoU threshold of the NMS, run independently for each label.
+        max_detections: detections kept, highest score first; negative keeps all.
+        vote_iou_thresh: when given, each kept box is replaced by `box_voting` over all the candidates.
+    Returns:
+        boxes (D, 4), scores (D,), labels (D,), sorted by descending score.
+    """
     keep = batched_nms(boxes, scores, labels, nms_thresh)  # sorted by descending score
     if max_detections >= 0:
         keep = keep[:max_detections]
-    return boxes[keep], scores[keep], labels[keep]
+    kept_boxes, kept_scores, kept_labels = boxes[keep], scores[keep], labels[keep]
+    if vote_iou_thresh is not None:
+        kept_boxes = box_voting(
+            kept_boxes, kept_scores, kept_labels, boxes, scores, labels, iou_thresh=vote_iou_thresh
+        )
+    return kept_boxes, kept_scores, kept_labels
+
+
+def per_class_nms(
+    boxes: Tensor, scores: Tensor, *, score_thresh: float, nms_thresh: float, max_detections: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`detection_candidates` of (R, K, 4) boxes and (R, K) scores, then `select_detections` without voting:
+    boxes (D, 4), scores (D,), labels (D,) int64 class indices, sorted by descending score."""
+    candidates = detection_candidates(boxes, scores, score_thresh=score_thresh)
+    return select_detections(*candidates, nms_thresh=nms_thresh, max_detections=max_detections)
