@@ -254,6 +254,10 @@ VALUE_RULES: tuple[tuple[str, Check], ...] = (
     ("SOLVER.CHECKPOINT_PERIOD", at_least(1)),
     ("SOLVER.CLIP_GRAD_NORM", at_least(0)),
     ("TEST.EVAL_PERIOD", at_least(0)),
+    ("TEST.BOX_REFINEMENT.NMS_THRESH", _IOU),
+    ("TEST.BOX_VOTING.IOU_THRESH", _IOU),
+    ("TEST.MULTI_SCALE.SCALES", all_of(_POSITIVE_LIST, strictly_increasing())),
+    ("TEST.MULTI_SCALE.REFERENCE_SIZE", greater_than(0)),
     ("SEED", between(0, 2**32 - 1)),
     ("LOG_PERIOD", at_least(1)),
 )

@@ -74,7 +74,14 @@ def build_train_data_loader(cfg, dataset: DetectionDataset, *, start_iter: int =
 
 
 def build_test_mapper(cfg) -> DatasetMapper:
-    return DatasetMapper(min_size=cfg.INPUT.MIN_SIZE_TEST, max_size=cfg.INPUT.MAX_SIZE_TEST, is_train=False)
+    """The inference mapper: INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST, plus the image pyramid of TEST.MULTI_SCALE."""
+    multi_scale = cfg.TEST.MULTI_SCALE
+    return DatasetMapper(
+        min_size=cfg.INPUT.MIN_SIZE_TEST,
+        max_size=cfg.INPUT.MAX_SIZE_TEST,
+        is_train=False,
+        test_scales=multi_scale.SCALES if multi_scale.ENABLED else (),
+    )
 
 
 def build_test_data_loader(cfg, dataset: DetectionDataset, *, rank: int = 0, world_size: int = 1):

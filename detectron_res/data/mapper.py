@@ -13,6 +13,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from detectron_res.postprocess.multiscale import pyramid_max_size  # noqa: E402
 from detectron_res.structures.boxes import clip_boxes, nonempty_boxes  # noqa: E402
 
 _MIN_BOX_SIDE = 1e-5  # boxes thinner than this (in resized pixels) are dropped, as in detectron2
@@ -106,6 +107,10 @@ class DatasetMapper:
     ``image_id``, ``file_name`` and, when the record has an ``annotations`` list, ``gt_boxes`` (float32
     (M, 4) XYXY in the resized image) and ``gt_classes`` (int64 (M,)). Crowd annotations are never targets
     and are left out; boxes that become empty are dropped.
+
+    With ``test_scales`` (inference only: multi-scale testing), it also holds ``pyramid``: the image resized to
+    each of those shorter sides, in their order, the longer side capped at ``max_size`` scaled alike
+    (`pyramid_max_size`); a scale of the same size as ``image`` is that same tensor.
     """
 
     def __init__(
@@ -115,6 +120,7 @@ class DatasetMapper:
         max_size: int,
         hflip_prob: float = 0.0,
         is_train: bool,
+        test_scales: Sequence[int] = (),
     ) -> None:
         sizes = (min_size,) if isinstance(min_size, (int, np.integer)) else tuple(min_size)
         if not sizes or not all(isinstance(size, (int, np.integer)) and size > 0 for size in sizes):
@@ -127,6 +133,11 @@ class DatasetMapper:
         self.max_size = int(max_size)
         self.hflip_prob = float(hflip_prob)
         self.is_train = is_train
+        if is_train and len(test_scales):
+            raise ValueError("test_scales (multi-scale testing) is for inference; use min_size when training")
+        if not all(isinstance(scale, (int, np.integer)) and scale > 0 for scale in test_scales):
+            raise ValueError(f"test_scales must be positive ints, got {list(test_scales)!r}")
+        self.test_scales: tuple[int, ...] = tuple(int(scale) for scale in test_scales)
 
     def __call__(self, record: dict, *, rng: np.random.Generator | None = None) -> dict:
         file_name = record["file_name"]
@@ -167,6 +178,8 @@ class DatasetMapper:
             "image_id": record["image_id"],
             "file_name": file_name,
         }
+        if self.test_scales:
+            output["pyramid"] = self._pyramid(image, output["image"])
         if annotations is not None:
             out_boxes = np.asarray(transformed["bboxes"], dtype=np.float32).reshape(-1, 4)
             out_classes = np.asarray(transformed["class_labels"], dtype=np.int64).reshape(-1)
@@ -186,8 +199,27 @@ class DatasetMapper:
         new_height, new_width = resize_shortest_edge_shape(
             height, width, short_side=self.min_sizes[0], max_size=self.max_size
         )
-        resized = _geometric_transform(new_height, new_width, False)(image=image, bboxes=[], class_labels=[])
-        return {"image": _to_chw_tensor(resized["image"]), "height": height, "width": width}
+        resized = _to_chw_tensor(_resize(image, new_height, new_width))
+        output = {"image": resized, "height": height, "width": width}
+        if self.test_scales:
+            output["pyramid"] = self._pyramid(image, resized)
+        return output
+
+    def _pyramid(self, image: np.ndarray, resized: torch.Tensor) -> list[torch.Tensor]:
+        """The decoded (H, W, 3) image at each test scale as (3, h, w) uint8 tensors; `resized` (the input image)
+        where a scale gives its size."""
+        height, width = image.shape[:2]
+        pyramid = []
+        for scale in self.test_scales:
+            size = resize_shortest_edge_shape(
+                height,
+                width,
+                short_side=scale,
+                max_size=pyramid_max_size(scale, min_size=self.min_sizes[0], max_size=self.max_size),
+            )
+            same = size == tuple(resized.shape[-2:])
+            pyramid.append(resized if same else _to_chw_tensor(_resize(image, *size)))
+        return pyramid
 
 
 def check_image_array(image: object) -> None:
@@ -199,6 +231,11 @@ def check_image_array(image: object) -> None:
         raise ValueError(f"expected an (H, W, 3) uint8 image array, got shape {shape} and dtype {dtype}{hint}")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"the image is empty: {image.shape[0]}x{image.shape[1]} (HxW) pixels")
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The (H, W, 3) image resized to (height, width) by the same transform as the data set images."""
+    return _geometric_transform(height, width, False)(image=image, bboxes=[], class_labels=[])["image"]
 
 
 def _to_chw_tensor(image: np.ndarray) -> torch.Tensor:

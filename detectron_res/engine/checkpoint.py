@@ -233,6 +233,10 @@ class Checkpointer:
         path = Path(path)
         state = state if state is not None else self.read(path)
         model_state = dict(state["model"])
+        explain = getattr(unwrap_model(self.model), "checkpoint_mismatch", None)
+        reason = explain(model_state) if explain is not None else None
+        if reason:
+            raise ValueError(f"Checkpoint {path} does not fit the model: {reason}")
         own = self.model.state_dict()
         skipped = shape_mismatches(own, model_state) if allow_shape_mismatch else []
         if skipped:  # those tensors keep the model's own values

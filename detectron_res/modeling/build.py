@@ -13,6 +13,7 @@ from .backbone import ResNetTrunk, build_res5, load_resnet_weights, read_resnet_
 from .detector import FasterRCNN
 from .roi_heads import FastRCNNOutputLayers, Res5ROIHeads
 from .rpn import RPN, AnchorGenerator, RPNHead
+from .test_time import TestTimeAugmentation
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def build_roi_heads(cfg, *, stride: int) -> Res5ROIHeads:
         depth=b.DEPTH, width=b.WIDTH, norm_layer=get_norm(b.NORM, gn_groups=b.GN_GROUPS)
     )
     predictor = FastRCNNOutputLayers(
-        in_channels=res5_channels,
+        in_channels=2 * res5_channels if h.GLOBAL_CONTEXT else res5_channels,
         num_classes=cfg.MODEL.NUM_CLASSES,
         box_coder=BoxCoder(tuple(h.BBOX_REG_WEIGHTS)),
         smooth_l1_beta=h.SMOOTH_L1_BETA,
@@ -81,6 +82,19 @@ def build_roi_heads(cfg, *, stride: int) -> Res5ROIHeads:
         fg_iou_thresh=h.FG_IOU_THRESH,
         bg_iou_thresh_lo=h.BG_IOU_THRESH_LO,
         proposal_append_gt=h.PROPOSAL_APPEND_GT,
+        global_context=h.GLOBAL_CONTEXT,
+    )
+
+
+def build_test_time(cfg) -> TestTimeAugmentation:
+    """The test-time add-ons switched on under TEST (docs/addons.md)."""
+    t = cfg.TEST
+    return TestTimeAugmentation(
+        scales=tuple(t.MULTI_SCALE.SCALES) if t.MULTI_SCALE.ENABLED else (),
+        reference_size=t.MULTI_SCALE.REFERENCE_SIZE,
+        flip=t.FLIP,
+        refine_nms_thresh=t.BOX_REFINEMENT.NMS_THRESH if t.BOX_REFINEMENT.ENABLED else None,
+        vote_iou_thresh=t.BOX_VOTING.IOU_THRESH if t.BOX_VOTING.ENABLED else None,
     )
 
 
@@ -111,6 +125,7 @@ def build_model(cfg) -> FasterRCNN:
         pixel_mean=cfg.MODEL.PIXEL_MEAN,
         pixel_std=cfg.MODEL.PIXEL_STD,
         size_divisibility=cfg.INPUT.SIZE_DIVISIBILITY,
+        test_time=build_test_time(cfg),
     )
     return model.to(resolve_device(cfg.MODEL.DEVICE))
 

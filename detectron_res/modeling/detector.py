@@ -3,12 +3,15 @@
 Input: a list of mapper dicts, each {"image": uint8 (3, h, w) RGB, already resized by the mapper, "height",
 "width": the original size, and in training "gt_boxes" (M, 4) / "gt_classes" (M,) in the resized image}.
 Training returns a dict of named losses; inference returns per image {"boxes" (D, 4), "scores" (D,),
-"labels" (D,)} with boxes in the ORIGINAL image's pixels.
+"labels" (D,)} with boxes in the ORIGINAL image's pixels. Inference runs in steps that an ensemble can also call
+one by one (`prepare`, `propose`, `detection_candidates`, `select_detections`, `rescale`); `test_time` says which of
+the paper's test-time add-ons they apply (multi-scale needs the mapper's "pyramid" images in the inputs).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +21,14 @@ from ..postprocess import nonempty_boxes
 from ..structures import batch_images
 from .rpn import RPN, NonFiniteProposalsError
 from .roi_heads import Res5ROIHeads
+from .test_time import FeaturePyramid, ScaledFeatures, TestTimeAugmentation
+
+
+class PreparedBatch(NamedTuple):
+    """A batch after the trunk: res4 features (N, C4, H, W) of the padded batch and each image's input (h, w)."""
+
+    features: Tensor
+    image_sizes: list[tuple[int, int]]
 
 
 def rescale_detections(
@@ -43,6 +54,7 @@ class FasterRCNN(nn.Module):
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         size_divisibility: int = 16,
+        test_time: TestTimeAugmentation | None = None,
     ):
         """
         Args:
@@ -51,6 +63,8 @@ class FasterRCNN(nn.Module):
             roi_heads: res5 per RoI and the Fast R-CNN outputs.
             pixel_mean, pixel_std: per-channel RGB statistics on the 0-255 scale, the pretrained weights' convention.
             size_divisibility: the padded batch's sides are multiples of this.
+            test_time: the test-time add-ons (multi-scale, flip, refinement, voting); default none. An attribute
+                that may be changed between evaluations.
         """
         super().__init__()
         self.backbone = backbone
@@ -59,18 +73,38 @@ class FasterRCNN(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
         self.size_divisibility = size_divisibility
+        self.test_time = test_time or TestTimeAugmentation()
 
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
+    def normalize(self, image: Tensor) -> Tensor:
+        """uint8 (3, h, w) RGB image -> float (3, h, w) on the model's device, mean subtracted and divided by std."""
+        return (image.to(self.device, non_blocking=True).float() - self.pixel_mean) / self.pixel_std
+
     def preprocess_images(self, batched_inputs: list[dict]) -> tuple[Tensor, list[tuple[int, int]]]:
         """uint8 (3, h_i, w_i) images -> normalised, zero-padded (N, 3, H, W) batch and the (h_i, w_i)."""
-        images = [
-            (x["image"].to(self.device, non_blocking=True).float() - self.pixel_mean) / self.pixel_std
-            for x in batched_inputs
-        ]
+        images = [self.normalize(x["image"]) for x in batched_inputs]
         return batch_images(images, size_divisibility=self.size_divisibility)
+
+    def checkpoint_mismatch(self, state_dict: dict[str, Tensor]) -> str | None:
+        """Why `state_dict` was trained with another setting of a model option that decides tensor shapes in a way
+        a shape list would not make plain (global context), or None."""
+        key = "roi_heads.predictor.cls_score.weight"
+        if key not in state_dict or state_dict[key].dim() != 2:
+            return None
+        own = self.roi_heads.predictor.cls_score.in_features
+        theirs = state_dict[key].shape[1]
+        res5_width = own // 2 if self.roi_heads.global_context else own
+        if theirs == own or theirs not in (res5_width, 2 * res5_width):
+            return None
+        trained_with = theirs == 2 * res5_width
+        return (
+            f"it was trained {'with' if trained_with else 'without'} global context (predictor input {theirs}) but "
+            f"the model has MODEL.ROI_HEADS.GLOBAL_CONTEXT={'false' if trained_with else 'true'} (input {own}); "
+            f"set MODEL.ROI_HEADS.GLOBAL_CONTEXT={'true' if trained_with else 'false'} to use it"
+        )
 
     def forward(self, batched_inputs: list[dict]) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         if not self.training:
@@ -90,12 +124,71 @@ class FasterRCNN(nn.Module):
 
     @torch.no_grad()
     def inference(self, batched_inputs: list[dict]) -> list[dict[str, Tensor]]:
-        """Detections per image in original image pixels."""
+        """Detections per image in original image pixels, with the add-ons of `self.test_time`."""
+        prepared = self.prepare(batched_inputs)
+        proposals = self.propose(prepared)
+        candidates = self.detection_candidates(batched_inputs, prepared, proposals)
+        return self.rescale(batched_inputs, prepared, self.select_detections(candidates))
+
+    def prepare(self, batched_inputs: list[dict]) -> PreparedBatch:
+        """Normalise and pad the input images and run the trunk."""
         images, image_sizes = self.preprocess_images(batched_inputs)
-        features = self.backbone(images)
-        proposals, _ = self.rpn(features, image_sizes)
-        detections, _ = self.roi_heads(features, proposals, image_sizes)
+        return PreparedBatch(self.backbone(images), image_sizes)
+
+    def propose(self, prepared: PreparedBatch) -> list[Tensor]:
+        """The RPN's proposals (R_i, 4) per image, in input pixels (always at the input scale)."""
+        proposals, _ = self.rpn(prepared.features, prepared.image_sizes)
+        return proposals
+
+    def feature_pyramid(self, batched_inputs: list[dict], prepared: PreparedBatch) -> FeaturePyramid:
+        """The res4 maps the Fast R-CNN stage pools from: the input scale's, or with multi-scale testing the
+        batch's "pyramid" images at each of `test_time.scales` (a scale of the input's size reuses its features),
+        and their mirror images for flip testing; each computed when first needed."""
+        scales = self.test_time.scales
+        if not scales:
+            scale_images = [[x["image"] for x in batched_inputs]]
+        else:
+            for x in batched_inputs:
+                found = len(x["pyramid"]) if "pyramid" in x else None
+                if found != len(scales):
+                    name = x.get("file_name", f"image_id {x.get('image_id', '?')}")
+                    raise ValueError(
+                        f"Multi-scale testing over the scales {list(scales)} needs the input's 'pyramid' images at "
+                        f"those scales, but {name} has {'none' if found is None else found}: build the test mapper "
+                        "from the same config (TEST.MULTI_SCALE)"
+                    )
+            scale_images = [[x["pyramid"][index] for x in batched_inputs] for index in range(len(scales))]
+        scale_sizes = [[(int(im.shape[-2]), int(im.shape[-1])) for im in images] for images in scale_images]
+
+        def compute(scale_index: int, flipped: bool) -> ScaledFeatures:
+            if not flipped and scale_sizes[scale_index] == prepared.image_sizes:
+                return ScaledFeatures(prepared.features, prepared.image_sizes)
+            images = [self.normalize(image) for image in scale_images[scale_index]]
+            batch, sizes = batch_images(
+                [image.flip(-1) for image in images] if flipped else images, size_divisibility=self.size_divisibility
+            )
+            return ScaledFeatures(self.backbone(batch), sizes)
+
+        return FeaturePyramid(scale_sizes=scale_sizes, compute=compute)
+
+    def detection_candidates(
+        self, batched_inputs: list[dict], prepared: PreparedBatch, proposals: list[Tensor]
+    ) -> list[dict[str, Tensor]]:
+        """Per image, every (RoI, class) pair above the score threshold, before the NMS, in input pixels
+        ({"boxes", "scores", "labels"}; with box refinement, both passes')."""
+        pyramid = self.feature_pyramid(batched_inputs, prepared)
+        return self.roi_heads.detection_candidates(pyramid, proposals, prepared.image_sizes, self.test_time)
+
+    def select_detections(self, candidates: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Per-class NMS, top-k and (when on) box voting of each image's candidates; input pixels."""
+        return self.roi_heads.select_detections(candidates, self.test_time)
+
+    @staticmethod
+    def rescale(
+        batched_inputs: list[dict], prepared: PreparedBatch, detections: list[dict[str, Tensor]]
+    ) -> list[dict[str, Tensor]]:
+        """Detections from input pixels to each image's original pixels, clipped, empty boxes dropped."""
         return [
             rescale_detections(d, input_size=size, output_size=(x["height"], x["width"]))
-            for d, size, x in zip(detections, image_sizes, batched_inputs)
+            for d, size, x in zip(detections, prepared.image_sizes, batched_inputs)
         ]

@@ -357,6 +357,12 @@ def test_type_error_in_a_file_names_the_file(tmp_path: Path) -> None:
         ("MODEL.RPN.ASPECT_RATIOS=[1,.inf]", "MODEL.RPN.ASPECT_RATIOS=[1.0, inf] must be finite"),
         ("DATALOADER.ON_BAD_IMAGE=ignore", "DATALOADER.ON_BAD_IMAGE='ignore' must be one of 'error', 'skip'"),
         ("DATALOADER.TIMEOUT=-1", "DATALOADER.TIMEOUT=-1.0 must be >= 0"),
+        ("TEST.MULTI_SCALE.SCALES=[]", "TEST.MULTI_SCALE.SCALES=[] must not be empty"),
+        ("TEST.MULTI_SCALE.SCALES=[200,0]", "TEST.MULTI_SCALE.SCALES=[200, 0] has element [1]=0 that must be > 0"),
+        ("TEST.MULTI_SCALE.SCALES=[400,200]", "TEST.MULTI_SCALE.SCALES=[400, 200] must be strictly increasing"),
+        ("TEST.MULTI_SCALE.REFERENCE_SIZE=0", "TEST.MULTI_SCALE.REFERENCE_SIZE=0 must be > 0"),
+        ("TEST.BOX_REFINEMENT.NMS_THRESH=1.3", "TEST.BOX_REFINEMENT.NMS_THRESH=1.3 must be in [0.0, 1.0]"),
+        ("TEST.BOX_VOTING.IOU_THRESH=-0.1", "TEST.BOX_VOTING.IOU_THRESH=-0.1 must be in [0.0, 1.0]"),
         ("MODEL.BACKBONE.WIDTH=48", None),  # fine with FrozenBN ...
     ],
 )

@@ -199,3 +199,31 @@ def test_read_image_rgb_channel_order(landscape: dict) -> None:
 def test_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         DatasetMapper(is_train=True, **kwargs)
+
+
+def test_multi_scale_inputs_carry_the_image_at_each_test_scale(landscape: dict) -> None:
+    """480 x 640 at test size 300 (cap 500): 300 x 400. Scales 150 / 300 / 450 with caps 250 / 500 / 750 give
+    150 x 200, the input itself, and 450 x 600."""
+    mapper = DatasetMapper(min_size=300, max_size=500, is_train=False, test_scales=[150, 300, 450])
+    out = mapper(landscape)
+    assert out["image"].shape == (3, 300, 400)
+    assert [tuple(im.shape) for im in out["pyramid"]] == [(3, 150, 200), (3, 300, 400), (3, 450, 600)]
+    assert out["pyramid"][1] is out["image"]
+    assert out["pyramid"][2][:, 0, 0].tolist() == [255, 0, 0] and out["pyramid"][0][:, -1, -1].tolist() == [0, 0, 255]
+    capped = DatasetMapper(min_size=300, max_size=350, is_train=False, test_scales=[600])(landscape)
+    assert capped["image"].shape == (3, 263, 350) and capped["pyramid"][0].shape == (3, 525, 700)  # cap 700
+    image = np.zeros((480, 640, 3), np.uint8)
+    assert [tuple(im.shape) for im in mapper.map_image(image)["pyramid"]] == [(3, 150, 200), (3, 300, 400), (3, 450, 600)]
+    assert "pyramid" not in DatasetMapper(min_size=300, max_size=500, is_train=False)(landscape)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"is_train": True, "test_scales": [300]}, "for inference"),
+        ({"is_train": False, "test_scales": [300, 0]}, r"positive ints, got \[300, 0\]"),
+    ],
+)
+def test_bad_test_scales(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DatasetMapper(min_size=[300], max_size=500, **kwargs)

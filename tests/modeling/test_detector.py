@@ -164,9 +164,16 @@ def test_rescale_scales_x_and_y_apart_clips_and_drops_empty_boxes():
 class FixedDetections(nn.Module):
     """RoI heads returning one fixed detection per image in the input image's pixels."""
 
+    detection = {"boxes": torch.tensor([[8.0, 4.0, 16.0, 12.0]]), "scores": torch.ones(1), "labels": torch.zeros(1, dtype=torch.int64)}
+
     def forward(self, features, proposals, image_sizes, *args):
-        detection = {"boxes": torch.tensor([[8.0, 4.0, 16.0, 12.0]]), "scores": torch.ones(1), "labels": torch.zeros(1, dtype=torch.int64)}
-        return [dict(detection) for _ in image_sizes], {}
+        return [dict(self.detection) for _ in image_sizes], {}
+
+    def detection_candidates(self, pyramid, proposals, image_sizes, test_time):
+        return [dict(self.detection) for _ in image_sizes]
+
+    def select_detections(self, candidates, test_time):
+        return candidates
 
 
 class FixedProposals(nn.Module):

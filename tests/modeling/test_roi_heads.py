@@ -28,7 +28,7 @@ def test_shapes_from_res4_to_class_scores_and_class_specific_boxes(pooler):
     pooled = heads.pooler(features, proposals)
     assert pooled.shape == (3, 128, 14, 14)
     assert heads.res5(pooled).shape == (3, 256, 7, 7)  # res5's first block has stride 2
-    box_features = heads.box_features(features, proposals)
+    box_features = heads.box_features(features, proposals, [(96, 128), (80, 100)])
     assert box_features.shape == (3, 256)
     logits, deltas = heads.predictor(box_features)
     assert logits.shape == (3, 6) and deltas.shape == (3, 20)  # K+1 classes, 4K box coordinates
@@ -90,7 +90,7 @@ def test_box_features_pool_run_res5_then_average_over_space():
     boxes = [torch.tensor([[16.0, 16.0, 80.0, 48.0]]), torch.tensor([[16.0, 16.0, 48.0, 80.0]])]
     # box 0: x 0.5 .. 4.5 -> bins centred 1.5, 3.5; y 0.5 .. 2.5 -> 1.0, 2.0. Mean x 2.5, mean y 1.5 -> 2 v + 1 = 6, 4
     # box 1 (image 1, + 100): x 0.5 .. 2.5, mean 1.5; y 0.5 .. 4.5, mean 2.5 -> 2 * 101.5 + 1 = 204, 2 * 102.5 + 1 = 206
-    out = heads.box_features(features, boxes)
+    out = heads.box_features(features, boxes, [(96, 128), (96, 128)])
     assert out.shape == (2, 2)
     torch.testing.assert_close(out, torch.tensor([[6.0, 4.0], [204.0, 206.0]]))
 

@@ -1,4 +1,5 @@
-"""The C4 RoI head (detectron2's `Res5ROIHeads`): pool 14x14 from res4 per RoI, run res5, average, predict.
+"""The C4 RoI head (detectron2's `Res5ROIHeads`): pool 14x14 from res4 per RoI, run res5, average, predict; with
+global context (the paper's Appendix B), each RoI's feature is concatenated with the feature of its whole image.
 
 Training samples RoIs per image from the proposals (plus the ground-truth boxes): foreground at IoU >= 0.5 with a
 ground-truth box, background below, at most 25% foreground.
@@ -7,11 +8,14 @@ ground-truth box, background below, at most 25% foreground.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
-from torchvision.ops import box_iou
+from torchvision.ops import box_area, box_iou
 
 from ...layers import ROIPooler
+from ...postprocess import adjacent_scale_pairs, detection_candidates, select_detections
+from ..test_time import FeaturePyramid, TestTimeAugmentation
 from .fast_rcnn import FastRCNNOutputLayers
 
 
@@ -27,6 +31,7 @@ class Res5ROIHeads(nn.Module):
         fg_iou_thresh: float,
         bg_iou_thresh_lo: float,
         proposal_append_gt: bool,
+        global_context: bool = False,
     ):
         """
         Args:
@@ -37,6 +42,10 @@ class Res5ROIHeads(nn.Module):
             fg_iou_thresh: a RoI with IoU >= this to some ground-truth box is foreground.
             bg_iou_thresh_lo: a RoI whose best IoU is in [this, fg_iou_thresh) is background; below, unused.
             proposal_append_gt: add the ground-truth boxes to the proposals in training.
+            global_context: the whole (un-padded) image is one more RoI per image, pooled from the same res4 map
+                (the paper's single-level spatial pyramid pooling of the full image) and run through the same res5;
+                its averaged feature is concatenated with each of the image's RoI features, so the predictor's
+                input is twice res5's width.
         """
         super().__init__()
         self.pooler = pooler
@@ -46,16 +55,25 @@ class Res5ROIHeads(nn.Module):
         self.fg_iou_thresh = fg_iou_thresh
         self.bg_iou_thresh_lo = bg_iou_thresh_lo
         self.proposal_append_gt = proposal_append_gt
+        self.global_context = global_context
 
     @property
     def num_classes(self) -> int:
         return self.predictor.num_classes
 
-    def box_features(self, features: Tensor, boxes: list[Tensor]) -> Tensor:
-        """res4 features (N, C4, H, W) and per-image boxes -> one feature per box (sum R_i, C5)."""
-        x = self.pooler(features, boxes)  # (R, C4, 14, 14)
-        x = self.res5(x)  # (R, C5, 7, 7)
-        return x.mean(dim=(2, 3))  # (R, C5)
+    def box_features(self, features: Tensor, boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> Tensor:
+        """res4 features (N, C4, H, W) and per-image boxes in input pixels -> one feature per box: (sum R_i, C5), or
+        (sum R_i, 2 C5) with global context, each row [the box's feature, its image's whole-image feature]."""
+        if not self.global_context:
+            return self.res5(self.pooler(features, boxes)).mean(dim=(2, 3))  # (R, C4, 14, 14) -> (R, C5, 7, 7) -> (R, C5)
+        # one res5 pass over each image's RoIs followed by its whole-image RoI: (R + N, C4, 14, 14) -> (R + N, C5)
+        with_images = [torch.cat([b, b.new_tensor([[0.0, 0.0, float(w), float(h)]])]) for b, (h, w) in zip(boxes, image_sizes)]
+        x = self.res5(self.pooler(features, with_images)).mean(dim=(2, 3))
+        counts = torch.tensor([len(b) for b in boxes], device=x.device)
+        is_image = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        is_image[torch.cumsum(counts + 1, dim=0) - 1] = True  # the last row of each image
+        box_features, image_features = x[~is_image], x[is_image]  # (R, C5), (N, C5)
+        return torch.cat([box_features, image_features.repeat_interleave(counts, dim=0)], dim=1)
 
     def forward(
         self,
@@ -71,16 +89,135 @@ class Res5ROIHeads(nn.Module):
             losses {"loss_cls", "loss_box_reg"} in training, {} at inference.
         """
         if not self.training:
-            logits, deltas = self.predictor(self.box_features(features, proposals))
+            logits, deltas = self.predictor(self.box_features(features, proposals, image_sizes))
             return self.predictor.inference(logits, deltas, proposals, image_sizes), {}
         if gt_boxes is None or gt_classes is None:
             raise ValueError("Res5ROIHeads needs gt_boxes and gt_classes in training mode")
         rois, roi_classes, roi_gt_boxes = self.label_and_sample_proposals(proposals, gt_boxes, gt_classes)
-        logits, deltas = self.predictor(self.box_features(features, rois))
+        logits, deltas = self.predictor(self.box_features(features, rois, image_sizes))
         losses = self.predictor.losses(
             logits, deltas, torch.cat(rois), torch.cat(roi_classes), torch.cat(roi_gt_boxes)
         )
         return [], losses
+
+    # ---------------------------------------------------------------------------------------- test time (Appendix B)
+    def pyramid_box_features(
+        self,
+        pyramid: FeaturePyramid,
+        boxes: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        *,
+        flipped: bool = False,
+        reference_size: int = 224,
+    ) -> Tensor:
+        """`box_features` for per-image boxes in input pixels, each pooled at its two adjacent pyramid scales
+        (`adjacent_scale_pairs`; both the same with one scale) and merged by element-wise max (maxout).
+        With `flipped`, pooled from the mirrored images' maps. (sum R_i, C) -> the features in box order."""
+        areas = torch.cat([box_area(b) for b in boxes])  # (R,) in input pixels
+        scale_areas = []  # per scale: (R,) areas at that scale, from each image's own x and y factors there
+        for sizes in pyramid.scale_sizes:
+            factors = [(h_s / h) * (w_s / w) for (h, w), (h_s, w_s) in zip(image_sizes, sizes)]
+            scale_areas.append(areas * torch.cat([areas.new_full((len(b),), f) for b, f in zip(boxes, factors)]))
+        pairs = adjacent_scale_pairs(torch.stack(scale_areas, dim=1), reference_area=float(reference_size) ** 2)
+        lower = upper = None
+        counts = [len(b) for b in boxes]
+        for index in pairs.unique().tolist() or [0]:
+            rows = (pairs == index).any(dim=1)  # (R,) the RoIs pooled at this scale
+            level = pyramid(index, flipped)
+            level_boxes = [
+                _to_scale(b[r], size, level_size, flipped)
+                for b, r, size, level_size in zip(boxes, rows.split(counts), image_sizes, level.image_sizes)
+            ]
+            features = self.box_features(level.features, level_boxes, level.image_sizes)  # (rows, C)
+            if lower is None:
+                lower = features.new_empty((len(rows), features.shape[1]))
+                upper = features.new_empty((len(rows), features.shape[1]))
+            lower[pairs[:, 0] == index] = features[pairs[rows, 0] == index]
+            upper[pairs[:, 1] == index] = features[pairs[rows, 1] == index]
+        return torch.maximum(lower, upper)
+
+    def predict(
+        self,
+        pyramid: FeaturePyramid,
+        boxes: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        *,
+        flip: bool = False,
+        reference_size: int = 224,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Class probabilities (R_i, K) and class-specific boxes (R_i, K, 4) in input pixels for each image's
+        boxes, from the pyramid's maxout features; with `flip`, the average of the unflipped and the mirrored
+        predictions (the mirrored boxes mapped back)."""
+        counts = [len(b) for b in boxes]
+        views = (False, True) if flip else (False,)
+        probs_sum: list[Tensor] = []
+        boxes_sum: list[Tensor] = []
+        for flipped in views:
+            features = self.pyramid_box_features(
+                pyramid, boxes, image_sizes, flipped=flipped, reference_size=reference_size
+            )
+            logits, deltas = self.predictor(features)
+            probs = F.softmax(logits, dim=1)[:, : self.num_classes]  # (R, K), background dropped
+            view_boxes = []
+            for image_deltas, image_boxes, size in zip(deltas.split(counts), boxes, image_sizes):
+                if flipped:  # decode against the mirrored box, clip, mirror back
+                    predicted = self.predictor.predict_boxes(image_deltas, _mirror(image_boxes, size[1]), size)
+                    view_boxes.append(_mirror(predicted.view(-1, 4), size[1]).view(predicted.shape))
+                else:
+                    view_boxes.append(self.predictor.predict_boxes(image_deltas, image_boxes, size))
+            if not probs_sum:
+                probs_sum, boxes_sum = list(probs.split(counts)), view_boxes
+            else:
+                probs_sum = [a + b for a, b in zip(probs_sum, probs.split(counts))]
+                boxes_sum = [a + b for a, b in zip(boxes_sum, view_boxes)]
+        if len(views) == 1:
+            return probs_sum, boxes_sum
+        return [p / len(views) for p in probs_sum], [b / len(views) for b in boxes_sum]
+
+    def detection_candidates(
+        self,
+        pyramid: FeaturePyramid,
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        test_time: TestTimeAugmentation,
+    ) -> list[dict[str, Tensor]]:
+        """Per image, every (RoI, class) pair scoring above the predictor's threshold: {"boxes" (C, 4), "scores"
+        (C,), "labels" (C,)} in input pixels, before the NMS. With box refinement, the pairs of both passes: the
+        second pools each RoI's first-pass box of its top-scoring class (one more box per RoI, so the cost of the
+        head doubles at most, the paper's 300 + 300 predictions)."""
+        options = {"flip": test_time.flip, "reference_size": test_time.reference_size}
+        probs, boxes = self.predict(pyramid, proposals, image_sizes, **options)
+        if test_time.refine_nms_thresh is not None:
+            regressed = [b[torch.arange(len(b), device=b.device), p.argmax(dim=1)] for p, b in zip(probs, boxes)]
+            second_probs, second_boxes = self.predict(pyramid, regressed, image_sizes, **options)
+            probs = [torch.cat(pair) for pair in zip(probs, second_probs)]
+            boxes = [torch.cat(pair) for pair in zip(boxes, second_boxes)]
+        candidates = []
+        for image_probs, image_boxes in zip(probs, boxes):
+            found = detection_candidates(image_boxes, image_probs, score_thresh=self.predictor.score_thresh)
+            candidates.append(dict(zip(("boxes", "scores", "labels"), found)))
+        return candidates
+
+    def select_detections(
+        self, candidates: list[dict[str, Tensor]], test_time: TestTimeAugmentation
+    ) -> list[dict[str, Tensor]]:
+        """Per image: per-class NMS of the candidates (at the refinement's IoU when refining, else the
+        predictor's), the best `detections_per_image`, and box voting over all candidates when on."""
+        nms_thresh = test_time.refine_nms_thresh
+        if nms_thresh is None:
+            nms_thresh = self.predictor.nms_thresh
+        detections = []
+        for c in candidates:
+            found = select_detections(
+                c["boxes"],
+                c["scores"],
+                c["labels"],
+                nms_thresh=nms_thresh,
+                max_detections=self.predictor.detections_per_image,
+                vote_iou_thresh=test_time.vote_iou_thresh,
+            )
+            detections.append(dict(zip(("boxes", "scores", "labels"), found)))
+        return detections
 
     @torch.no_grad()
     def label_and_sample_proposals(
@@ -113,3 +250,17 @@ class Res5ROIHeads(nn.Module):
             roi_classes.append(target[sampled])
             roi_gt_boxes.append(gt[matched[sampled]])
         return rois, roi_classes, roi_gt_boxes
+
+
+def _to_scale(boxes: Tensor, size: tuple[int, int], scaled_size: tuple[int, int], flipped: bool) -> Tensor:
+    """(R, 4) boxes in an image of `size` (h, w) -> the same image resized to `scaled_size`, mirrored if
+    `flipped`."""
+    if scaled_size != size:
+        sy, sx = scaled_size[0] / size[0], scaled_size[1] / size[1]
+        boxes = boxes * boxes.new_tensor([sx, sy, sx, sy])
+    return _mirror(boxes, scaled_size[1]) if flipped else boxes
+
+
+def _mirror(boxes: Tensor, width: int) -> Tensor:
+    """(R, 4) XYXY boxes in an image `width` pixels wide -> their horizontal mirror images."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
