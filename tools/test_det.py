@@ -2,15 +2,20 @@
 """Run a trained detector over the config's test data sets, write the results and evaluate them.
 
     python tools/test_det.py --cfg configs/coco_r50.yaml --ckpt output/coco_r50/model_final.pth
+    python tools/test_det.py --cfg configs/coco_r50.yaml --ckpt output/coco_r50/model_final.pth --ablation
 
 The results, metrics.json and the evaluation's config (inference/config.yaml) go to the output folder; a training
-run's own config.yaml there is left as it is. Flags may come before or after KEY=VALUE overrides.
+run's own config.yaml there is left as it is. The test-time add-ons (box refinement, voting, multi-scale, flip) are
+TEST.* keys (docs/addons.md). `--ablation` evaluates the checkpoint once per row of the paper's Table 9 (baseline,
++ box refinement with voting, + multi-scale testing) into ablation/<row>/, prints the table and writes
+ablation.json. Flags may come before or after KEY=VALUE overrides.
 """
 
 from __future__ import annotations
 
 import sys
 
+from detectron_res.engine.ablation import run_ablation
 from detectron_res.engine.runner import (
     EVAL_CONFIG_FILE,
     default_argument_parser,
@@ -22,14 +27,19 @@ from detectron_res.engine.runner import (
 )
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | list[dict]:
     parser = default_argument_parser(__doc__.splitlines()[0])
     parser.add_argument(
         "--ckpt", default=None, help="checkpoint to evaluate (default: MODEL.WEIGHTS, else the output folder's newest)"
     )
+    parser.add_argument(
+        "--ablation", action="store_true", help="evaluate Table 9's rows of test-time add-ons; writes ablation.json"
+    )
     args = parse_args(parser, argv)
     cfg = setup(args, config_file=EVAL_CONFIG_FILE)
     model, _ = load_for_inference(cfg, args.ckpt)
+    if args.ablation:
+        return run_ablation(cfg, model, evaluate)
     return evaluate(cfg, model)
 
 

@@ -9,12 +9,13 @@ from .coco import (
     records_to_coco_dict,
     validate_coco_results,
 )
-from .evaluator import DatasetEvaluator, inference_on_dataset
+from .evaluator import DatasetEvaluator, InferenceTiming, inference_on_dataset
 from .metrics import format_per_category_table, json_safe, per_category_values, write_metrics_json
 
 __all__ = [
     "COCOEvaluator",
     "DatasetEvaluator",
+    "InferenceTiming",
     "detections_to_coco_results",
     "evaluate_coco_results",
     "format_per_category_table",

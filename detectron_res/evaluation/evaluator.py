@@ -6,6 +6,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -35,6 +36,19 @@ class DatasetEvaluator(ABC):
         """Metrics over everything processed since the last :meth:`reset`, as ``{task: {metric: value}}``."""
 
 
+@dataclass
+class InferenceTiming:
+    """Images run and the seconds the inference loop took, summed over the `inference_on_dataset` calls it is
+    passed to (e.g. the rows of an ablation)."""
+
+    images: int = 0
+    seconds: float = 0.0
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.seconds / self.images if self.images else float("nan")
+
+
 def inference_on_dataset(
     model: Callable[[list[dict]], list[dict[str, Tensor]]],
     data_loader: Iterable[list[dict]],
@@ -42,6 +56,7 @@ def inference_on_dataset(
     *,
     device: torch.device | str | None = None,
     progress: bool = True,
+    timing: InferenceTiming | None = None,
 ) -> dict:
     """Run ``model`` on every batch of ``data_loader``, feed ``evaluator`` and return its metrics.
 
@@ -55,6 +70,7 @@ def inference_on_dataset(
         device: where the model runs, used only to synchronise CUDA before reading the clock so that the
             logged images/s is exact. Default: the device of the model's first parameter, if it has any.
         progress: show a tqdm progress bar when stderr is a terminal (none in logs and CI).
+        timing: when given, the images and the seconds of the loop (loading, model, `process`) are added to it.
     """
     device = _resolve_device(model, device)
     try:
@@ -80,6 +96,9 @@ def inference_on_dataset(
         if was_training is not None and hasattr(model, "train"):
             model.train(was_training)  # type: ignore[attr-defined]
 
+    if timing is not None:
+        timing.images += num_images
+        timing.seconds += elapsed
     logger.info(
         "Inference on %d images took %.2f s (%.2f images/s)",
         num_images, elapsed, num_images / elapsed if elapsed > 0 else float("inf"),
