@@ -38,8 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", nargs=2, action="append", required=True, metavar=("CONFIG", "CHECKPOINT"),
         help="a member: its config file and checkpoint (repeat for each model)",
     )
-    parser.add_argument("--proposals", choices=("own", "union"), default="own", help="which proposals each model classifies")
-    parser.add_argument("--output", default=None, help="output folder (default: the first config's OUTPUT_DIR/ensemble)")
+    parser.add_argument(
+        "--proposals", choices=("own", "union"), default="own", help="which proposals each model classifies"
+    )
+    parser.add_argument(
+        "--output", default=None, help="output folder (default: the first config's OUTPUT_DIR/ensemble)"
+    )
     parser.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides, for every model")
     return parser
 

@@ -65,9 +65,12 @@ class Res5ROIHeads(nn.Module):
         """res4 features (N, C4, H, W) and per-image boxes in input pixels -> one feature per box: (sum R_i, C5), or
         (sum R_i, 2 C5) with global context, each row [the box's feature, its image's whole-image feature]."""
         if not self.global_context:
-            return self.res5(self.pooler(features, boxes)).mean(dim=(2, 3))  # (R, C4, 14, 14) -> (R, C5, 7, 7) -> (R, C5)
+            # (R, C4, 14, 14) -> (R, C5, 7, 7) -> (R, C5)
+            return self.res5(self.pooler(features, boxes)).mean(dim=(2, 3))
         # one res5 pass over each image's RoIs followed by its whole-image RoI: (R + N, C4, 14, 14) -> (R + N, C5)
-        with_images = [torch.cat([b, b.new_tensor([[0.0, 0.0, float(w), float(h)]])]) for b, (h, w) in zip(boxes, image_sizes)]
+        with_images = [
+            torch.cat([b, b.new_tensor([[0.0, 0.0, float(w), float(h)]])]) for b, (h, w) in zip(boxes, image_sizes)
+        ]
         x = self.res5(self.pooler(features, with_images)).mean(dim=(2, 3))
         counts = torch.tensor([len(b) for b in boxes], device=x.device)
         is_image = torch.zeros(len(x), dtype=torch.bool, device=x.device)
