@@ -267,3 +267,28 @@ def test_all_add_ons_compose_in_one_ensemble_run():
         assert len(boxes) <= 100 and torch.isfinite(boxes).all()
         assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= x["width"]).all() and (boxes[:, 3] <= x["height"]).all()
         assert (output["scores"][:-1] >= output["scores"][1:]).all()
+
+
+def test_the_paper_pyramid_reduced_to_600_gives_exactly_the_600_px_detections(tiny_model, tmp_path):
+    """Through the real mapper: a 480 x 640 image at the paper's test size (600, max 1000) with the pyramid {600}."""
+    import cv2
+    import numpy as np
+
+    from detectron_res.data.mapper import DatasetMapper
+
+    image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "a.png"), image)
+    record = {"file_name": str(tmp_path / "a.png"), "image_id": 1, "height": 480, "width": 640}
+    single = DatasetMapper(min_size=600, max_size=1000, is_train=False)(record)
+    pyramid = DatasetMapper(min_size=600, max_size=1000, is_train=False, test_scales=[600])(record)
+    assert single["image"].shape == (3, 600, 800) and torch.equal(pyramid["pyramid"][0], single["image"])
+    with torch.no_grad():
+        tiny_model.test_time = TestTimeAugmentation()
+        expected = tiny_model([single])
+        tiny_model.test_time = TestTimeAugmentation(scales=(600,))
+        try:
+            actual = tiny_model([pyramid])
+        finally:
+            tiny_model.test_time = TestTimeAugmentation()
+    assert len(expected[0]["boxes"]) > 0
+    assert_same_detections(actual, expected)
