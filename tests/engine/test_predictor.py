@@ -91,3 +91,25 @@ def test_empty_and_grayscale_arrays_and_folders_get_clear_errors(trained, tmp_pa
         predictor(np.zeros((10, 12), dtype=np.uint8), input_format="BGR")
     with pytest.raises(IsADirectoryError, match="expected an image file, got a folder"):  # used to say "not found"
         predictor(tmp_path)
+
+
+def test_the_config_test_time_add_ons_reach_the_predictor(trained):
+    """TEST.MULTI_SCALE / FLIP / BOX_REFINEMENT in the config: the predictor's mapper makes the pyramid and its model
+    applies them; the result equals the evaluation path's (the mapper of the same config, then that model)."""
+    from detectron_res.data.build import build_test_mapper
+
+    cfg, _, image = trained
+    cfg.TEST.MULTI_SCALE.ENABLED = True
+    cfg.TEST.MULTI_SCALE.SCALES = [32, 64, 96]
+    cfg.TEST.MULTI_SCALE.REFERENCE_SIZE = 24
+    cfg.TEST.FLIP = True
+    cfg.TEST.BOX_REFINEMENT.ENABLED = True
+    predictor = Predictor.from_config(cfg)
+    assert predictor.model.test_time.scales == (32, 64, 96) and predictor.model.test_time.flip
+    inputs = build_test_mapper(cfg).map_image(image)
+    assert [tuple(im.shape[1:]) for im in inputs["pyramid"]] == [(32, 53), (64, 107), (96, 160)]
+    with torch.no_grad():
+        (expected,) = predictor.model([inputs])
+    result = predictor(image)
+    assert len(result["boxes"]) > 0
+    np.testing.assert_allclose(result["boxes"], expected["boxes"].numpy(), atol=1e-4)
