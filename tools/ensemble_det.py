@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Evaluate an ensemble of trained detectors: each model runs on every test image, and their detections are merged
-by one per-class NMS (with box voting when TEST.BOX_VOTING is on).
+by one per-class NMS and box voting.
 
     python tools/ensemble_det.py --model configs/coco_r101.yaml output/coco_r101/model_final.pth \
         --model output/coco_r101_context/config.yaml output/coco_r101_context/model_final.pth \
@@ -8,7 +8,8 @@ by one per-class NMS (with box voting when TEST.BOX_VOTING is on).
 
 Each model is built from its own config (depth, global context, ...). The first config, with the KEY=VALUE
 overrides, is the evaluation's: its data sets, test input size and test-time add-ons (TEST.*) apply to every model;
-the overrides also apply to every model's config. `--proposals own` (default): each model classifies its own RPN's
+the overrides also apply to every model's config. Box voting is on unless TEST.BOX_VOTING.ENABLED=false is given
+(every model votes too, so an ensemble of one model is that model with voting). `--proposals own` (default): each model classifies its own RPN's
 proposals; `union`: every model classifies the union of all models' proposals, as in the paper. The models must have
 the same classes. Writes metrics.json, the evaluation config (inference/config.yaml) and ensemble.json (the
 members) to the output folder (default: the first config's OUTPUT_DIR/ensemble).
@@ -28,6 +29,9 @@ from detectron_res.modeling import DetectorEnsemble, build_test_time
 from detectron_res.utils import atomic_write_text
 
 logger = logging.getLogger("detectron_res.ensemble")
+
+# the paper's merge is NMS then box voting: on unless the command line says TEST.BOX_VOTING.ENABLED=false
+DEFAULT_OVERRIDES = ("TEST.BOX_VOTING.ENABLED=true",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,10 +78,11 @@ def check_class_names(members: list[tuple[str, str]], metadata: list[dict]) -> N
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(build_parser(), argv)
     members = [(config, ckpt) for config, ckpt in args.model]
-    first = load_config(members[0][0], list(args.opts))
+    overrides = [*DEFAULT_OVERRIDES, *args.opts]
+    first = load_config(members[0][0], overrides)
     output = args.output or str(Path(first.OUTPUT_DIR) / "ensemble")
-    cfg = setup(argparse.Namespace(cfg=members[0][0], opts=args.opts, output=output), config_file=EVAL_CONFIG_FILE)
-    configs = [cfg] + [load_config(config, list(args.opts)) for config, _ in members[1:]]
+    cfg = setup(argparse.Namespace(cfg=members[0][0], opts=overrides, output=output), config_file=EVAL_CONFIG_FILE)
+    configs = [cfg] + [load_config(config, overrides) for config, _ in members[1:]]
     check_num_classes(members, configs)
     models, metadata = [], []
     for (config, ckpt), model_cfg in zip(members, configs):

@@ -78,13 +78,19 @@ def test_ablation_rows_are_cumulative_and_the_first_is_plain_inference(trained, 
     assert "mAP@.5" in table and "mAP@[.5:.95]" in table and "+ multi-scale testing" in table
 
 
-def test_an_ensemble_of_one_model_scores_like_test_det(trained, tmp_path):
+def test_an_ensemble_of_one_model_scores_like_test_det_with_voting(trained, tmp_path):
     run = trained["runs"]["plain"]
     test_overrides = [o for o in trained["overrides"] if o.startswith("DATASETS.TEST")]
     alone = test_det.main(["--cfg", str(run / "config.yaml"), "--ckpt", str(run / "model_final.pth"),
-                           "--output", str(tmp_path / "alone"), *test_overrides])
+                           "--output", str(tmp_path / "alone"), *test_overrides, "TEST.BOX_VOTING.ENABLED=true"])
     ensemble = ensemble_det.main([*member(run), "--output", str(tmp_path / "ens"), *test_overrides])
-    assert ensemble["bbox"] == alone["bbox"]
+    assert ensemble["bbox"] == alone["bbox"]  # the ensemble votes unless told otherwise
+    assert "ENABLED: true" in (tmp_path / "ens" / "inference" / "config.yaml").read_text().split("BOX_VOTING:")[1]
+    without = ensemble_det.main([*member(run), "--output", str(tmp_path / "novote"), *test_overrides,
+                                 "TEST.BOX_VOTING.ENABLED=false"])
+    plain = test_det.main(["--cfg", str(run / "config.yaml"), "--ckpt", str(run / "model_final.pth"),
+                           "--output", str(tmp_path / "plain"), *test_overrides])
+    assert without["bbox"] == plain["bbox"]
     members = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
     assert members["proposals"] == "own" and len(members["models"]) == 1
 
