@@ -292,3 +292,114 @@ def test_the_paper_pyramid_reduced_to_600_gives_exactly_the_600_px_detections(ti
             tiny_model.test_time = TestTimeAugmentation()
     assert len(expected[0]["boxes"]) > 0
     assert_same_detections(actual, expected)
+
+
+def four_constant_scales() -> FeaturePyramid:
+    """One 96 x 128 image at 1, 2, 4 and 8 times its size, with constant maps (mirrored or not): channel 0 is the
+    scale index a, channel 1 is 3 - a; the max of a pair (a, a + 1) is (a + 1, 3 - a), 2 v + 1 after res5."""
+    sizes = [[(96 * f, 128 * f)] for f in (1, 2, 4, 8)]
+
+    def compute(index, flipped):
+        height, width = sizes[index][0][0] // 16, sizes[index][0][1] // 16
+        constant = torch.tensor([float(index), 3.0 - index]).view(1, 2, 1, 1).expand(1, 2, height, width)
+        return ScaledFeatures(constant.clone(), sizes[index])
+
+    return FeaturePyramid(scale_sizes=sizes, compute=compute)
+
+
+def test_the_scale_pair_uses_each_scales_area_and_the_default_reference_of_224():
+    heads = make_heads()
+    # a 56-px square: 56, 112, 224, 448 px at the four scales. With the default reference 224 it is smaller at the
+    # first two and not smaller at the third (224 x 224 exactly): the pair (1, 2), max (2, 2) -> 2 v + 1 = (5, 5).
+    # Had the areas been divided by the scale factors (all below 224^2), or the reference been 225, it would be (2, 3)
+    out = heads.pyramid_box_features(four_constant_scales(), [torch.tensor([[0.0, 0.0, 56.0, 56.0]])], [(96, 128)])
+    torch.testing.assert_close(out, torch.tensor([[5.0, 5.0]]))
+
+
+def test_predict_forwards_the_reference_size_and_does_not_flip_by_default():
+    import warnings
+
+    heads = shifting_heads()  # class-0 logit = the feature's channel 0, class-0 box moves right by width / 10
+    boxes = [torch.tensor([[0.0, 0.0, 56.0, 56.0]])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. a softmax without its dimension would warn
+        probs, predicted = heads.predict(four_constant_scales(), boxes, [(96, 128)])
+        small_probs, _ = heads.predict(four_constant_scales(), boxes, [(96, 128)], reference_size=112)
+    # default reference 224: the pair (1, 2), feature (5, 5) -> logits (5, 0, 0); no flip, so class 0's box is
+    # moved by 5.6 px (a flipped view would move it back: average = the box itself)
+    torch.testing.assert_close(probs[0], torch.softmax(torch.tensor([[5.0, 0.0, 0.0]]), 1)[:, :2])
+    torch.testing.assert_close(predicted[0], torch.tensor([[[5.6, 0.0, 61.6, 56.0], [0.0, 0.0, 56.0, 56.0]]]))
+    # reference 112: 112 px at scale 1 is not smaller, so the pair (0, 1): feature (1, 3) -> 2 v + 1 = (3, 7)
+    torch.testing.assert_close(small_probs[0], torch.softmax(torch.tensor([[3.0, 0.0, 0.0]]), 1)[:, :2])
+
+
+def test_flipped_features_come_from_the_mirrored_maps():
+    heads = make_heads()
+    features = coordinate_features()
+
+    def compute(index, flipped):  # the mirrored map really is mirrored: channel 0 is 7 - x there
+        return ScaledFeatures(features.flip(-1) if flipped else features, SIZES)
+
+    pyramid = FeaturePyramid(scale_sizes=[SIZES], compute=compute)
+    boxes = [torch.tensor([[16.0, 16.0, 80.0, 48.0]]), torch.zeros((0, 4))]
+    # the mirrored box [48, 16, 112, 48] in the mirrored map: x 2.5 .. 6.5 there, mean 4.5, value 7 - 4.5 = 2.5;
+    # y mean 1.5: the same feature as unflipped, 2 v + 1 = (6, 4) (the unmirrored map would give x 4.5 -> 10)
+    out = heads.pyramid_box_features(pyramid, boxes, SIZES, flipped=True)
+    torch.testing.assert_close(out, torch.tensor([[6.0, 4.0]]))
+
+
+def test_boxes_are_scaled_by_the_levels_own_x_and_y_factors():
+    heads = make_heads()
+    level_sizes = [(48, 256), (48, 256)]  # y halved, x doubled: maps of 3 x 16
+    level = ScaledFeatures(torch.stack([coordinates(3, 16), coordinates(3, 16)]), level_sizes)
+    pyramid = FeaturePyramid(scale_sizes=[level_sizes], compute=lambda index, flipped: [level][index])
+    boxes = [torch.tensor([[16.0, 16.0, 80.0, 48.0]]), torch.zeros((0, 4))]
+    # at the level the box is [32, 8, 160, 24]: x 1.5 .. 9.5 in the map, mean 5.5 -> 12; y 0 .. 1, mean 0.5 -> 2
+    out = heads.pyramid_box_features(pyramid, boxes, SIZES)
+    torch.testing.assert_close(out, torch.tensor([[12.0, 2.0]]))
+
+
+def test_no_roi_in_the_batch_gives_no_feature_from_the_first_scale():
+    heads = make_heads()
+    computed = []
+
+    def compute(index, flipped):  # a one-scale pyramid: there is no scale 1
+        computed.append(index)
+        return [ScaledFeatures(coordinate_features(), SIZES)][index]
+
+    pyramid = FeaturePyramid(scale_sizes=[SIZES], compute=compute)
+    out = heads.pyramid_box_features(pyramid, [torch.zeros((0, 4)), torch.zeros((0, 4))], SIZES)
+    assert out.shape == (0, 2) and computed == [0]
+
+
+def test_refinement_passes_the_flip_to_both_passes():
+    heads = shifting_heads()
+    features = coordinate_features()
+    pyramid = FeaturePyramid(scale_sizes=[SIZES], compute=lambda index, flipped: ScaledFeatures(features, SIZES))
+    proposals = [torch.tensor([[16.0, 16.0, 80.0, 48.0]]), torch.zeros((0, 4))]
+    test_time = TestTimeAugmentation(flip=True, refine_nms_thresh=0.3)
+    found = heads.detection_candidates(pyramid, proposals, SIZES, test_time)
+    # flip averages logits 6 (unflipped) and 10 (mirrored) and brings class 0's box back onto the proposal (see
+    # test_flip_...), so the refined box is the proposal again and the second pass repeats the first
+    mean = (torch.softmax(torch.tensor([6.0, 0.0, 0.0]), 0) + torch.softmax(torch.tensor([10.0, 0.0, 0.0]), 0)) / 2
+    torch.testing.assert_close(found[0]["boxes"], torch.tensor([[16.0, 16.0, 80.0, 48.0]] * 4))
+    torch.testing.assert_close(found[0]["scores"], torch.cat([mean[:2], mean[:2]]))
+    assert found[0]["labels"].tolist() == [0, 1, 0, 1] and len(found[1]["boxes"]) == 0
+
+
+def test_the_heads_vote_after_the_nms_when_voting_is_on():
+    heads = make_heads()  # NMS at 0.5, 100 detections per image
+    boxes = torch.tensor(
+        [[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 20.0], [5.0, 0.0, 15.0, 10.0], [0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 12.0]]
+    )
+    candidates = [{"boxes": boxes, "scores": torch.tensor([0.9, 0.6, 0.3, 0.8, 0.2]), "labels": torch.tensor([0, 0, 0, 1, 1])}]
+    kept = heads.select_detections(candidates, TestTimeAugmentation(vote_iou_thresh=0.5))
+    # the boxes of tests/postprocess/test_vote.py: the NMS keeps A 0.9, D 0.8, B 0.6, C 0.3 (E: IoU 0.83 with D).
+    # A and B (IoU 0.5) vote for each other: y2 = (0.9 * 10 + 0.6 * 20) / 1.5 = 14; C (IoU 1/3 with A, 50 / 250 with
+    # B) votes alone; D and E: y2 = (0.8 * 10 + 0.2 * 12) / 1.0 = 10.4
+    torch.testing.assert_close(
+        kept[0]["boxes"],
+        torch.tensor([[0.0, 0.0, 10.0, 14.0], [0.0, 0.0, 10.0, 10.4], [0.0, 0.0, 10.0, 14.0], [5.0, 0.0, 15.0, 10.0]]),
+    )
+    torch.testing.assert_close(kept[0]["scores"], torch.tensor([0.9, 0.8, 0.6, 0.3]))
+    assert kept[0]["labels"].tolist() == [0, 1, 0, 0]

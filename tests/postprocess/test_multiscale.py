@@ -41,3 +41,8 @@ def test_several_rois_at_once_and_a_single_scale():
 def test_the_longer_side_cap_scales_with_the_shorter_side():
     assert [pyramid_max_size(s, min_size=600, max_size=1000) for s in PAPER_SCALES] == [333, 667, 1000, 1333, 1667]
     assert pyramid_max_size(427, min_size=256, max_size=256) == 427
+
+
+def test_no_scale_at_all_is_refused_with_the_whole_message():
+    with pytest.raises(ValueError, match=r"^adjacent_scale_pairs needs at least one scale$"):
+        adjacent_scale_pairs(torch.zeros((2, 0)), reference_area=224.0**2)

@@ -65,3 +65,41 @@ def test_select_detections_votes_over_all_candidates_after_the_nms():
     torch.testing.assert_close(voted[0], torch.tensor([[0.0, 0.0, 10.0, 14.0], [0.0, 0.0, 10.0, 10.4]]))
     torch.testing.assert_close(voted[1], torch.tensor([0.9, 0.8]))
     assert voted[2].tolist() == [0, 1]
+
+
+def test_the_default_voting_threshold_is_one_half():
+    pool = three_overlapping_boxes_of_two_classes()
+    boxes, scores, labels = pool
+    # no iou_thresh: 0.5, so B (IoU exactly 0.5) votes for A: y2 = (0.9 * 10 + 0.6 * 20) / 1.5 = 14, as above
+    voted = box_voting(boxes[:1], scores[:1], labels[:1], *pool)
+    torch.testing.assert_close(voted, torch.tensor([[0.0, 0.0, 10.0, 14.0]]))
+
+
+def test_a_pool_of_one_box_votes_alone():
+    boxes, scores, labels = three_overlapping_boxes_of_two_classes()
+    # A (label 0) with B as the only pool box: IoU 0.5, so A becomes B (0.6 * B / 0.6)
+    voted = box_voting(boxes[:1], scores[:1], labels[:1], boxes[1:2], scores[1:2], labels[1:2], iou_thresh=0.5)
+    torch.testing.assert_close(voted, boxes[1:2])
+    # C alone overlaps A by 1/3 only: no voter, A keeps its box
+    voted = box_voting(boxes[:1], scores[:1], labels[:1], boxes[2:3], scores[2:3], labels[2:3], iou_thresh=0.5)
+    torch.testing.assert_close(voted, boxes[:1])
+
+
+def test_voted_boxes_keep_the_dtype_of_the_boxes_whatever_the_scores_dtype():
+    boxes, scores, labels = three_overlapping_boxes_of_two_classes()
+    # float64 boxes, float32 scores: A still becomes y2 = (0.9 * 10 + 0.6 * 20) / 1.5 = 14, in float64
+    wide = boxes.double()
+    voted = box_voting(wide[:1], scores[:1], labels[:1], wide, scores, labels, iou_thresh=0.5)
+    torch.testing.assert_close(voted, torch.tensor([[0.0, 0.0, 10.0, 14.0]], dtype=torch.float64))
+    # float32 boxes, float64 scores: the same box, in float32
+    voted = box_voting(boxes[:1], scores[:1].double(), labels[:1], boxes, scores.double(), labels, iou_thresh=0.5)
+    torch.testing.assert_close(voted, torch.tensor([[0.0, 0.0, 10.0, 14.0]]))
+
+
+def test_select_detections_votes_at_the_threshold_it_is_given():
+    boxes, scores, labels = three_overlapping_boxes_of_two_classes()
+    # NMS keeps A first; at a voting IoU of 0.3, C (IoU 1/3) votes for A as well as B (IoU 0.5):
+    # x1 = 0.3 * 5 / 1.8, x2 = (0.9 * 10 + 0.6 * 10 + 0.3 * 15) / 1.8, y2 = (0.9 * 10 + 0.6 * 20 + 0.3 * 10) / 1.8
+    voted = select_detections(boxes, scores, labels, nms_thresh=0.5, max_detections=1, vote_iou_thresh=0.3)
+    torch.testing.assert_close(voted[0], torch.tensor([[1.5 / 1.8, 0.0, 19.5 / 1.8, 24.0 / 1.8]]))
+    torch.testing.assert_close(voted[1], torch.tensor([0.9]))
