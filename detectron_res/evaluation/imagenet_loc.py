@@ -6,72 +6,32 @@ IoU >= 0.5 with one of that class's ground-truth boxes, the IoU in the devkit's 
 widths and heights). An image with several ground-truth classes scores the mean over them (the devkit's rule).
 The classification error counts the class alone.
 
-Files:
-    LOC_synset_mapping.txt   line i (1-based) is class i: ``wnid name, other names``
-    LOC_val_solution.csv     ``ImageId,PredictionString``; the string holds groups ``wnid x1 y1 x2 y2``
-    submission               one line per image: up to 5 groups ``label x1 y1 x2 y2``, label in 1..C
+A submission has one line per image: up to 5 groups ``label x1 y1 x2 y2``, label in 1..C of the synset mapping
+(the ground-truth files are read by ``detectron_res.data.datasets.imagenet_loc``).
 """
 
 from __future__ import annotations
 
-import csv
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
+from ..data.datasets.imagenet_loc import LocGroundTruth, read_loc_solution, read_synsets
+
+__all__ = [
+    "LocGroundTruth",
+    "evaluate_localization",
+    "evaluate_submission_file",
+    "format_submission_line",
+    "image_errors",
+    "inclusive_iou",
+    "read_loc_solution",
+    "read_submission",
+    "read_synsets",
+]
+
 MAX_GUESSES = 5
 IOU_THRESH = 0.5
-
-
-@dataclass(frozen=True)
-class LocGroundTruth:
-    """One image's ground truth: each object's class (1-based label) and box (x1, y1, x2, y2)."""
-
-    labels: np.ndarray  # (M,) int64
-    boxes: np.ndarray  # (M, 4) float64
-
-
-def read_synsets(path: str | os.PathLike) -> list[str]:
-    """The wnids of LOC_synset_mapping.txt in file order: label i (1-based) is entry i - 1."""
-    wnids = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            fields = line.split(maxsplit=1)
-            if not fields:
-                raise ValueError(f"{path}, line {number}: empty line in a synset mapping")
-            wnids.append(fields[0])
-    if len(set(wnids)) != len(wnids):
-        raise ValueError(f"{path}: a wnid appears twice")
-    return wnids
-
-
-def read_loc_solution(path: str | os.PathLike, synsets: list[str]) -> dict[str, LocGroundTruth]:
-    """The ground truth of a LOC_*_solution.csv, by image id, labels numbered as in `synsets`."""
-    index = {wnid: number for number, wnid in enumerate(synsets, start=1)}
-    truth = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = csv.reader(f)
-        header = next(rows, None)
-        if header != ["ImageId", "PredictionString"]:
-            raise ValueError(f"{path}, line 1: expected the header 'ImageId,PredictionString', got {header!r}")
-        for number, row in enumerate(rows, start=2):
-            if len(row) != 2:
-                raise ValueError(f"{path}, line {number}: expected 'ImageId,PredictionString', got {row!r}")
-            tokens = row[1].split()
-            if not tokens or len(tokens) % 5:
-                raise ValueError(f"{path}, line {number}: expected groups of 'wnid x1 y1 x2 y2', got {row[1]!r}")
-            groups = [tokens[i : i + 5] for i in range(0, len(tokens), 5)]
-            unknown = [g[0] for g in groups if g[0] not in index]
-            if unknown:
-                raise ValueError(f"{path}, line {number}: wnid {unknown[0]!r} is not in the synset mapping")
-            try:
-                boxes = np.array([[float(v) for v in g[1:]] for g in groups], dtype=np.float64)
-            except ValueError:
-                raise ValueError(f"{path}, line {number}: a box coordinate is not a number: {row[1]!r}") from None
-            labels = np.array([index[g[0]] for g in groups], dtype=np.int64)
-            truth[row[0]] = LocGroundTruth(labels=labels, boxes=boxes)
-    return truth
 
 
 def read_submission(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .base import DetectionDataset
 from .coco import load_coco_json
+from .imagenet_loc import load_imagenet_loc_csv
 from .shapes import ensure_shapes, generate_shapes, load_shapes
 from .voc import VOC_CLASSES, load_voc, voc_dataset_names
 
@@ -25,6 +26,7 @@ __all__ = [
     "generate_shapes",
     "get_dataset",
     "load_coco_json",
+    "load_imagenet_loc_csv",
     "load_shapes",
     "load_voc",
     "VOC_CLASSES",
@@ -89,6 +91,24 @@ def _coco(json_relative: str, image_relative: str) -> DatasetFunction:
     return load
 
 
+def _imagenet_loc(split: str) -> DatasetFunction:
+    """ImageNet CLS-LOC in Kaggle's layout under <root>/imagenet: LOC_<split>_solution.csv, LOC_synset_mapping.txt,
+    ILSVRC/Data/CLS-LOC/<split>/ (train: one folder per wnid)."""
+
+    def load(root: Path, name: str) -> DetectionDataset:
+        base = root / "imagenet"
+        csv_file, synsets = base / f"LOC_{split}_solution.csv", base / "LOC_synset_mapping.txt"
+        for needed in (csv_file, synsets):
+            if not needed.is_file():
+                raise FileNotFoundError(
+                    f"data set {name!r} needs {needed} (images in {base / 'ILSVRC/Data/CLS-LOC' / split}); "
+                    f"set DATASETS.ROOT or ${DATASETS_ENV_VAR} to the folder holding imagenet/"
+                )
+        return load_imagenet_loc_csv(csv_file, base / "ILSVRC" / "Data" / "CLS-LOC" / split, synsets, name=name)
+
+    return load
+
+
 def _shapes(split: str) -> DatasetFunction:
     def load(root: Path, name: str) -> DetectionDataset:
         return load_shapes(ensure_shapes(root / "shapes"), split, name=name)
@@ -103,6 +123,8 @@ for _name, _fn in {
     "coco_2014_val": _coco("instances_val2014.json", "val2014"),
     "coco_2014_minival": _coco("instances_minival2014.json", "val2014"),
     "coco_2014_valminusminival": _coco("instances_valminusminival2014.json", "val2014"),
+    "imagenet_loc_train": _imagenet_loc("train"),
+    "imagenet_loc_val": _imagenet_loc("val"),
     "shapes_train": _shapes("train"),
     "shapes_val": _shapes("val"),
 }.items():
