@@ -22,7 +22,7 @@ from detectron_res.evaluation.metrics import write_metrics_json
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="localize.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--evaluate", action="store_true", help="score --submission against --gt (no model)")
     parser.add_argument("--submission", help="the submission file: one line per image, 'label x1 y1 x2 y2' groups")
     parser.add_argument("--gt", help="the ground truth, LOC_val_solution.csv form")

@@ -175,3 +175,24 @@ def test_malformed_ground_truth_names_the_line(tmp_path):
 def test_the_submission_line_format():
     line = format_submission_line(np.array([3, 1]), np.array([[0.4, 1.6, 99.5, 20.0], [1.0, 2.0, 3.0, 4.0]]))
     assert line == "3 0 2 100 20 1 1 2 3 4"
+
+
+def test_localize_tool_errors_are_one_line_and_model_mode_is_refused(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "tools"))
+    import localize
+
+    synsets, gt = write_small_files(tmp_path)
+    submission = tmp_path / "sub.txt"
+    submission.write_text("1 0 0 9 9\n0 10 10 49 49\n")
+    code = localize.main(["--evaluate", "--submission", str(submission), "--gt", str(gt), "--synsets", str(synsets)])
+    assert code == 1
+    assert capsys.readouterr().err == (
+        f"localize.py: error: {submission}, line 2: group 1 has label '0'; labels are the integers 1..3 of the synset "
+        "mapping, boxes finite numbers\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        localize.main(["--submission", str(submission)])
+    assert exit_info.value.code == 2 and "only --evaluate exists so far" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        localize.main(["--evaluate", "--submission", str(submission)])
+    assert "--evaluate needs --gt, --synsets" in capsys.readouterr().err
