@@ -152,30 +152,24 @@ class Res5ROIHeads(nn.Module):
         boxes, from the pyramid's maxout features; with `flip`, the average of the unflipped and the mirrored
         predictions (the mirrored boxes mapped back)."""
         counts = [len(b) for b in boxes]
-        views = (False, True) if flip else (False,)
-        probs_sum: list[Tensor] = []
-        boxes_sum: list[Tensor] = []
-        for flipped in views:
+        view_probs, view_boxes = [], []  # per view: (R, K) and (R, K, 4)
+        for flipped in (False, True) if flip else (False,):
             features = self.pyramid_box_features(
                 pyramid, boxes, image_sizes, flipped=flipped, reference_size=reference_size
             )
             logits, deltas = self.predictor(features)
-            probs = F.softmax(logits, dim=1)[:, : self.num_classes]  # (R, K), background dropped
-            view_boxes = []
+            view_probs.append(F.softmax(logits, dim=1)[:, : self.num_classes])  # background dropped
+            decoded = []
             for image_deltas, image_boxes, size in zip(deltas.split(counts), boxes, image_sizes):
                 if flipped:  # decode against the mirrored box, clip, mirror back
                     predicted = self.predictor.predict_boxes(image_deltas, _mirror(image_boxes, size[1]), size)
-                    view_boxes.append(_mirror(predicted.view(-1, 4), size[1]).view(predicted.shape))
+                    decoded.append(_mirror(predicted.view(-1, 4), size[1]).view(predicted.shape))
                 else:
-                    view_boxes.append(self.predictor.predict_boxes(image_deltas, image_boxes, size))
-            if not probs_sum:
-                probs_sum, boxes_sum = list(probs.split(counts)), view_boxes
-            else:
-                probs_sum = [a + b for a, b in zip(probs_sum, probs.split(counts))]
-                boxes_sum = [a + b for a, b in zip(boxes_sum, view_boxes)]
-        if len(views) == 1:
-            return probs_sum, boxes_sum
-        return [p / len(views) for p in probs_sum], [b / len(views) for b in boxes_sum]
+                    decoded.append(self.predictor.predict_boxes(image_deltas, image_boxes, size))
+            view_boxes.append(torch.cat(decoded))
+        probs = torch.stack(view_probs).mean(dim=0)
+        predicted_boxes = torch.stack(view_boxes).mean(dim=0)
+        return list(probs.split(counts)), list(predicted_boxes.split(counts))
 
     def detection_candidates(
         self,
