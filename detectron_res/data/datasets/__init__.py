@@ -14,6 +14,7 @@ from pathlib import Path
 from .base import DetectionDataset
 from .coco import load_coco_json
 from .imagenet_loc import load_imagenet_loc_csv
+from .loc_shapes import ensure_loc_shapes, generate_loc_shapes, load_loc_shapes
 from .shapes import ensure_shapes, generate_shapes, load_shapes
 from .voc import VOC_CLASSES, load_voc, voc_dataset_names
 
@@ -22,11 +23,14 @@ __all__ = [
     "DATASETS_ENV_VAR",
     "DatasetFunction",
     "DetectionDataset",
+    "ensure_loc_shapes",
     "ensure_shapes",
+    "generate_loc_shapes",
     "generate_shapes",
     "get_dataset",
     "load_coco_json",
     "load_imagenet_loc_csv",
+    "load_loc_shapes",
     "load_shapes",
     "load_voc",
     "VOC_CLASSES",
@@ -38,14 +42,17 @@ DatasetFunction = Callable[[Path, str], DetectionDataset]
 
 DATASETS_ENV_VAR = "DETECTRON_RES_DATASETS"
 JSON_PAIR_SEPARATOR = ".json:"
+CSV_PAIR_SEPARATOR = ".csv:"  # an ILSVRC CLS-LOC CSV and its image folder; the synset mapping lies beside the CSV
+SYNSETS_FILE = "LOC_synset_mapping.txt"
 
 DATASET_CATALOG: dict[str, DatasetFunction] = {}
 
 
 def register_dataset(name: str, fn: DatasetFunction) -> None:
     """Make ``get_dataset(name, root=...)`` return ``fn(resolved_root, name)``."""
-    if JSON_PAIR_SEPARATOR in name:
-        raise ValueError(f"data set name {name!r} must not contain {JSON_PAIR_SEPARATOR!r} (reserved for json pairs)")
+    for separator in (JSON_PAIR_SEPARATOR, CSV_PAIR_SEPARATOR):
+        if separator in name:
+            raise ValueError(f"data set name {name!r} must not contain {separator!r} (reserved for file pairs)")
     if name in DATASET_CATALOG:
         raise ValueError(f"data set {name!r} is already registered")
     DATASET_CATALOG[name] = fn
@@ -60,20 +67,28 @@ def get_dataset(name: str, *, root: str | os.PathLike) -> DetectionDataset:
     """Load the data set called ``name``.
 
     ``name`` is a registered name (see ``DATASET_CATALOG``), resolved under ``root`` (the config's
-    DATASETS.ROOT, overridden by ``$DETECTRON_RES_DATASETS``), or ``PATH/TO/ANNOTATIONS.json:IMAGE_DIR``
-    for any COCO-format json, relative paths being relative to the working directory.
+    DATASETS.ROOT, overridden by ``$DETECTRON_RES_DATASETS``), ``PATH/TO/ANNOTATIONS.json:IMAGE_DIR`` for any
+    COCO-format json, or ``PATH/TO/LOC_*_solution.csv:IMAGE_DIR`` for ILSVRC CLS-LOC data in its CSV form (with
+    ``LOC_synset_mapping.txt`` beside the CSV); relative paths are relative to the working directory.
     """
     if JSON_PAIR_SEPARATOR in name:
         json_part, image_dir = name.split(JSON_PAIR_SEPARATOR, 1)
         if not json_part or not image_dir:
             raise ValueError(f"data set {name!r}: expected the form PATH/TO/ANNOTATIONS.json:IMAGE_DIR")
         return load_coco_json(json_part + ".json", image_dir, name=name)
+    if CSV_PAIR_SEPARATOR in name:
+        csv_part, image_dir = name.split(CSV_PAIR_SEPARATOR, 1)
+        if not csv_part or not image_dir:
+            raise ValueError(f"data set {name!r}: expected the form PATH/TO/LOC_*_solution.csv:IMAGE_DIR")
+        csv_file = Path(csv_part + ".csv")
+        return load_imagenet_loc_csv(csv_file, image_dir, csv_file.parent / SYNSETS_FILE, name=name)
     if name not in DATASET_CATALOG:
         nearest = difflib.get_close_matches(name, DATASET_CATALOG, n=1, cutoff=0.0)
         hint = f" (did you mean {nearest[0]!r}?)" if nearest else ""
         raise ValueError(
             f"unknown data set {name!r}{hint}. Known data sets: {sorted(DATASET_CATALOG)}, "
-            f"or a COCO json given as 'PATH/TO/ANNOTATIONS.json:IMAGE_DIR'"
+            f"a COCO json given as 'PATH/TO/ANNOTATIONS.json:IMAGE_DIR', or an ILSVRC CLS-LOC CSV as "
+            f"'PATH/TO/LOC_val_solution.csv:IMAGE_DIR'"
         )
     return DATASET_CATALOG[name](resolve_root(root), name)
 
@@ -116,6 +131,13 @@ def _shapes(split: str) -> DatasetFunction:
     return load
 
 
+def _loc_shapes(split: str) -> DatasetFunction:
+    def load(root: Path, name: str) -> DetectionDataset:
+        return load_loc_shapes(ensure_loc_shapes(root / "loc_shapes"), split, name=name)
+
+    return load
+
+
 for _name, _fn in {
     "coco_2017_train": _coco("instances_train2017.json", "train2017"),
     "coco_2017_val": _coco("instances_val2017.json", "val2017"),
@@ -127,6 +149,8 @@ for _name, _fn in {
     "imagenet_loc_val": _imagenet_loc("val"),
     "shapes_train": _shapes("train"),
     "shapes_val": _shapes("val"),
+    "loc_shapes_train": _loc_shapes("train"),
+    "loc_shapes_val": _loc_shapes("val"),
 }.items():
     register_dataset(_name, _fn)
 for _name, _voc in voc_dataset_names().items():  # voc_2007_trainval, ..., read from <root>/VOCdevkit/VOC<year>
