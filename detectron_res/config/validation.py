@@ -171,6 +171,17 @@ def key_at_most(key: str, bound_key: str) -> CrossKeyRule:
     return rule
 
 
+def _loc_crop_fits_scales(cfg: Mapping[str, Any]) -> ConfigProblem | None:
+    crop, scales = lookup(cfg, "LOC.CROP_SIZE"), lookup(cfg, "LOC.SCALE_RANGE")
+    if len(scales) != 2 or crop <= scales[0] <= scales[1]:  # a wrong length is reported by the value rule
+        return None
+    return ConfigProblem(
+        ("LOC.CROP_SIZE", "LOC.SCALE_RANGE"),
+        f"LOC.SCALE_RANGE={_show(scales)} must be [low, high] with LOC.CROP_SIZE={crop!r} <= low <= high: the "
+        "crop is taken from the image rescaled to a shorter side in that range",
+    )
+
+
 def _gn_groups_divide_width(cfg: Mapping[str, Any]) -> ConfigProblem | None:
     if lookup(cfg, "MODEL.BACKBONE.NORM") != "GN":
         return None
@@ -192,6 +203,7 @@ _POSITIVE_LIST = all_of(non_empty(), each(greater_than(0)))
 _FRACTION = between(0.0, 1.0, include_low=False)
 
 VALUE_RULES: tuple[tuple[str, Check], ...] = (
+    ("MODEL.META_ARCHITECTURE", one_of("FasterRCNN", "LocalizationRPN")),
     ("MODEL.DEVICE", matches(r"|cpu|cuda(:\d+)?", '"", "cpu", "cuda" or "cuda:N"')),
     ("MODEL.NUM_CLASSES", at_least(1)),
     ("MODEL.PIXEL_MEAN", of_length(3)),
@@ -240,6 +252,26 @@ VALUE_RULES: tuple[tuple[str, Check], ...] = (
     ("DATALOADER.NUM_WORKERS", at_least(0)),
     ("DATALOADER.ON_BAD_IMAGE", one_of("error", "skip")),
     ("DATALOADER.TIMEOUT", at_least(0)),
+    ("LOC.CROP_SIZE", at_least(16)),
+    ("LOC.SCALE_RANGE", all_of(of_length(2), each(at_least(16)))),
+    ("LOC.MIN_VISIBLE", between(0.0, 1.0, include_low=False)),
+    ("LOC.CLASSES_PER_IMAGE", between(1, 5)),
+    ("LOC.CLASSIFIER.RESIZE", at_least(16)),
+    ("LOC.CLASSIFIER.TEST_CROP", one_of("center", "10crop")),
+    ("LOC.CLASSIFIER.DEPTH", one_of(18, 34, 50, 101, 152)),
+    ("LOC.CLASSIFIER.BASE_LR", greater_than(0)),
+    ("LOC.CLASSIFIER.MAX_ITER", at_least(0)),
+    ("LOC.CLASSIFIER.STEPS", all_of(each(at_least(0)), strictly_increasing())),
+    ("LOC.RCNN.CROP_SIZE", at_least(16)),
+    ("LOC.RCNN.SAMPLING_RATIO", at_least(0)),
+    ("LOC.RCNN.FG_IOU_THRESH", _IOU),
+    ("LOC.RCNN.FG_FRACTION", between(0.0, 1.0, include_high=False)),
+    ("LOC.RCNN.CROPS_PER_FORWARD", at_least(1)),
+    ("LOC.RCNN.IMS_PER_BATCH", at_least(1)),
+    ("LOC.RCNN.BASE_LR", greater_than(0)),
+    ("LOC.RCNN.MAX_ITER", at_least(0)),
+    ("LOC.RCNN.STEPS", all_of(each(at_least(0)), strictly_increasing())),
+    ("LOC.RCNN.WARMUP_ITERS", at_least(0)),
     ("SOLVER.IMS_PER_BATCH", at_least(1)),
     ("SOLVER.BASE_LR", greater_than(0)),
     ("SOLVER.MOMENTUM", between(0.0, 1.0, include_high=False)),
@@ -266,6 +298,10 @@ CROSS_KEY_RULES: tuple[CrossKeyRule, ...] = (
     key_at_most("MODEL.RPN.NEGATIVE_IOU", "MODEL.RPN.POSITIVE_IOU"),
     key_at_most("MODEL.ROI_HEADS.BG_IOU_THRESH_LO", "MODEL.ROI_HEADS.FG_IOU_THRESH"),
     key_at_most("SOLVER.STEPS", "SOLVER.MAX_ITER"),
+    key_at_most("LOC.RCNN.STEPS", "LOC.RCNN.MAX_ITER"),
+    key_at_most("LOC.CLASSIFIER.STEPS", "LOC.CLASSIFIER.MAX_ITER"),
+    key_at_most("LOC.CROP_SIZE", "LOC.CLASSIFIER.RESIZE"),
+    _loc_crop_fits_scales,
     key_at_most("INPUT.MIN_SIZE_TRAIN", "INPUT.MAX_SIZE_TRAIN"),
     key_at_most("INPUT.MIN_SIZE_TEST", "INPUT.MAX_SIZE_TEST"),
     _gn_groups_divide_width,

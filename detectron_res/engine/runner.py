@@ -6,13 +6,14 @@ import argparse
 import logging
 import random
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..config import load_config, save_config
+from ..data.datasets.base import DetectionDataset
 from ..data.build import build_test_data_loader, build_train_data_loader, build_train_dataset, load_dataset
 from ..evaluation import InferenceTiming, inference_on_dataset, write_metrics_json
 from ..evaluation.build import build_evaluator
@@ -200,17 +201,29 @@ def starting_point(cfg, checkpointer: Checkpointer, *, resume: bool) -> tuple[in
     return 0, None
 
 
-def train(cfg, *, resume: bool = False) -> dict:
+def train(
+    cfg,
+    *,
+    resume: bool = False,
+    model: torch.nn.Module | None = None,
+    dataset: DetectionDataset | None = None,
+    build_loader: Callable[..., Iterable[list[dict]]] | None = None,
+    evaluate_fn: Callable[[torch.nn.Module], dict] | None = None,
+) -> dict:
     """Trains the config's model on DATASETS.TRAIN, checkpointing and logging as it goes, then evaluates on
     DATASETS.TEST. With `resume`, continues from the newest usable checkpoint in OUTPUT_DIR when there is one,
     exactly where it stopped (same batches, same random draws).
+
+    Another model family (the localization stages) passes its own `model`, training `dataset`, `build_loader(cfg,
+    dataset, *, start_iter)` and `evaluate_fn(model) -> metrics`; the defaults are the detector's.
 
     Nothing is written before these checks pass: a resume point beyond SOLVER.MAX_ITER, and a fresh start in a folder
     that already holds checkpoints (they would be overwritten), are errors.
     """
     output_dir = Path(cfg.OUTPUT_DIR)
-    dataset = build_train_dataset(cfg)
-    model = build_model(cfg)
+    dataset = build_train_dataset(cfg) if dataset is None else dataset
+    model = build_model(cfg) if model is None else model
+    build_loader = build_train_data_loader if build_loader is None else build_loader
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer)
     checkpointer = Checkpointer(
@@ -218,7 +231,7 @@ def train(cfg, *, resume: bool = False) -> dict:
         save_dir=output_dir,
         optimizer=optimizer,
         scheduler=scheduler,
-        metadata={"class_names": list(dataset.class_names)},
+        metadata={"class_names": list(dataset.class_names), **{k: v for k, v in dataset.extra.items() if k == "wnids"}},
     )
 
     start_iter, trainer_state = starting_point(cfg, checkpointer, resume=resume)
@@ -229,7 +242,7 @@ def train(cfg, *, resume: bool = False) -> dict:
 
     def evaluate_and_keep() -> dict:
         final_metrics.clear()
-        final_metrics.update(evaluate(cfg, model))
+        final_metrics.update(evaluate(cfg, model) if evaluate_fn is None else evaluate_fn(model))
         return final_metrics
 
     hooks = [
@@ -247,7 +260,7 @@ def train(cfg, *, resume: bool = False) -> dict:
     )
     trainer = Trainer(
         model=model,
-        data_loader=build_train_data_loader(cfg, dataset, start_iter=start_iter),
+        data_loader=build_loader(cfg, dataset, start_iter=start_iter),
         optimizer=optimizer,
         max_iter=cfg.SOLVER.MAX_ITER,
         start_iter=start_iter,

@@ -111,6 +111,11 @@ def resolve_device(name: str) -> torch.device:
 def build_model(cfg) -> FasterRCNN:
     """The detector of the config, with MODEL.BACKBONE.WEIGHTS loaded (not MODEL.WEIGHTS: the checkpointer
     loads whole-model checkpoints), on MODEL.DEVICE."""
+    if cfg.MODEL.META_ARCHITECTURE != "FasterRCNN":
+        raise ValueError(
+            f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE} is the localization system, not a detector: train "
+            "it with tools/train_loc.py and run it with tools/localize.py (docs/localization.md)"
+        )
     backbone = build_backbone(cfg)
     rpn = build_rpn(cfg, in_channels=backbone.out_channels, stride=backbone.stride)
     roi_heads = build_roi_heads(cfg, stride=backbone.stride)

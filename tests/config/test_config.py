@@ -83,7 +83,7 @@ def test_default_config_values_types_and_validity() -> None:
     assert cfg.SOLVER.STEPS == [60000, 80000]
     assert isinstance(cfg.SOLVER.BASE_LR, float) and cfg.SOLVER.BASE_LR == 0.01
     assert cfg.MODEL.ROI_HEADS.PROPOSAL_APPEND_GT is True
-    top_level = ["MODEL", "INPUT", "DATASETS", "DATALOADER", "SOLVER", "TEST", "SEED", "OUTPUT_DIR", "LOG_PERIOD"]
+    top_level = ["MODEL", "INPUT", "DATASETS", "DATALOADER", "SOLVER", "TEST", "LOC", "SEED", "OUTPUT_DIR", "LOG_PERIOD"]
     assert list(cfg) == top_level
     validate_config(cfg)
     # Every value rule names an existing key.
@@ -256,7 +256,7 @@ def test_unknown_key_in_a_base_names_the_base(tmp_path: Path) -> None:
         ("SOLVER.BASE_LR.X=1", ": 'SOLVER.BASE_LR' is a value, not a group of keys"),
         (
             "_base_=other.yaml",
-            "; valid keys at the top level: MODEL, INPUT, DATASETS, DATALOADER, SOLVER, TEST, SEED, ",
+            "; valid keys at the top level: MODEL, INPUT, DATASETS, DATALOADER, SOLVER, TEST, LOC, SEED, ",
         ),
     ],
 )
@@ -465,7 +465,7 @@ def test_dump_is_yaml_in_definition_order_with_flow_lists(small_config: Path) ->
     text = cfg.dump()
     assert "    ANCHOR_SIZES: [64, 128]\n" in text and "  STEPS: [50, 80]\n" in text
     assert "  DEVICE: ''\n" in text
-    assert text.startswith("MODEL:\n  DEVICE: ''\n  WEIGHTS: ''\n  NUM_CLASSES: 80\n")
+    assert text.startswith("MODEL:\n  META_ARCHITECTURE: FasterRCNN\n  DEVICE: ''\n  WEIGHTS: ''\n  NUM_CLASSES: 80\n")
     assert yaml.safe_load(text) == cfg.to_dict()
     assert list(yaml.safe_load(text)["SOLVER"]) == list(cfg.SOLVER)
 

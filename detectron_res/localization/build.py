@@ -1,0 +1,226 @@
+"""`build_*(cfg)` of the localization pipeline: the two stages' models, their loaders, the R-CNN stage's config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+from torchvision.models.detection._utils import BoxCoder
+
+from ..config import merge_overrides
+from ..data.build import build_test_mapper
+from ..data.datasets.base import DetectionDataset
+from ..data.loader import build_test_loader, build_train_loader
+from ..layers import get_norm
+from ..modeling.backbone import ResNetTrunk, build_res5, load_resnet_weights, read_resnet_state_dict
+from ..modeling.build import build_backbone, resolve_device
+from ..modeling.roi_heads import FastRCNNOutputLayers
+from ..modeling.rpn import AnchorGenerator
+from ..modeling.rpn.class_specific_rpn import ClassSpecificRPN, ClassSpecificRPNHead
+from .class_predictions import TorchvisionClassifier
+from .mappers import LocCropMapper, OriginalImageMapper, RoIMapper
+from .rcnn_stage import RCNNLocalizer
+from .rpn_stage import LocalizationRPN
+
+RPN_FOLDER = "rpn"
+RCNN_FOLDER = "rcnn"
+CLASSIFIER_FOLDER = "cls"
+CLASSIFIER_FILE = "classifier.pth"  # a plain torchvision state_dict, exported at the end of the classifier stage
+
+
+def _load_backbone_weights(cfg, trunk: nn.Module, res5: nn.Module) -> None:
+    source = cfg.MODEL.BACKBONE.WEIGHTS
+    if source:
+        state = read_resnet_state_dict(source, depth=cfg.MODEL.BACKBONE.DEPTH)
+        load_resnet_weights(trunk=trunk, res5=res5, state_dict=state, source=source)
+
+
+def build_class_specific_rpn(cfg, *, in_channels: int, stride: int) -> ClassSpecificRPN:
+    r = cfg.MODEL.RPN
+    anchor_generator = AnchorGenerator(sizes=r.ANCHOR_SIZES, aspect_ratios=r.ASPECT_RATIOS, stride=stride)
+    head = ClassSpecificRPNHead(
+        in_channels=in_channels,
+        head_channels=r.HEAD_CHANNELS or in_channels,
+        num_anchors=anchor_generator.num_anchors,
+        num_classes=cfg.MODEL.NUM_CLASSES,
+    )
+    return ClassSpecificRPN(
+        head=head,
+        anchor_generator=anchor_generator,
+        box_coder=BoxCoder(tuple(r.BBOX_REG_WEIGHTS)),
+        positive_iou=r.POSITIVE_IOU,
+        negative_iou=r.NEGATIVE_IOU,
+        batch_size_per_image=r.BATCH_SIZE_PER_IMAGE,
+        positive_fraction=r.POSITIVE_FRACTION,
+        boundary_thresh=r.BOUNDARY_THRESH,
+        pre_nms_topk=r.PRE_NMS_TOPK_TEST,
+        post_nms_topk=r.POST_NMS_TOPK_TEST,
+        nms_thresh=r.NMS_THRESH,
+        min_size=r.MIN_SIZE,
+        smooth_l1_beta=r.SMOOTH_L1_BETA,
+        loss_weight=r.LOSS_WEIGHT,
+    )
+
+
+def build_localization_rpn(cfg) -> LocalizationRPN:
+    """The RPN stage on MODEL.DEVICE, with MODEL.BACKBONE.WEIGHTS' trunk loaded (their layer4 and fc unused)."""
+    backbone = build_backbone(cfg)
+    _load_backbone_weights(cfg, backbone, nn.Module())
+    model = LocalizationRPN(
+        backbone=backbone,
+        rpn=build_class_specific_rpn(cfg, in_channels=backbone.out_channels, stride=backbone.stride),
+        pixel_mean=cfg.MODEL.PIXEL_MEAN,
+        pixel_std=cfg.MODEL.PIXEL_STD,
+        size_divisibility=cfg.INPUT.SIZE_DIVISIBILITY,
+        classes_per_image=cfg.LOC.CLASSES_PER_IMAGE,
+    )
+    return model.to(resolve_device(cfg.MODEL.DEVICE))
+
+
+def build_rcnn_localizer(cfg) -> RCNNLocalizer:
+    """The R-CNN stage (a whole ResNet of MODEL.BACKBONE's depth, width and norm) on MODEL.DEVICE, with
+    MODEL.BACKBONE.WEIGHTS loaded (their fc unused: the classifier here has C + 1 outputs)."""
+    b, r = cfg.MODEL.BACKBONE, cfg.LOC.RCNN
+    norm = get_norm(b.NORM, gn_groups=b.GN_GROUPS)
+    trunk = ResNetTrunk(depth=b.DEPTH, width=b.WIDTH, norm_layer=norm, freeze_at=b.FREEZE_AT)
+    res5, channels = build_res5(depth=b.DEPTH, width=b.WIDTH, norm_layer=norm)
+    _load_backbone_weights(cfg, trunk, res5)
+    predictor = FastRCNNOutputLayers(
+        in_channels=channels,
+        num_classes=cfg.MODEL.NUM_CLASSES,
+        box_coder=BoxCoder(tuple(cfg.MODEL.ROI_HEADS.BBOX_REG_WEIGHTS)),
+        smooth_l1_beta=cfg.MODEL.ROI_HEADS.SMOOTH_L1_BETA,
+        score_thresh=0.0,  # unused: the R-CNN stage re-scores given boxes, it does not select detections
+        nms_thresh=1.0,
+        detections_per_image=1,
+    )
+    model = RCNNLocalizer(
+        trunk=trunk,
+        res5=res5,
+        predictor=predictor,
+        pixel_mean=cfg.MODEL.PIXEL_MEAN,
+        pixel_std=cfg.MODEL.PIXEL_STD,
+        crop_size=r.CROP_SIZE,
+        sampling_ratio=r.SAMPLING_RATIO,
+        fg_iou_thresh=r.FG_IOU_THRESH,
+        crops_per_forward=r.CROPS_PER_FORWARD,
+    )
+    return model.to(resolve_device(cfg.MODEL.DEVICE))
+
+
+def rcnn_stage_config(cfg):
+    """The config the R-CNN stage trains with: LOC.RCNN's batch and schedule in SOLVER, OUTPUT_DIR/rcnn."""
+    r = cfg.LOC.RCNN
+    return merge_overrides(
+        cfg,
+        [
+            f"SOLVER.IMS_PER_BATCH={r.IMS_PER_BATCH}",
+            f"SOLVER.BASE_LR={r.BASE_LR}",
+            f"SOLVER.MAX_ITER={r.MAX_ITER}",
+            f"SOLVER.STEPS={list(r.STEPS)}",
+            f"SOLVER.WARMUP_ITERS={r.WARMUP_ITERS}",
+            f"OUTPUT_DIR={Path(cfg.OUTPUT_DIR) / RCNN_FOLDER}",
+        ],
+    )
+
+
+def classifier_stage_config(cfg):
+    """The config the classifier stage trains with: the RPN stage's crops and solver, LOC.CLASSIFIER's learning rate
+    and schedule, OUTPUT_DIR/cls."""
+    c = cfg.LOC.CLASSIFIER
+    return merge_overrides(
+        cfg,
+        [
+            f"SOLVER.BASE_LR={c.BASE_LR}",
+            f"SOLVER.MAX_ITER={c.MAX_ITER}",
+            f"SOLVER.STEPS={list(c.STEPS)}",
+            f"OUTPUT_DIR={Path(cfg.OUTPUT_DIR) / CLASSIFIER_FOLDER}",
+        ],
+    )
+
+
+def classifier_weights(cfg) -> Path | None:
+    """LOC.CLASSIFIER.WEIGHTS, else the classifier trained into OUTPUT_DIR/cls when there is one, else None."""
+    if cfg.LOC.CLASSIFIER.WEIGHTS:
+        return Path(cfg.LOC.CLASSIFIER.WEIGHTS)
+    trained = Path(cfg.OUTPUT_DIR) / CLASSIFIER_FOLDER / CLASSIFIER_FILE
+    return trained if trained.is_file() else None
+
+
+class ClassifierOnOriginal:
+    """`Localizer`'s `classify`: a `TorchvisionClassifier`'s top-5 on an input's original image."""
+
+    def __init__(self, classifier: TorchvisionClassifier) -> None:
+        self.classifier = classifier
+
+    def __call__(self, x: dict) -> list[int]:
+        return self.classifier.top5(x["original"].permute(1, 2, 0).numpy())
+
+
+def build_class_predictor(cfg, weights: str | Path) -> ClassifierOnOriginal:
+    """The classifier of `weights` with LOC.CLASSIFIER's test (RESIZE, then LOC.CROP_SIZE center or 10-crop)."""
+    classifier = TorchvisionClassifier(
+        state_dict_path=weights,
+        crop=cfg.LOC.CLASSIFIER.TEST_CROP,
+        resize=cfg.LOC.CLASSIFIER.RESIZE,
+        crop_size=cfg.LOC.CROP_SIZE,
+        device=resolve_device(cfg.MODEL.DEVICE),
+    )
+    if classifier.num_classes != cfg.MODEL.NUM_CLASSES:
+        raise ValueError(f"{weights} classifies {classifier.num_classes} classes but MODEL.NUM_CLASSES={cfg.MODEL.NUM_CLASSES}")
+    return ClassifierOnOriginal(classifier)
+
+
+def rpn_stage_config(cfg):
+    """The config the RPN stage trains with: the config itself, writing to OUTPUT_DIR/rpn."""
+    return merge_overrides(cfg, [f"OUTPUT_DIR={Path(cfg.OUTPUT_DIR) / RPN_FOLDER}"])
+
+
+def _train_loader(cfg, dataset: DetectionDataset, mapper, *, start_iter: int, rank: int, world_size: int):
+    if cfg.SOLVER.IMS_PER_BATCH % world_size:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} is not divisible by the {world_size} processes")
+    return build_train_loader(
+        dataset,
+        mapper=mapper,
+        batch_size=cfg.SOLVER.IMS_PER_BATCH // world_size,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        aspect_ratio_grouping=False,  # square crops (RPN) or warped crops (R-CNN): the image shape does not matter
+        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        seed=cfg.SEED,
+        rank=rank,
+        world_size=world_size,
+        start_iter=start_iter,
+        on_bad_image=cfg.DATALOADER.ON_BAD_IMAGE,
+        timeout=cfg.DATALOADER.TIMEOUT,
+    )
+
+
+def build_rpn_train_loader(cfg, dataset: DetectionDataset, *, start_iter: int = 0, rank: int = 0, world_size: int = 1):
+    """RPN-stage batches of SOLVER.IMS_PER_BATCH random crops (`LocCropMapper`)."""
+    mapper = LocCropMapper(
+        crop_size=cfg.LOC.CROP_SIZE,
+        scale_range=tuple(cfg.LOC.SCALE_RANGE),
+        hflip_prob=cfg.INPUT.HFLIP_PROB,
+        min_visible=cfg.LOC.MIN_VISIBLE,
+    )
+    return _train_loader(cfg, dataset, mapper, start_iter=start_iter, rank=rank, world_size=world_size)
+
+
+def build_rcnn_train_loader(cfg, rois: DetectionDataset, *, start_iter: int = 0, rank: int = 0, world_size: int = 1):
+    """R-CNN-stage batches of SOLVER.IMS_PER_BATCH RoIs, each from another image of the pool (`rcnn_training_records`)."""
+    return _train_loader(
+        cfg, rois, RoIMapper(fg_fraction=cfg.LOC.RCNN.FG_FRACTION, hflip_prob=cfg.INPUT.HFLIP_PROB), start_iter=start_iter, rank=rank, world_size=world_size
+    )
+
+
+def build_localization_test_loader(cfg, dataset: DetectionDataset, *, rank: int = 0, world_size: int = 1):
+    """Inference batches of one image: the RPN's input (INPUT.MIN_SIZE_TEST, TEST.MULTI_SCALE) and the original."""
+    return build_test_loader(
+        dataset,
+        mapper=OriginalImageMapper(test_mapper=build_test_mapper(cfg)),
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        rank=rank,
+        world_size=world_size,
+        on_bad_image=cfg.DATALOADER.ON_BAD_IMAGE,
+        timeout=cfg.DATALOADER.TIMEOUT,
+    )

@@ -1,0 +1,92 @@
+"""The localization mappers: the RPN stage's random crops (boxes worked out by hand), the R-CNN stage's RoI samples,
+and the inference mapper that keeps the original image."""
+
+import cv2
+import numpy as np
+import pytest
+
+from detectron_res.data.mapper import DatasetMapper
+from detectron_res.localization.mappers import LocCropMapper, OriginalImageMapper, RoIMapper
+
+
+class ScriptedRng:
+    """Stands in for numpy's Generator: `integers` and `random` return the scripted values in order."""
+
+    def __init__(self, integers=(), randoms=()):
+        self._integers, self._randoms = list(integers), list(randoms)
+        self.integer_calls = []
+
+    def integers(self, low, high=None):
+        self.integer_calls.append((low, high))
+        return self._integers.pop(0)
+
+    def random(self):
+        return self._randoms.pop(0)
+
+
+def write_image(path, height, width, seed=0):
+    image = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    return image
+
+
+def record(path, height, width, boxes, classes):
+    return {
+        "file_name": str(path), "image_id": 7, "height": height, "width": width,
+        "annotations": [{"bbox": list(b), "category_id": c, "iscrowd": 0} for b, c in zip(boxes, classes)],
+    }
+
+
+def test_crop_scales_shifts_flips_and_clips_the_boxes(tmp_path):
+    image = write_image(tmp_path / "a.png", 50, 100)  # H = 50, W = 100
+    rec = record(tmp_path / "a.png", 50, 100, [[10.0, 5.0, 30.0, 45.0], [60.0, 10.0, 90.0, 40.0]], [3, 1])
+    mapper = LocCropMapper(crop_size=64, scale_range=(64, 80), hflip_prob=0.5, min_visible=0.5)
+    # shorter side 80 (scale 1.6: image 80 x 160), crop top 8, left 40, then a flip (0.2 < 0.5)
+    rng = ScriptedRng(integers=[80, 8, 40], randoms=[0.2])
+    out = mapper(rec, rng=rng)
+    assert rng.integer_calls == [(64, 81), (17, None), (97, None)]
+    # box 1: (16, 8, 48, 72) scaled, (-24, 0, 8, 64) in the crop: visible (0, 0, 8, 64) is a quarter: ignored
+    # box 2: (96, 16, 144, 64) scaled, (56, 8, 104, 56) in the crop, clipped (56, 8, 64, 56): a sixth: ignored too
+    assert out["gt_boxes"].shape == (0, 4) and out["gt_classes"].tolist() == []
+    assert out["ignore_boxes"].tolist() == [[56.0, 0.0, 64.0, 64.0], [0.0, 8.0, 8.0, 56.0]]  # flipped: x -> 64 - x
+    assert out["image_classes"].tolist() == [1, 3]
+    resized = cv2.resize(image, (160, 80), interpolation=cv2.INTER_LINEAR)
+    assert np.array_equal(out["image"].permute(1, 2, 0).numpy(), resized[8:72, 40:104][:, ::-1])
+    rng = ScriptedRng(integers=[64, 0, 0], randoms=[0.9])  # scale 1.28 (64 x 128), the top-left corner, no flip
+    out = mapper(rec, rng=rng)
+    assert out["gt_boxes"][0].tolist() == pytest.approx([12.8, 6.4, 38.4, 57.6])
+    assert out["gt_classes"].tolist() == [3]
+    assert out["ignore_boxes"].shape == (0, 4)  # box 2, (76.8, 12.8, 115.2, 51.2), lies outside the crop
+    assert (out["height"], out["width"], out["image_id"]) == (50, 100, 7)
+
+
+def test_crop_mapper_rejects_a_scale_range_below_the_crop():
+    with pytest.raises(ValueError, match="crop size"):
+        LocCropMapper(crop_size=224, scale_range=(200, 480))
+
+
+def test_roi_mapper_draws_foreground_at_its_fraction_and_flips_roi_and_boxes(tmp_path):
+    write_image(tmp_path / "b.png", 20, 40)
+    rec = record(tmp_path / "b.png", 20, 40, [[0.0, 0.0, 10.0, 10.0]], [2])
+    rec.update(rois=[[0.0, 0.0, 10.0, 10.0], [20.0, 5.0, 30.0, 15.0], [25.0, 0.0, 40.0, 20.0]],
+               roi_foreground=[True, False, False])
+    mapper = RoIMapper(fg_fraction=0.25, hflip_prob=0.5)
+    # random 0.1 < 0.25: a foreground RoI (the only one); then no flip (0.7)
+    out = mapper(rec, rng=ScriptedRng(integers=[0], randoms=[0.1, 0.7]))
+    assert out["rois"].tolist() == [[0.0, 0.0, 10.0, 10.0]] and out["gt_classes"].tolist() == [2]
+    # random 0.3: background, the second of the two; flipped: x -> 40 - x
+    out = mapper(rec, rng=ScriptedRng(integers=[1], randoms=[0.3, 0.2]))
+    assert out["rois"].tolist() == [[0.0, 0.0, 15.0, 20.0]]
+    assert out["gt_boxes"].tolist() == [[30.0, 0.0, 40.0, 10.0]]
+    rec["roi_foreground"] = [False, False, False]  # one kind only: any RoI, without the fraction's draw
+    out = mapper(rec, rng=ScriptedRng(integers=[2], randoms=[0.9]))
+    assert out["rois"].tolist() == [[25.0, 0.0, 40.0, 20.0]]
+
+
+def test_original_image_mapper_decodes_once_and_keeps_the_full_image(tmp_path):
+    image = write_image(tmp_path / "c.png", 30, 60)
+    rec = record(tmp_path / "c.png", 30, 60, [], [])
+    out = OriginalImageMapper(test_mapper=DatasetMapper(min_size=15, max_size=100, is_train=False))(rec)
+    assert out["image"].shape == (3, 15, 30) and out["original"].shape == (3, 30, 60)
+    assert np.array_equal(out["original"].permute(1, 2, 0).numpy(), image)
+    assert (out["height"], out["width"], out["image_id"]) == (30, 60, 7)
