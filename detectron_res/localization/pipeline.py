@@ -205,7 +205,8 @@ def rcnn_training_records(
                 ],
                 dtype=bool,
             )
-            pool.append({**record, "rois": rois.round(2).tolist(), "roi_foreground": foreground.tolist()})
+            # numpy arrays pickle compactly: 200 RoIs take 3.2 kB a record (4 GB for ImageNet's 1.28M images)
+            pool.append({**record, "rois": rois.astype(np.float32), "roi_foreground": foreground})
             num_foreground += int(foreground.sum())
             num_rois += len(rois)
     logger.info(

@@ -177,7 +177,7 @@ def test_the_submission_line_format():
     assert line == "3 0 2 100 20 1 1 2 3 4"
 
 
-def test_localize_tool_errors_are_one_line_and_model_mode_is_refused(tmp_path, capsys):
+def test_localize_tool_errors_are_one_line_and_missing_flags_are_named(tmp_path, capsys):
     sys.path.insert(0, str(REPO / "tools"))
     import localize
 
@@ -192,7 +192,7 @@ def test_localize_tool_errors_are_one_line_and_model_mode_is_refused(tmp_path, c
     )
     with pytest.raises(SystemExit) as exit_info:
         localize.main(["--submission", str(submission)])
-    assert exit_info.value.code == 2 and "only --evaluate exists so far" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "writing a submission needs --cfg, --images, --out" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         localize.main(["--evaluate", "--submission", str(submission)])
     assert "--evaluate needs --gt, --synsets" in capsys.readouterr().err
