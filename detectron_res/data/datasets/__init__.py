@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .base import DetectionDataset
 from .coco import load_coco_json
-from .imagenet_loc import load_imagenet_loc_csv
+from .imagenet_loc import load_imagenet_loc_csv, load_imagenet_loc_xml
 from .loc_shapes import ensure_loc_shapes, generate_loc_shapes, load_loc_shapes
 from .shapes import ensure_shapes, generate_shapes, load_shapes
 from .voc import VOC_CLASSES, load_voc, voc_dataset_names
@@ -30,6 +30,7 @@ __all__ = [
     "get_dataset",
     "load_coco_json",
     "load_imagenet_loc_csv",
+    "load_imagenet_loc_xml",
     "load_loc_shapes",
     "load_shapes",
     "load_voc",
@@ -108,18 +109,24 @@ def _coco(json_relative: str, image_relative: str) -> DatasetFunction:
 
 def _imagenet_loc(split: str) -> DatasetFunction:
     """ImageNet CLS-LOC in Kaggle's layout under <root>/imagenet: LOC_<split>_solution.csv, LOC_synset_mapping.txt,
-    ILSVRC/Data/CLS-LOC/<split>/ (train: one folder per wnid)."""
+    ILSVRC/Data/CLS-LOC/<split>/ (train: one folder per wnid). Without the CSV, the box XMLs of ILSVRC's own layout,
+    ILSVRC/Annotations/CLS-LOC/<split>/, are read instead (with the same synset mapping and images)."""
 
     def load(root: Path, name: str) -> DetectionDataset:
         base = root / "imagenet"
         csv_file, synsets = base / f"LOC_{split}_solution.csv", base / "LOC_synset_mapping.txt"
-        for needed in (csv_file, synsets):
-            if not needed.is_file():
-                raise FileNotFoundError(
-                    f"data set {name!r} needs {needed} (images in {base / 'ILSVRC/Data/CLS-LOC' / split}); "
-                    f"set DATASETS.ROOT or ${DATASETS_ENV_VAR} to the folder holding imagenet/"
-                )
-        return load_imagenet_loc_csv(csv_file, base / "ILSVRC" / "Data" / "CLS-LOC" / split, synsets, name=name)
+        xml_dir = base / "ILSVRC" / "Annotations" / "CLS-LOC" / split
+        image_dir = base / "ILSVRC" / "Data" / "CLS-LOC" / split
+        hint = f"set DATASETS.ROOT or ${DATASETS_ENV_VAR} to the folder holding imagenet/"
+        if not csv_file.is_file() and not xml_dir.is_dir():
+            raise FileNotFoundError(
+                f"data set {name!r} needs {csv_file} or the box XMLs of {xml_dir}/ (images in {image_dir}); {hint}"
+            )
+        if not synsets.is_file():
+            raise FileNotFoundError(f"data set {name!r} needs {synsets} (images in {image_dir}); {hint}")
+        if csv_file.is_file():
+            return load_imagenet_loc_csv(csv_file, image_dir, synsets, name=name)
+        return load_imagenet_loc_xml(xml_dir, image_dir, synsets, name=name)
 
     return load
 
