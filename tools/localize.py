@@ -11,7 +11,8 @@ and the R-CNN stage, or score a submission file.
 Writing: one line per image of --images in sorted file-name order, up to five `label x1 y1 x2 y2` groups (labels
 1..C in synset-mapping order, inclusive integer pixels), one box per class. The classes come from --cls-preds (a
 file of another classifier's top-5), --oracle-gt (the ground truth), --classifier (a torchvision ResNet
-classification state_dict, --cls-crop center or 10crop), or by default from the class-specific RPN's own scores.
+classification state_dict, --cls-crop center or 10crop), or by default from the system itself (the RPN's best
+LOC.CANDIDATE_CLASSES classes, ranked by their best box's score).
 --ckpt and --rcnn-ckpt default to the newest checkpoints in OUTPUT_DIR/rpn and OUTPUT_DIR/rcnn (the R-CNN stage is
 skipped with --no-rcnn or LOC.RCNN.ENABLED=false). With --gt the written submission is scored right away.
 
@@ -133,13 +134,16 @@ def write_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         weights = args.classifier or classifier_weights(cfg)
         classify = build_class_predictor(cfg, weights) if weights else None
         if classify is None:
-            logger.warning("No class source (--cls-preds, --oracle-gt, --classifier, LOC.CLASSIFIER.WEIGHTS): the classes "
-                           "are the RPN's own image scores, a weak classifier (docs/localization.md)")
+            logger.warning(
+                "No class source (--cls-preds, --oracle-gt, --classifier, LOC.CLASSIFIER.WEIGHTS): the RPN's best %d "
+                "classes by image score are ranked by their best box's score (docs/localization.md)",
+                cfg.LOC.CANDIDATE_CLASSES,
+            )
     localizer = Localizer(
         rpn=rpn, rcnn=rcnn, classes=table, classify=classify, classes_per_image=cfg.LOC.CLASSES_PER_IMAGE
     ).eval()
     source = ("--cls-preds" if args.cls_preds else "--oracle-gt" if args.oracle_gt else
-              f"the classifier {weights}" if classify else "the RPN's own class scores")
+              f"the classifier {weights}" if classify else "the system's own ranking")
     logger.info("Localising %d images of %s, classes from %s, %s", len(ids), args.images, source,
                 "RPN + R-CNN" if rcnn is not None else "RPN only")
     image_ids, lines = localize_images(localizer, build_localization_test_loader(cfg, dataset))

@@ -6,8 +6,7 @@
     python tools/train_loc.py --cfg configs/ilsvrc_loc_r101.yaml --stage rcnn --rpn-ckpt output/.../rpn/model_final.pth
 
 Stage 1 writes OUTPUT_DIR/rpn, stage 2 OUTPUT_DIR/rcnn (it first runs the RPN over the training images, cached in
-OUTPUT_DIR/rcnn/rcnn_rois.pth); with LOC.CLASSIFIER.TRAIN a torchvision ResNet classifier is trained in between, into
-OUTPUT_DIR/cls (classifier.pth: a plain torchvision state_dict). Each stage ends with its errors on DATASETS.TEST. `--resume` continues a stage
+OUTPUT_DIR/rcnn/rcnn_rois.pth). Each stage ends with the CLS-LOC errors on DATASETS.TEST. `--resume` continues a stage
 exactly from its newest checkpoint. An error stops the tool with one line on stderr and exit status 1.
 """
 
@@ -16,14 +15,14 @@ from __future__ import annotations
 import sys
 
 from detectron_res.engine.runner import default_argument_parser, parse_args, run_tool, setup
-from detectron_res.localization.train import train_classifier_stage, train_rcnn_stage, train_rpn_stage
+from detectron_res.localization.train import train_rcnn_stage, train_rpn_stage
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = default_argument_parser(__doc__.splitlines()[0])
     parser.add_argument(
-        "--stage", choices=("all", "rpn", "cls", "rcnn"), default="all",
-        help="which stage to train; all: rpn, then cls when LOC.CLASSIFIER.TRAIN, then rcnn when LOC.RCNN.ENABLED",
+        "--stage", choices=("all", "rpn", "rcnn"), default="all",
+        help="which stage to train; all: rpn, then rcnn when LOC.RCNN.ENABLED",
     )
     parser.add_argument("--rpn-ckpt", default=None, help="stage 2: the RPN (default: newest in OUTPUT_DIR/rpn)")
     parser.add_argument("--resume", action="store_true", help="continue each stage from its newest checkpoint")
@@ -37,8 +36,6 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     if args.stage in ("all", "rpn"):
         results["rpn"] = train_rpn_stage(cfg, resume=args.resume)
-    if args.stage == "cls" or (args.stage == "all" and cfg.LOC.CLASSIFIER.TRAIN):
-        results["cls"] = train_classifier_stage(cfg, resume=args.resume)
     if args.stage == "rcnn" or (args.stage == "all" and cfg.LOC.RCNN.ENABLED):
         results["rcnn"] = train_rcnn_stage(cfg, rpn_checkpoint=args.rpn_ckpt, resume=args.resume)
     return results

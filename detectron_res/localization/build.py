@@ -24,8 +24,6 @@ from .rpn_stage import LocalizationRPN
 
 RPN_FOLDER = "rpn"
 RCNN_FOLDER = "rcnn"
-CLASSIFIER_FOLDER = "cls"
-CLASSIFIER_FILE = "classifier.pth"  # a plain torchvision state_dict, exported at the end of the classifier stage
 
 
 def _load_backbone_weights(cfg, trunk: nn.Module, res5: nn.Module) -> None:
@@ -72,7 +70,7 @@ def build_localization_rpn(cfg) -> LocalizationRPN:
         pixel_mean=cfg.MODEL.PIXEL_MEAN,
         pixel_std=cfg.MODEL.PIXEL_STD,
         size_divisibility=cfg.INPUT.SIZE_DIVISIBILITY,
-        classes_per_image=cfg.LOC.CLASSES_PER_IMAGE,
+        candidate_classes=cfg.LOC.CANDIDATE_CLASSES,
     )
     return model.to(resolve_device(cfg.MODEL.DEVICE))
 
@@ -124,27 +122,9 @@ def rcnn_stage_config(cfg):
     )
 
 
-def classifier_stage_config(cfg):
-    """The config the classifier stage trains with: the RPN stage's crops and solver, LOC.CLASSIFIER's learning rate
-    and schedule, OUTPUT_DIR/cls."""
-    c = cfg.LOC.CLASSIFIER
-    return merge_overrides(
-        cfg,
-        [
-            f"SOLVER.BASE_LR={c.BASE_LR}",
-            f"SOLVER.MAX_ITER={c.MAX_ITER}",
-            f"SOLVER.STEPS={list(c.STEPS)}",
-            f"OUTPUT_DIR={Path(cfg.OUTPUT_DIR) / CLASSIFIER_FOLDER}",
-        ],
-    )
-
-
 def classifier_weights(cfg) -> Path | None:
-    """LOC.CLASSIFIER.WEIGHTS, else the classifier trained into OUTPUT_DIR/cls when there is one, else None."""
-    if cfg.LOC.CLASSIFIER.WEIGHTS:
-        return Path(cfg.LOC.CLASSIFIER.WEIGHTS)
-    trained = Path(cfg.OUTPUT_DIR) / CLASSIFIER_FOLDER / CLASSIFIER_FILE
-    return trained if trained.is_file() else None
+    """LOC.CLASSIFIER.WEIGHTS, or None when it is empty."""
+    return Path(cfg.LOC.CLASSIFIER.WEIGHTS) if cfg.LOC.CLASSIFIER.WEIGHTS else None
 
 
 class ClassifierOnOriginal:

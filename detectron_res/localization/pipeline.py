@@ -46,9 +46,11 @@ class Localizer:
     one box per class in original pixels, the classes in their given order.
 
     The classes of an image are ``classes[image_id]`` when a table is given (read from a file of predictions, or
-    the ground truth), else ``classify(input)`` (e.g. a `TorchvisionClassifier` on ``input["original"]``), else the
-    RPN's own `classes_per_image` best (weak: see docs/localization.md). With an R-CNN stage, each class's RPN boxes
-    are re-scored and refined by it and the best refined box is kept; without, the RPN's best box.
+    the ground truth), else ``classify(input)`` (e.g. a `TorchvisionClassifier` on ``input["original"]``); both keep
+    their order. Without either, the system ranks classes itself: the RPN localises its `candidate_classes` best by
+    image score and the classes are ordered by their best box's score, the R-CNN stage's when there is one (the
+    RPN's image scores alone are a weak classifier, see docs/localization.md). With an R-CNN stage, each class's RPN
+    boxes are re-scored and refined by it and the best refined box is kept; without, the RPN's best box.
     """
 
     def __init__(
@@ -108,7 +110,11 @@ class Localizer:
         results = []
         for x, p in zip(inputs, proposals):
             classes, boxes, scores = best_per_class(p, image_size=(x["height"], x["width"]))
-            results.append({"classes": classes[: self.classes_per_image], "boxes": boxes, "scores": scores})
+            if "classes" not in x:  # the system's own choice: the classes whose best boxes score highest
+                order = scores.argsort(descending=True, stable=True)
+                classes, boxes, scores = classes[order], boxes[order], scores[order]
+            keep = slice(0, self.classes_per_image)
+            results.append({"classes": classes[keep], "boxes": boxes[keep], "scores": scores[keep]})
         return results
 
     @staticmethod

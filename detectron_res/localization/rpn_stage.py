@@ -3,7 +3,7 @@
 
 Input dicts as the detector's (``image`` uint8 (3, h, w) RGB, ``height``/``width`` of the original); training also
 needs ``gt_boxes``, ``gt_classes``, ``image_classes`` (and optionally ``ignore_boxes``). At inference ``classes`` (0-based, best first) says which
-classes to localise; without it the RPN's own image-level scores pick the `classes_per_image` best. With a
+classes to localise; without it the RPN's own image-level scores pick the `candidate_classes` best. With a
 ``pyramid`` (the test mapper's multi-scale images) each scale's boxes are merged before the per-class NMS.
 """
 
@@ -28,7 +28,7 @@ class LocalizationRPN(nn.Module):
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         size_divisibility: int = 16,
-        classes_per_image: int = 5,
+        candidate_classes: int = 5,
     ):
         """
         Args:
@@ -36,7 +36,7 @@ class LocalizationRPN(nn.Module):
             rpn: the class-specific RPN on those features.
             pixel_mean, pixel_std: per-channel RGB statistics on the 0-255 scale.
             size_divisibility: the padded batch's sides are multiples of this.
-            classes_per_image: classes localised per image when the input names none (picked by the RPN's scores).
+            candidate_classes: classes localised per image when the input names none (the RPN's best by image score).
         """
         super().__init__()
         self.backbone = backbone
@@ -44,7 +44,7 @@ class LocalizationRPN(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
         self.size_divisibility = size_divisibility
-        self.classes_per_image = classes_per_image
+        self.candidate_classes = candidate_classes
 
     @property
     def device(self) -> torch.device:
@@ -80,7 +80,7 @@ class LocalizationRPN(nn.Module):
         classes = [
             torch.as_tensor(x["classes"], dtype=torch.long, device=self.device)
             if "classes" in x
-            else scores.topk(min(self.classes_per_image, len(scores))).indices
+            else scores.topk(min(self.candidate_classes, len(scores))).indices
             for x, scores in zip(batched_inputs, class_scores)
         ]
         scale_results = [self._to_original(self.rpn.class_boxes(features, sizes, classes), sizes, batched_inputs)]

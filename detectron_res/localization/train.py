@@ -1,10 +1,9 @@
 """Training and evaluating the two stages with the detector's engine (trainer, hooks, checkpoints, exact resume).
 
 Stage 1 trains the class-specific RPN into OUTPUT_DIR/rpn. Stage 2 runs that RPN over the training images (the RoI
-pool, cached in OUTPUT_DIR/rcnn), then trains the R-CNN stage into OUTPUT_DIR/rcnn with LOC.RCNN's schedule. An
-optional classifier stage (LOC.CLASSIFIER.TRAIN) trains a torchvision ResNet into OUTPUT_DIR/cls for the predicted
-classes. The RPN and R-CNN stages end with the CLS-LOC metric on DATASETS.TEST, with the ground-truth classes
-("loc_oracle") and, when a classifier exists, with its predicted classes ("loc").
+pool, cached in OUTPUT_DIR/rcnn), then trains the R-CNN stage into OUTPUT_DIR/rcnn with LOC.RCNN's schedule. Each
+stage ends with the CLS-LOC metric on DATASETS.TEST, with the ground-truth classes ("loc_oracle") and with predicted
+classes ("loc": LOC.CLASSIFIER.WEIGHTS' when set, else the system's own ranking).
 """
 
 from __future__ import annotations
@@ -16,33 +15,27 @@ import logging
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..data.build import build_train_dataset, load_dataset
 from ..data.datasets.base import DetectionDataset
 from ..engine.checkpoint import Checkpointer
 from ..engine.runner import results_folder_name, train
 from ..evaluation import write_metrics_json
-from ..modeling.build import resolve_device
 from ..utils.io import atomic_write
 from .build import (
-    CLASSIFIER_FILE,
     build_class_predictor,
     build_localization_rpn,
     build_localization_test_loader,
     build_rcnn_localizer,
     build_rcnn_train_loader,
     build_rpn_train_loader,
-    classifier_stage_config,
     classifier_weights,
     rcnn_stage_config,
     rpn_stage_config,
 )
-from .classifier_stage import build_crop_classifier
 from .pipeline import (
     LocalizationEvaluator,
     Localizer,
-    image_key,
     oracle_class_table,
     rcnn_training_records,
     run_localizer,
@@ -60,9 +53,10 @@ def evaluate_localizer(
     cfg, rpn: LocalizationRPN, rcnn: RCNNLocalizer | None = None, *, classifier: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """The CLS-LOC errors on every data set of DATASETS.TEST, with the ground-truth classes ("loc_oracle") and, given
-    a torchvision `classifier` state_dict, with its top-5 classes ("loc"); written to OUTPUT_DIR/metrics.json. One
-    test data set: {"loc_oracle": {...}, "loc": {...}}; several: keyed by name."""
+    """The CLS-LOC errors on every data set of DATASETS.TEST, with the ground-truth classes ("loc_oracle") and with
+    predicted classes ("loc": the top 5 of a torchvision `classifier` state_dict when given, else the system's own
+    ranking, see `Localizer`); written to OUTPUT_DIR/metrics.json. One test data set: {"loc_oracle": {...}, "loc":
+    {...}}; several: keyed by name."""
     modes = [(m, m.training) for m in (rpn, rcnn) if m is not None]
     classify = build_class_predictor(cfg, classifier) if classifier is not None else None
     results = {}
@@ -71,7 +65,7 @@ def evaluate_localizer(
         loader = build_localization_test_loader(cfg, dataset)
         evaluator = LocalizationEvaluator(dataset)
         metrics = {}
-        sources = [("loc_oracle", oracle_class_table(dataset), None)] + ([("loc", None, classify)] if classify else [])
+        sources = [("loc_oracle", oracle_class_table(dataset), None), ("loc", None, classify)]
         for task, table, predictor in sources:
             localizer = Localizer(
                 rpn=rpn, rcnn=rcnn, classes=table, classify=predictor, classes_per_image=cfg.LOC.CLASSES_PER_IMAGE
@@ -139,52 +133,6 @@ def train_rcnn_stage(cfg, *, rpn_checkpoint: str | Path | None = None, resume: b
         build_loader=build_rcnn_train_loader,
         evaluate_fn=lambda m: evaluate_localizer(stage, rpn, m, classifier=classifier_weights(cfg)),
     )
-
-
-def train_classifier_stage(cfg, *, resume: bool = False) -> dict:
-    """The optional classifier stage: a torchvision ResNet (LOC.CLASSIFIER.DEPTH) on the RPN stage's random crops,
-    into OUTPUT_DIR/cls, exported as a plain torchvision state_dict (cls/classifier.pth) for the predicted classes.
-    Returns its top-1 / top-5 classification error on DATASETS.TEST with LOC.CLASSIFIER's test crops."""
-    stage = classifier_stage_config(cfg)
-    dataset = build_train_dataset(stage)
-    model = build_crop_classifier(depth=cfg.LOC.CLASSIFIER.DEPTH, num_classes=cfg.MODEL.NUM_CLASSES)
-    model.to(resolve_device(cfg.MODEL.DEVICE))
-    exported = Path(stage.OUTPUT_DIR) / CLASSIFIER_FILE
-
-    def export_and_evaluate(m: torch.nn.Module) -> dict:
-        atomic_write(exported, lambda stream: stream.write(_torch_bytes(m.net.state_dict())))
-        logger.info("Classifier exported as a torchvision state_dict to %s", exported)
-        return evaluate_classifier(stage, exported)
-
-    return train(
-        stage, resume=resume, model=model, dataset=dataset, build_loader=build_rpn_train_loader,
-        evaluate_fn=export_and_evaluate,
-    )
-
-
-def evaluate_classifier(cfg, weights: str | Path, *, progress: bool = True) -> dict:
-    """Top-1 and top-5 classification error of a torchvision classifier on DATASETS.TEST (LOC.CLASSIFIER's test)."""
-    predictor = build_class_predictor(cfg, weights)
-    results = {}
-    for name in cfg.DATASETS.TEST:
-        dataset = load_dataset(cfg, name)
-        truth = oracle_class_table(dataset)
-        top1 = top5 = total = 0
-        for inputs in tqdm(build_localization_test_loader(cfg, dataset), desc="classify", disable=None if progress else True):
-            for x in inputs:
-                if "bad_image" in x:
-                    continue
-                guesses, classes = predictor(x), truth[image_key(x["image_id"])]
-                top1 += guesses[0] not in classes
-                top5 += not set(guesses[:5]) & set(classes)
-                total += 1
-        results[name] = {"cls": {"top1_cls_err": top1 / max(total, 1), "top5_cls_err": top5 / max(total, 1), "num_images": total}}
-        logger.info("%s: classifier top-1 err %.2f%%, top-5 err %.2f%% (%d images)", name, 100 * top1 / max(total, 1),
-                    100 * top5 / max(total, 1), total)
-    output = next(iter(results.values())) if len(results) == 1 else results
-    if results:
-        write_metrics_json(Path(cfg.OUTPUT_DIR) / METRICS_FILE, output)
-    return output
 
 
 def _torch_bytes(obj) -> bytes:

@@ -131,3 +131,25 @@ def test_a_cls_loc_csv_is_named_as_csv_colon_image_dir(tmp_path):
     assert dataset.extra["wnids"] == ["n01", "n02"]
     with pytest.raises(ValueError, match="LOC_\\*_solution.csv:IMAGE_DIR"):
         get_dataset(f"{tmp_path}/LOC_val_solution.csv:", root="unused")
+
+
+class RankedStubRPN:
+    """Finds one box per class with fixed scores: class 0 0.2, class 1 0.9, class 2 0.5."""
+
+    def __call__(self, inputs):
+        outputs = []
+        for x in inputs:
+            classes = torch.tensor(x.get("classes", [0, 1, 2]))
+            scores = torch.tensor([0.2, 0.9, 0.5])[classes]
+            boxes = torch.tensor([[0.0, 0, 4, 4], [1.0, 1, 5, 5], [2.0, 2, 6, 6]])[classes]
+            outputs.append({"classes": classes, "labels": classes, "scores": scores, "boxes": boxes})
+        return outputs
+
+
+def test_without_class_predictions_the_classes_are_ranked_by_their_best_box_else_kept_in_order():
+    x = {"image_id": "i", "height": 10, "width": 10}
+    (own,) = Localizer(rpn=RankedStubRPN(), classes_per_image=2)([x])
+    assert own["classes"].tolist() == [1, 2] and own["scores"].tolist() == pytest.approx([0.9, 0.5])
+    assert own["boxes"].tolist() == [[1, 1, 5, 5], [2, 2, 6, 6]]
+    (given,) = Localizer(rpn=RankedStubRPN(), classes={"i": [0, 2, 1]}, classes_per_image=2)([x])
+    assert given["classes"].tolist() == [0, 2]  # a classifier's order is kept

@@ -51,7 +51,7 @@ def test_inference_maps_boxes_to_the_original_image_and_groups_them_by_class():
 
 
 def test_without_classes_the_rpn_picks_its_own_best_and_a_pyramid_merges_scales():
-    model = tiny_rpn(**{"LOC.CLASSES_PER_IMAGE": 2}).eval()
+    model = tiny_rpn(**{"LOC.CANDIDATE_CLASSES": 2}).eval()
     im = image(128, 160)
     (own,) = model([{"image": im, "height": 128, "width": 160}])
     assert own["classes"].tolist() == own["class_scores"].topk(2).indices.tolist()
