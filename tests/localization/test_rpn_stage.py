@@ -1,12 +1,14 @@
 """The RPN stage as a model: training losses from mapper dicts, and inference on the whole image at one or several
 scales, for the classes asked for or the RPN's own best."""
 
+from pathlib import Path
+
 import torch
 
 from detectron_res.config import load_config
 from detectron_res.localization.build import build_localization_rpn
 
-CONFIG = "configs/loc_shapes_r18.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "loc_shapes_r18.yaml"
 
 
 def tiny_rpn(**overrides):
