@@ -50,6 +50,7 @@ from detectron_res.localization.class_predictions import oracle_classes, read_cl
 from detectron_res.localization.pipeline import Localizer, image_folder_dataset, localize_images
 from detectron_res.localization.submission import write_submission, write_submission_csv
 from detectron_res.localization.train import last_stage_checkpoint, load_stage
+from detectron_res.utils.io import atomic_write_text
 
 logger = logging.getLogger("detectron_res.localize")
 
@@ -153,7 +154,7 @@ def write_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         logger.warning("%d unreadable images get an empty line, e.g. %s", len(skipped), skipped[0])
     lines = [found.get(i, (np.zeros(0, dtype=np.int64), np.zeros((0, 4), dtype=np.int64))) for i in ids]
     write_submission(args.out, lines)
-    Path(args.out).with_suffix(".images.txt").write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+    atomic_write_text(Path(args.out).with_suffix(".images.txt"), "".join(f"{i}\n" for i in ids))
     print(f"submission for {len(ids)} images written to {args.out} (image order in {Path(args.out).with_suffix('.images.txt')})")
     if args.csv_out:
         write_submission_csv(args.csv_out, ids, lines, wnids=wnids)
@@ -162,7 +163,7 @@ def write_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         synsets = args.synsets
         if synsets is None:
             synsets = str(Path(args.out).with_suffix(".synsets.txt"))
-            Path(synsets).write_text("".join(f"{w}\n" for w in wnids), encoding="utf-8")
+            atomic_write_text(synsets, "".join(f"{w}\n" for w in wnids))
         metrics = evaluate_submission_file(
             args.out, ground_truth=args.gt, synsets=synsets, image_list=Path(args.out).with_suffix(".images.txt")
         )
