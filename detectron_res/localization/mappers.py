@@ -20,8 +20,6 @@ import torch
 from ..data.mapper import BadImageError, DatasetMapper, read_image_rgb
 from ..structures.boxes import clip_boxes
 
-_MIN_BOX_SIDE = 1e-5
-
 
 def _read_checked(record: dict) -> np.ndarray:
     image = read_image_rgb(record["file_name"])
@@ -83,21 +81,20 @@ class LocCropMapper:
         short_side = int(rng.integers(self.scale_range[0], self.scale_range[1] + 1))
         scale = short_side / min(height, width)
         new_h, new_w = max(self.crop_size, round(height * scale)), max(self.crop_size, round(width * scale))
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)  # bilinear
         top = int(rng.integers(new_h - self.crop_size + 1))
         left = int(rng.integers(new_w - self.crop_size + 1))
         image = image[top : top + self.crop_size, left : left + self.crop_size]
         scaled = boxes * np.array([new_w / width, new_h / height] * 2) - np.array([left, top, left, top])
         cropped = clip_boxes(scaled, height=self.crop_size, width=self.crop_size)
-        if self.hflip_prob > 0 and rng.random() < self.hflip_prob:
+        if rng.random() < self.hflip_prob:
             image = image[:, ::-1]
             cropped = _flip_boxes(cropped, self.crop_size)
-            scaled = _flip_boxes(scaled, self.crop_size)
-        area = lambda b: np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)  # noqa: E731
-        keep = (area(cropped) >= self.min_visible * area(scaled)) & (
-            np.minimum(cropped[:, 2] - cropped[:, 0], cropped[:, 3] - cropped[:, 1]) > _MIN_BOX_SIDE
-        )
-        visible = np.minimum(cropped[:, 2] - cropped[:, 0], cropped[:, 3] - cropped[:, 1]) > _MIN_BOX_SIDE
+        # a clipped box is empty when the crop misses it (its side is 0), else has a positive area
+        visible_area = (cropped[:, 2] - cropped[:, 0]) * (cropped[:, 3] - cropped[:, 1])
+        full_area = (scaled[:, 2] - scaled[:, 0]) * (scaled[:, 3] - scaled[:, 1])
+        visible = visible_area > 0
+        keep = visible & (visible_area >= self.min_visible * full_area)
         return {
             "image": _chw(image),
             "gt_boxes": torch.from_numpy(cropped[keep].astype(np.float32)),
@@ -125,10 +122,10 @@ class RoIMapper:
 
     def pick_roi(self, record: dict, rng: np.random.Generator) -> np.ndarray:
         """The RoI (1, 4) drawn for this sample."""
-        rois = np.asarray(record["rois"], dtype=np.float64).reshape(-1, 4)
+        rois = np.asarray(record["rois"])
         if len(rois) == 0:
             raise ValueError(f"{record['file_name']}: no RoI for the R-CNN stage")
-        foreground = np.asarray(record["roi_foreground"], dtype=bool)
+        foreground = np.asarray(record["roi_foreground"])
         if foreground.any() and (~foreground).any():
             choices = np.flatnonzero(foreground if rng.random() < self.fg_fraction else ~foreground)
         else:
@@ -140,7 +137,7 @@ class RoIMapper:
         roi = self.pick_roi(record, rng)
         image = _read_checked(record)
         boxes, classes = _targets(record)
-        if self.hflip_prob > 0 and rng.random() < self.hflip_prob:
+        if rng.random() < self.hflip_prob:
             image = image[:, ::-1]
             boxes, roi = _flip_boxes(boxes, record["width"]), _flip_boxes(roi, record["width"])
         return {

@@ -44,10 +44,10 @@ class RCNNLocalizer(nn.Module):
         predictor: FastRCNNOutputLayers,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
-        crop_size: int = 224,
-        sampling_ratio: int = 0,
-        fg_iou_thresh: float = 0.5,
-        crops_per_forward: int = 256,
+        crop_size: int,
+        sampling_ratio: int,
+        fg_iou_thresh: float,
+        crops_per_forward: int,
     ):
         """
         Args:

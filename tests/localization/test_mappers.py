@@ -4,6 +4,7 @@ and the inference mapper that keeps the original image."""
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from detectron_res.data.mapper import DatasetMapper
 from detectron_res.localization.mappers import LocCropMapper, OriginalImageMapper, RoIMapper
@@ -90,3 +91,67 @@ def test_original_image_mapper_decodes_once_and_keeps_the_full_image(tmp_path):
     assert out["image"].shape == (3, 15, 30) and out["original"].shape == (3, 30, 60)
     assert np.array_equal(out["original"].permute(1, 2, 0).numpy(), image)
     assert (out["height"], out["width"], out["image_id"]) == (30, 60, 7)
+
+
+def test_crop_keeps_a_box_cut_exactly_to_the_visible_share_and_ignores_just_below(tmp_path):
+    write_image(tmp_path / "d.png", 64, 128)
+    # at scale 1 (shorter side 64) and left 32, box 1 keeps exactly half of its 32 x 20 area
+    rec = record(tmp_path / "d.png", 64, 128, [[16.0, 10.0, 48.0, 30.0], [80.0, 10.0, 112.0, 50.0]], [0, 1])
+    mapper = LocCropMapper(crop_size=64, scale_range=(64, 64), hflip_prob=0.0, min_visible=0.5)
+    out = mapper(rec, rng=ScriptedRng(integers=[64, 0, 32], randoms=[0.5]))
+    assert out["gt_boxes"].dtype == torch.float32
+    # box 2: (48, 10, 80, 50) in the crop, clipped to (48, 10, 64, 50): 16 x 40 of 32 x 40 = one half -> kept too
+    assert out["gt_boxes"].tolist() == [[0.0, 10.0, 16.0, 30.0], [48.0, 10.0, 64.0, 50.0]]
+    assert out["gt_classes"].tolist() == [0, 1] and out["ignore_boxes"].shape == (0, 4)
+    rec["annotations"][1]["bbox"] = [81.0, 10.0, 113.0, 50.0]  # now 15 x 40 of 32 x 40 < one half
+    out = mapper(rec, rng=ScriptedRng(integers=[64, 0, 32], randoms=[0.5]))
+    assert out["gt_classes"].tolist() == [0] and out["ignore_boxes"].tolist() == [[49.0, 10.0, 64.0, 50.0]]
+    # a box cut on two sides: its area decides (30 x 14 of 40 x 40 = 0.2625 < 0.3), not its sides' ratio
+    write_image(tmp_path / "g.png", 100, 100)
+    rec = record(tmp_path / "g.png", 100, 100, [[20.0, 50.0, 60.0, 90.0]], [2])
+    out = LocCropMapper(crop_size=64, scale_range=(100, 100), hflip_prob=0.0, min_visible=0.3)(
+        rec, rng=ScriptedRng(integers=[100, 0, 30], randoms=[0.5])
+    )
+    assert out["gt_boxes"].shape == (0, 4) and out["ignore_boxes"].tolist() == [[0.0, 50.0, 30.0, 64.0]]
+
+
+def test_crop_without_rng_draws_from_numpys_global_state(tmp_path):
+    write_image(tmp_path / "e.png", 50, 70)
+    rec = record(tmp_path / "e.png", 50, 70, [[5.0, 5.0, 45.0, 45.0]], [1])
+    mapper = LocCropMapper(crop_size=32, scale_range=(40, 60), hflip_prob=0.5)
+    np.random.seed(3)
+    first = mapper(rec)
+    np.random.seed(3)
+    again = mapper(rec)
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["gt_boxes"], again["gt_boxes"])
+    np.random.seed(3)
+    roi_rec = {**rec, "rois": [[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 45.0, 45.0]], "roi_foreground": [False, True]}
+    first = RoIMapper()(roi_rec)
+    np.random.seed(3)
+    assert torch.equal(RoIMapper()(roi_rec)["rois"], first["rois"])
+
+
+def test_roi_mapper_outputs_and_errors(tmp_path):
+    image = write_image(tmp_path / "f.png", 12, 16)
+    rec = record(tmp_path / "f.png", 12, 16, [[2.0, 2.0, 6.0, 6.0]], [0])
+    rec.update(rois=[[1.0, 1.0, 5.0, 5.0]], roi_foreground=[True])  # one RoI, foreground only: no fraction draw
+    rng = ScriptedRng(integers=[0], randoms=[0.1])  # 0.1 < 0.5: flipped
+    out = RoIMapper(fg_fraction=0.25, hflip_prob=0.5)(rec, rng=rng)
+    assert rng.integer_calls == [(1, None)] and rng._randoms == []
+    assert out["rois"].tolist() == [[11.0, 1.0, 15.0, 5.0]] and out["rois"].dtype == torch.float32
+    assert out["gt_boxes"].tolist() == [[10.0, 2.0, 14.0, 6.0]] and out["gt_boxes"].dtype == torch.float32
+    assert np.array_equal(out["image"].permute(1, 2, 0).numpy(), image[:, ::-1])
+    assert {k: out[k] for k in ("file_name", "image_id", "height", "width")} == {
+        "file_name": str(tmp_path / "f.png"), "image_id": 7, "height": 12, "width": 16}
+    rec.update(rois=[[1.0, 1.0, 5.0, 5.0], [3.0, 3.0, 9.0, 9.0]], roi_foreground=[True, True])
+    rng = ScriptedRng(integers=[1], randoms=[0.9])  # all foreground: one integer draw over both, then the flip
+    assert RoIMapper()(rec, rng=rng)["rois"].tolist() == [[3.0, 3.0, 9.0, 9.0]]
+    assert rng.integer_calls == [(2, None)]
+    rec.update(rois=[], roi_foreground=[])
+    with pytest.raises(ValueError, match=r"f\.png: no RoI for the R-CNN stage"):
+        RoIMapper()(rec, rng=ScriptedRng())
+    RoIMapper(fg_fraction=0.0, hflip_prob=0.0)
+    RoIMapper(fg_fraction=1.0, hflip_prob=1.0)
+    for bad in ({"fg_fraction": -0.1}, {"fg_fraction": 1.1}, {"hflip_prob": -0.5}, {"hflip_prob": 1.5}):
+        with pytest.raises(ValueError, match="fg_fraction and hflip_prob must be in"):
+            RoIMapper(**bad)

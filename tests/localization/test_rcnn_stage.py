@@ -15,6 +15,9 @@ def test_crop_of_the_boxes_own_size_is_the_pixels_inside_it():
     image = torch.arange(30.0).view(1, 1, 5, 6)
     crop = crop_and_warp(image, [torch.tensor([[2.0, 1.0, 5.0, 4.0]])], size=3, sampling_ratio=1)
     assert torch.equal(crop[0, 0], image[0, 0, 1:4, 2:5])
+    # boxes of another dtype (float64 from numpy) are cast to the image's
+    crop = crop_and_warp(image, [torch.tensor([[2.0, 1.0, 5.0, 4.0]], dtype=torch.float64)], size=3, sampling_ratio=1)
+    assert torch.equal(crop[0, 0], image[0, 0, 1:4, 2:5])
 
 
 def test_warp_upsamples_bilinearly_with_pixel_centres_at_half_integers():
@@ -51,9 +54,14 @@ def make_localizer(num_classes=3, **overrides) -> RCNNLocalizer:
         score_thresh=0.0, nms_thresh=1.0, detections_per_image=1,
     )
     args = dict(trunk=trunk, res5=res5, predictor=predictor, pixel_mean=[100.0, 110.0, 120.0],
-                pixel_std=[50.0, 55.0, 60.0], crop_size=32, sampling_ratio=2, fg_iou_thresh=0.5)
+                pixel_std=[50.0, 55.0, 60.0], crop_size=32, sampling_ratio=2, fg_iou_thresh=0.5, crops_per_forward=256)
     args.update(overrides)
     return RCNNLocalizer(**args)
+
+
+def test_the_pixel_statistics_are_not_in_the_checkpoint():
+    state = make_localizer().state_dict()
+    assert not any(key.startswith("pixel_") for key in state) and "predictor.cls_score.weight" in state
 
 
 def test_rois_take_the_class_of_a_box_they_overlap_by_half_else_background():

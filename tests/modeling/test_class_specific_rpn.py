@@ -172,3 +172,20 @@ def test_select_per_class_suppresses_within_a_class_only_and_keeps_top_k_per_cla
     assert out["scores"].tolist() == pytest.approx([0.9, 0.6, 0.7])
     out = select_per_class(boxes, scores, columns, torch.tensor([7, 4]), nms_thresh=0.5, topk=1)
     assert out["scores"].tolist() == pytest.approx([0.9, 0.7])
+
+
+def test_losses_of_two_images_are_divided_by_eight_anchors_times_two_and_ignore_regions_reach_the_sampling():
+    logits = torch.tensor([[[0.0, 0.0, 0.5], [0.0, 0.0, -0.7]], [[1.5, 0.0, 0.0], [-2.0, 0.0, 0.0]]])
+    rpn = two_anchor_rpn(logits, torch.zeros(2, 2, 3, 4))
+    args = (
+        torch.zeros(2, 1, 1, 2), [(16, 32), (16, 32)],
+        [torch.tensor([[0.0, 0.0, 16.0, 16.0]]), torch.tensor([[0.0, 0.0, 16.0, 16.0]])],
+        [torch.tensor([2]), torch.tensor([0])], [torch.tensor([2]), torch.tensor([0])],
+    )
+    losses = rpn.losses(*args)
+    # image 1: class 2 at anchors 0 (positive) and 1 (negative); image 2: class 0 likewise; divided by 8 x 2
+    expected = (bce(0.5, 1) + bce(-0.7, 0) + bce(1.5, 1) + bce(-2.0, 0)) / 16
+    assert losses["loss_rpn_cls"].item() == pytest.approx(expected, rel=1e-6)
+    # an ignore region on image 2's anchor 1 takes that negative out of the loss
+    ignored = rpn.losses(*args, [torch.zeros(0, 4), torch.tensor([[16.0, 0.0, 32.0, 16.0]])])
+    assert ignored["loss_rpn_cls"].item() == pytest.approx(expected - bce(-2.0, 0) / 16, rel=1e-6)
