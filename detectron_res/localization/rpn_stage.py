@@ -27,8 +27,8 @@ class LocalizationRPN(nn.Module):
         rpn: ClassSpecificRPN,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
-        size_divisibility: int = 16,
-        candidate_classes: int = 5,
+        size_divisibility: int,
+        candidate_classes: int,
     ):
         """
         Args:
@@ -100,7 +100,7 @@ class LocalizationRPN(nn.Module):
                 columns = torch.tensor([column[int(c)] for c in merged["labels"].tolist()], dtype=torch.long)
                 merged = select_per_class(
                     merged["boxes"], merged["scores"], columns.to(self.device), image_classes,
-                    nms_thresh=self.rpn.nms_thresh, topk=self.rpn.post_nms_topk,
+                    nms_thresh=self.rpn.nms_thresh, topk=self.rpn.post_nms_topk, min_size=self.rpn.min_size,
                 )
             results.append({**merged, "classes": image_classes, "class_scores": class_scores[image_index]})
         return results

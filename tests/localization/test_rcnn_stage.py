@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import roi_align
 
 from detectron_res.layers import get_norm
 from detectron_res.localization.rcnn_stage import RCNNLocalizer, crop_and_warp
@@ -18,6 +19,14 @@ def test_crop_of_the_boxes_own_size_is_the_pixels_inside_it():
     # boxes of another dtype (float64 from numpy) are cast to the image's
     crop = crop_and_warp(image, [torch.tensor([[2.0, 1.0, 5.0, 4.0]], dtype=torch.float64)], size=3, sampling_ratio=1)
     assert torch.equal(crop[0, 0], image[0, 0, 1:4, 2:5])
+
+
+def test_the_sampling_ratio_reaches_roi_align():
+    image = torch.rand(1, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    box = [torch.tensor([[1.0, 2.0, 17.0, 19.0]])]
+    three = crop_and_warp(image, box, size=4, sampling_ratio=3)
+    assert torch.equal(three, roi_align(image, box, output_size=4, spatial_scale=1.0, sampling_ratio=3, aligned=True))
+    assert not torch.allclose(three, crop_and_warp(image, box, size=4, sampling_ratio=0))
 
 
 def test_warp_upsamples_bilinearly_with_pixel_centres_at_half_integers():

@@ -68,3 +68,21 @@ def test_without_classes_the_rpn_picks_its_own_best_and_a_pyramid_merges_scales(
     for box in both["boxes"]:
         assert (union - box).abs().amax(dim=1).min() < 1e-4  # every merged box comes from one of the scales
     assert both["scores"][0] == max(single["scores"][0], large["scores"][0])
+
+
+def test_the_batch_is_padded_to_the_size_divisibility_and_pixel_statistics_stay_out_of_checkpoints():
+    model = tiny_rpn(**{"INPUT.SIZE_DIVISIBILITY": 32}).eval()
+    features, sizes = model.features([image(100, 70)])
+    assert features.shape[-2:] == (8, 6) and sizes == [(100, 70)]  # padded to 128 x 96, stride 16
+    assert not any(key.startswith("pixel_") for key in model.state_dict())
+
+
+def test_ignore_boxes_reach_the_rpn_losses():
+    model = tiny_rpn().train()
+    x = {"image": image(96, 96), "gt_boxes": torch.tensor([[10.0, 10.0, 40.0, 40.0]]), "gt_classes": torch.tensor([2]),
+         "image_classes": torch.tensor([2])}
+    torch.manual_seed(5)
+    plain = model([x])["loss_rpn_cls"]
+    torch.manual_seed(5)
+    ignored = model([{**x, "ignore_boxes": torch.tensor([[40.0, 0.0, 96.0, 96.0]])}])["loss_rpn_cls"]
+    assert not torch.isclose(plain, ignored)

@@ -65,7 +65,11 @@ def test_head_reads_channel_a_times_c_plus_c_at_each_cell_in_height_width_anchor
     assert head.conv.kernel_size == (3, 3) and head.cls_logits.kernel_size == (1, 1)
 
 
-def test_head_output_shapes_for_many_classes():
+def test_head_output_shapes_for_many_classes_and_its_initialisation():
+    torch.manual_seed(0)
+    head = ClassSpecificRPNHead(in_channels=8, head_channels=64, num_anchors=3, num_classes=100)
+    for layer in (head.conv, head.cls_logits, head.bbox_deltas):
+        assert layer.weight.std().item() == pytest.approx(0.01, rel=0.05) and layer.bias.abs().sum() == 0
     head = ClassSpecificRPNHead(in_channels=8, head_channels=4, num_anchors=3, num_classes=10)
     logits, deltas = head(torch.randn(2, 8, 4, 5))
     assert logits.shape == (2, 4 * 5 * 3, 10) and deltas.shape == (2, 4 * 5 * 3, 10, 4)
@@ -167,11 +171,18 @@ def test_select_per_class_suppresses_within_a_class_only_and_keeps_top_k_per_cla
     boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 9], [0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 5, 0]])
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.95])
     columns = torch.tensor([0, 0, 1, 0, 1])  # the last box is empty: dropped
-    out = select_per_class(boxes, scores, columns, torch.tensor([7, 4]), nms_thresh=0.5, topk=5)
+    out = select_per_class(boxes, scores, columns, torch.tensor([7, 4]), nms_thresh=0.5, topk=5, min_size=0.0)
     assert out["labels"].tolist() == [7, 7, 4]
     assert out["scores"].tolist() == pytest.approx([0.9, 0.6, 0.7])
-    out = select_per_class(boxes, scores, columns, torch.tensor([7, 4]), nms_thresh=0.5, topk=1)
+    out = select_per_class(boxes, scores, columns, torch.tensor([7, 4]), nms_thresh=0.5, topk=1, min_size=0.0)
     assert out["scores"].tolist() == pytest.approx([0.9, 0.7])
+    # a side of at most min_size drops a box; a non-finite box drops only itself
+    boxes[3] = torch.tensor([20.0, 20.0, 25.0, 30.0])
+    boxes[2, 0] = float("nan")
+    out = select_per_class(boxes, scores, columns, torch.tensor([7, 4]), nms_thresh=0.5, topk=5, min_size=5.0)
+    assert out["labels"].tolist() == [7] and out["scores"].tolist() == pytest.approx([0.9])
+    out = select_per_class(boxes, scores, columns, torch.tensor([7, 4]), nms_thresh=0.5, topk=5, min_size=0.0)
+    assert out["labels"].tolist() == [7, 7] and out["scores"].tolist() == pytest.approx([0.9, 0.6])
 
 
 def test_losses_of_two_images_are_divided_by_eight_anchors_times_two_and_ignore_regions_reach_the_sampling():

@@ -252,7 +252,7 @@ def select_per_class(
     *,
     nms_thresh: float,
     topk: int,
-    min_size: float = 0.0,
+    min_size: float,
 ) -> dict[str, Tensor]:
     """Per-class NMS and the `topk` best per class.
 
@@ -267,7 +267,7 @@ def select_per_class(
     boxes, scores, columns = boxes[keep], scores[keep], columns[keep]
     order = torch.sort(columns, stable=True).indices  # by column, still best first within one
     boxes, scores, columns = boxes[order], scores[order], columns[order]
-    counts = torch.bincount(columns, minlength=len(classes))
+    counts = torch.bincount(columns)  # (max column + 1,): boxes per class
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(len(columns), device=columns.device) - starts[columns]
     keep = rank < topk
