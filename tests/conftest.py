@@ -3,6 +3,7 @@ must be there when CI is set), and the real VOC2012 sample's detections, as tupl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -30,18 +31,27 @@ def shared_data():
     return lambda name: require_shared_data(SHARED_DATA / name)
 
 
-@pytest.fixture(autouse=True)
-def restore_package_logger():
+@contextlib.contextmanager
+def package_logger_restored():
     """The tools' `setup_logging` gives the `detectron_res` logger its own handlers (one writing to a test's
-    log.txt) and stops propagation; put it back as it was so that later tests (and caplog) see every record."""
+    log.txt) and stops propagation; put it back as it was so that later tests (and caplog) see every record.
+    Module-scoped fixtures that run a tool use it themselves: they run before the per-test fixture below saves."""
     package_logger = logging.getLogger("detectron_res")
     saved = (list(package_logger.handlers), package_logger.propagate, package_logger.level)
-    yield
-    for handler in package_logger.handlers:
-        if handler not in saved[0]:
-            handler.close()
-    package_logger.handlers[:] = saved[0]
-    package_logger.propagate, package_logger.level = saved[1], saved[2]
+    try:
+        yield
+    finally:
+        for handler in package_logger.handlers:
+            if handler not in saved[0]:
+                handler.close()
+        package_logger.handlers[:] = saved[0]
+        package_logger.propagate, package_logger.level = saved[1], saved[2]
+
+
+@pytest.fixture(autouse=True)
+def restore_package_logger():
+    with package_logger_restored():
+        yield
 
 
 @pytest.fixture(scope="session")

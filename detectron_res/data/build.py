@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .datasets import get_dataset
 from .datasets.base import DetectionDataset
@@ -44,25 +44,37 @@ def build_train_dataset(cfg) -> DetectionDataset:
     return concatenate_datasets([load_dataset(cfg, name) for name in cfg.DATASETS.TRAIN])
 
 
-def build_train_data_loader(cfg, dataset: DetectionDataset, *, start_iter: int = 0, rank: int = 0, world_size: int = 1):
+def build_train_data_loader(
+    cfg,
+    dataset: DetectionDataset,
+    *,
+    start_iter: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    mapper: Callable[..., dict] | None = None,
+):
     """Infinite loader of SOLVER.IMS_PER_BATCH / world_size images per batch for this process, from batch number
-    `start_iter` on (the iterations a resumed run already trained)."""
+    `start_iter` on (the iterations a resumed run already trained). `mapper` defaults to the detector's training
+    `DatasetMapper`; another one (the localization stages' crops) turns off aspect-ratio grouping, since its outputs'
+    shapes do not follow the images'."""
     if cfg.SOLVER.IMS_PER_BATCH % world_size:
         raise ValueError(
             f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} is not divisible by the {world_size} processes"
         )
-    mapper = DatasetMapper(
-        min_size=cfg.INPUT.MIN_SIZE_TRAIN,
-        max_size=cfg.INPUT.MAX_SIZE_TRAIN,
-        hflip_prob=cfg.INPUT.HFLIP_PROB,
-        is_train=True,
-    )
+    grouping = cfg.DATALOADER.ASPECT_RATIO_GROUPING and mapper is None
+    if mapper is None:
+        mapper = DatasetMapper(
+            min_size=cfg.INPUT.MIN_SIZE_TRAIN,
+            max_size=cfg.INPUT.MAX_SIZE_TRAIN,
+            hflip_prob=cfg.INPUT.HFLIP_PROB,
+            is_train=True,
+        )
     return build_train_loader(
         dataset,
         mapper=mapper,
         batch_size=cfg.SOLVER.IMS_PER_BATCH // world_size,
         num_workers=cfg.DATALOADER.NUM_WORKERS,
-        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+        aspect_ratio_grouping=grouping,
         filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
         seed=cfg.SEED,
         rank=rank,

@@ -8,14 +8,13 @@ from torch import nn
 from torchvision.models.detection._utils import BoxCoder
 
 from ..config import merge_overrides
-from ..data.build import build_test_mapper
+from ..data.build import build_test_mapper, build_train_data_loader
 from ..data.datasets.base import DetectionDataset
-from ..data.loader import build_test_loader, build_train_loader
+from ..data.loader import build_test_loader
 from ..layers import get_norm
 from ..modeling.backbone import ResNetTrunk, build_res5, load_resnet_weights, read_resnet_state_dict
-from ..modeling.build import build_backbone, resolve_device
+from ..modeling.build import build_backbone, resolve_device, rpn_settings
 from ..modeling.roi_heads import FastRCNNOutputLayers
-from ..modeling.rpn import AnchorGenerator
 from ..modeling.rpn.class_specific_rpn import ClassSpecificRPN, ClassSpecificRPNHead
 from .class_predictions import TorchvisionClassifier
 from .mappers import LocCropMapper, OriginalImageMapper, RoIMapper
@@ -34,29 +33,17 @@ def _load_backbone_weights(cfg, trunk: nn.Module, res5: nn.Module) -> None:
 
 
 def build_class_specific_rpn(cfg, *, in_channels: int, stride: int) -> ClassSpecificRPN:
+    """MODEL.RPN's options with a per-class head; the top-k are per class, at inference (the *_TEST keys)."""
     r = cfg.MODEL.RPN
-    anchor_generator = AnchorGenerator(sizes=r.ANCHOR_SIZES, aspect_ratios=r.ASPECT_RATIOS, stride=stride)
+    settings = rpn_settings(cfg, stride=stride)
     head = ClassSpecificRPNHead(
         in_channels=in_channels,
         head_channels=r.HEAD_CHANNELS or in_channels,
-        num_anchors=anchor_generator.num_anchors,
+        num_anchors=settings["anchor_generator"].num_anchors,
         num_classes=cfg.MODEL.NUM_CLASSES,
     )
     return ClassSpecificRPN(
-        head=head,
-        anchor_generator=anchor_generator,
-        box_coder=BoxCoder(tuple(r.BBOX_REG_WEIGHTS)),
-        positive_iou=r.POSITIVE_IOU,
-        negative_iou=r.NEGATIVE_IOU,
-        batch_size_per_image=r.BATCH_SIZE_PER_IMAGE,
-        positive_fraction=r.POSITIVE_FRACTION,
-        boundary_thresh=r.BOUNDARY_THRESH,
-        pre_nms_topk=r.PRE_NMS_TOPK_TEST,
-        post_nms_topk=r.POST_NMS_TOPK_TEST,
-        nms_thresh=r.NMS_THRESH,
-        min_size=r.MIN_SIZE,
-        smooth_l1_beta=r.SMOOTH_L1_BETA,
-        loss_weight=r.LOSS_WEIGHT,
+        head=head, pre_nms_topk=r.PRE_NMS_TOPK_TEST, post_nms_topk=r.POST_NMS_TOPK_TEST, **settings
     )
 
 
@@ -156,25 +143,6 @@ def rpn_stage_config(cfg):
     return merge_overrides(cfg, [f"OUTPUT_DIR={Path(cfg.OUTPUT_DIR) / RPN_FOLDER}"])
 
 
-def _train_loader(cfg, dataset: DetectionDataset, mapper, *, start_iter: int, rank: int, world_size: int):
-    if cfg.SOLVER.IMS_PER_BATCH % world_size:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} is not divisible by the {world_size} processes")
-    return build_train_loader(
-        dataset,
-        mapper=mapper,
-        batch_size=cfg.SOLVER.IMS_PER_BATCH // world_size,
-        num_workers=cfg.DATALOADER.NUM_WORKERS,
-        aspect_ratio_grouping=False,  # square crops (RPN) or warped crops (R-CNN): the image shape does not matter
-        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-        seed=cfg.SEED,
-        rank=rank,
-        world_size=world_size,
-        start_iter=start_iter,
-        on_bad_image=cfg.DATALOADER.ON_BAD_IMAGE,
-        timeout=cfg.DATALOADER.TIMEOUT,
-    )
-
-
 def build_rpn_train_loader(cfg, dataset: DetectionDataset, *, start_iter: int = 0, rank: int = 0, world_size: int = 1):
     """RPN-stage batches of SOLVER.IMS_PER_BATCH random crops (`LocCropMapper`)."""
     mapper = LocCropMapper(
@@ -183,14 +151,13 @@ def build_rpn_train_loader(cfg, dataset: DetectionDataset, *, start_iter: int = 
         hflip_prob=cfg.INPUT.HFLIP_PROB,
         min_visible=cfg.LOC.MIN_VISIBLE,
     )
-    return _train_loader(cfg, dataset, mapper, start_iter=start_iter, rank=rank, world_size=world_size)
+    return build_train_data_loader(cfg, dataset, mapper=mapper, start_iter=start_iter, rank=rank, world_size=world_size)
 
 
 def build_rcnn_train_loader(cfg, rois: DetectionDataset, *, start_iter: int = 0, rank: int = 0, world_size: int = 1):
     """R-CNN-stage batches of SOLVER.IMS_PER_BATCH RoIs, each from another image of the pool (`rcnn_training_records`)."""
-    return _train_loader(
-        cfg, rois, RoIMapper(fg_fraction=cfg.LOC.RCNN.FG_FRACTION, hflip_prob=cfg.INPUT.HFLIP_PROB), start_iter=start_iter, rank=rank, world_size=world_size
-    )
+    mapper = RoIMapper(fg_fraction=cfg.LOC.RCNN.FG_FRACTION, hflip_prob=cfg.INPUT.HFLIP_PROB)
+    return build_train_data_loader(cfg, rois, mapper=mapper, start_iter=start_iter, rank=rank, world_size=world_size)
 
 
 def build_localization_test_loader(cfg, dataset: DetectionDataset, *, rank: int = 0, world_size: int = 1):

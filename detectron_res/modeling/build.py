@@ -28,29 +28,38 @@ def build_backbone(cfg) -> ResNetTrunk:
     )
 
 
-def build_rpn(cfg, *, in_channels: int, stride: int) -> RPN:
+def rpn_settings(cfg, *, stride: int) -> dict:
+    """The MODEL.RPN options shared by the detector's RPN and the localization system's class-specific RPN: anchors,
+    box coding, anchor matching and sampling, NMS and the losses (not the head, not the top-k)."""
     r = cfg.MODEL.RPN
-    anchor_generator = AnchorGenerator(sizes=r.ANCHOR_SIZES, aspect_ratios=r.ASPECT_RATIOS, stride=stride)
-    head = RPNHead(
-        in_channels=in_channels,
-        head_channels=r.HEAD_CHANNELS or in_channels,
-        num_anchors=anchor_generator.num_anchors,
-    )
-    return RPN(
-        head=head,
-        anchor_generator=anchor_generator,
+    return dict(
+        anchor_generator=AnchorGenerator(sizes=r.ANCHOR_SIZES, aspect_ratios=r.ASPECT_RATIOS, stride=stride),
         box_coder=BoxCoder(tuple(r.BBOX_REG_WEIGHTS)),
         positive_iou=r.POSITIVE_IOU,
         negative_iou=r.NEGATIVE_IOU,
         batch_size_per_image=r.BATCH_SIZE_PER_IMAGE,
         positive_fraction=r.POSITIVE_FRACTION,
         boundary_thresh=r.BOUNDARY_THRESH,
-        pre_nms_topk=(r.PRE_NMS_TOPK_TRAIN, r.PRE_NMS_TOPK_TEST),
-        post_nms_topk=(r.POST_NMS_TOPK_TRAIN, r.POST_NMS_TOPK_TEST),
         nms_thresh=r.NMS_THRESH,
         min_size=r.MIN_SIZE,
         smooth_l1_beta=r.SMOOTH_L1_BETA,
         loss_weight=r.LOSS_WEIGHT,
+    )
+
+
+def build_rpn(cfg, *, in_channels: int, stride: int) -> RPN:
+    r = cfg.MODEL.RPN
+    settings = rpn_settings(cfg, stride=stride)
+    head = RPNHead(
+        in_channels=in_channels,
+        head_channels=r.HEAD_CHANNELS or in_channels,
+        num_anchors=settings["anchor_generator"].num_anchors,
+    )
+    return RPN(
+        head=head,
+        pre_nms_topk=(r.PRE_NMS_TOPK_TRAIN, r.PRE_NMS_TOPK_TEST),
+        post_nms_topk=(r.POST_NMS_TOPK_TRAIN, r.POST_NMS_TOPK_TEST),
+        **settings,
     )
 
 

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 
 import ensemble_det  # noqa: E402
+from conftest import package_logger_restored  # noqa: E402
 import test_det  # noqa: E402
 import train_det  # noqa: E402
 
@@ -46,7 +47,8 @@ def trained(tmp_path_factory):
     runs = {}
     for name, extra in (("plain", []), ("context", ["MODEL.ROI_HEADS.GLOBAL_CONTEXT=true"])):
         out = root / name
-        train_det.main(["--cfg", CONFIG, "--output", str(out), *common, *extra, "DATASETS.TEST=[]"])
+        with package_logger_restored():
+            train_det.main(["--cfg", CONFIG, "--output", str(out), *common, *extra, "DATASETS.TEST=[]"])
         runs[name] = out
     return {"runs": runs, "overrides": common}
 

@@ -17,6 +17,7 @@ from detectron_res.data.datasets import generate_loc_shapes
 from detectron_res.data.datasets.imagenet_loc import read_loc_solution, read_synsets
 from detectron_res.evaluation.imagenet_loc import read_submission
 from detectron_res.localization.class_predictions import TorchvisionClassifier
+from conftest import package_logger_restored
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
@@ -45,7 +46,8 @@ def trained(tmp_path_factory):
         "SOLVER.IMS_PER_BATCH=4", "SOLVER.MAX_ITER=3", "SOLVER.STEPS=[]", "SOLVER.CHECKPOINT_PERIOD=2",
         "LOC.RCNN.IMS_PER_BATCH=4", "LOC.RCNN.MAX_ITER=3", "LOC.RCNN.STEPS=[]",
     ]
-    results = train_loc.main(["--cfg", CONFIG, *common, *training])
+    with package_logger_restored():
+        results = train_loc.main(["--cfg", CONFIG, *common, *training])
     return root, output, common, results
 
 
