@@ -16,9 +16,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 
 import ensemble_det  # noqa: E402
-from conftest import package_logger_restored  # noqa: E402
 import test_det  # noqa: E402
 import train_det  # noqa: E402
+from conftest import package_logger_restored  # noqa: E402
 
 CONFIG = str(REPO / "configs/shapes_r18.yaml")
 ALL_ADD_ONS = [

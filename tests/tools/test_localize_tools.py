@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import package_logger_restored
 
 from detectron_res.data.datasets import generate_loc_shapes
 from detectron_res.data.datasets.imagenet_loc import read_loc_solution, read_synsets
 from detectron_res.evaluation.imagenet_loc import read_submission
 from detectron_res.localization.class_predictions import TorchvisionClassifier
-from conftest import package_logger_restored
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
