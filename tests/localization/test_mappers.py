@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from detectron_res.data.mapper import DatasetMapper
+from detectron_res.data.mapper import BadImageError, DatasetMapper
 from detectron_res.localization.mappers import LocCropMapper, OriginalImageMapper, RoIMapper
 
 
@@ -89,6 +89,7 @@ def test_original_image_mapper_decodes_once_and_keeps_the_full_image(tmp_path):
     rec = record(tmp_path / "c.png", 30, 60, [], [])
     out = OriginalImageMapper(test_mapper=DatasetMapper(min_size=15, max_size=100, is_train=False))(rec)
     assert out["image"].shape == (3, 15, 30) and out["original"].shape == (3, 30, 60)
+    assert out["file_name"] == str(tmp_path / "c.png")
     assert np.array_equal(out["original"].permute(1, 2, 0).numpy(), image)
     assert (out["height"], out["width"], out["image_id"]) == (30, 60, 7)
 
@@ -155,3 +156,44 @@ def test_roi_mapper_outputs_and_errors(tmp_path):
     for bad in ({"fg_fraction": -0.1}, {"fg_fraction": 1.1}, {"hflip_prob": -0.5}, {"hflip_prob": 1.5}):
         with pytest.raises(ValueError, match="fg_fraction and hflip_prob must be in"):
             RoIMapper(**bad)
+
+
+def test_crop_mapper_checks_its_arguments_and_the_image_size(tmp_path):
+    LocCropMapper(crop_size=8, scale_range=(8, 8))  # the defaults (flip 0.5, min_visible 0.5) are valid
+    LocCropMapper(crop_size=8, scale_range=(8, 8), hflip_prob=1.0, min_visible=1.0)
+    with pytest.raises(ValueError, match=r"must satisfy crop size \(224\) <= low <= high: the crop is taken from the "
+                                         r"rescaled image"):
+        LocCropMapper(crop_size=224, scale_range=(200, 480))
+    for bad in ({"hflip_prob": 1.5}, {"hflip_prob": -0.1}, {"min_visible": 0.0}, {"min_visible": 1.5}):
+        with pytest.raises(ValueError, match="hflip_prob must be in .0, 1. and min_visible in .0, 1."):
+            LocCropMapper(crop_size=8, scale_range=(8, 8), **bad)
+    write_image(tmp_path / "h.png", 10, 12)
+    rec = record(tmp_path / "h.png", 11, 12, [], [])
+    with pytest.raises(BadImageError, match=r"h\.png: decoded image is 10x12 \(HxW\) but the data set says 11x12"):
+        LocCropMapper(crop_size=8, scale_range=(8, 8))(rec, rng=np.random.default_rng(0))
+
+
+def test_crop_mapper_leaves_crowd_boxes_out_keeps_slivers_as_ignore_regions_and_names_the_file(tmp_path):
+    write_image(tmp_path / "i.png", 64, 64)
+    rec = record(tmp_path / "i.png", 64, 64, [[10.0, 10.0, 30.0, 30.0], [40.0, 40.0, 60.0, 60.0]], [1, 2])
+    rec["annotations"][1]["iscrowd"] = 1
+    rec["annotations"].append({"bbox": [0.0, 20.0, 32.5, 21.0], "category_id": 3})  # 0.5 x 1 px of it in the crop
+    mapper = LocCropMapper(crop_size=32, scale_range=(64, 64), hflip_prob=0.0)
+    out = mapper(rec, rng=ScriptedRng(integers=[64, 0, 32], randoms=[0.9]))  # the right half of the top half
+    assert out["gt_boxes"].shape == (0, 4) and out["image_classes"].tolist() == [1, 3]  # the crowd box is no class
+    assert out["ignore_boxes"].tolist() == [[0.0, 20.0, 0.5, 21.0]] and out["ignore_boxes"].dtype == torch.float32
+    assert out["file_name"] == str(tmp_path / "i.png")
+    rec["annotations"] = []
+    out = mapper(rec, rng=ScriptedRng(integers=[64, 0, 0], randoms=[0.9]))
+    assert out["gt_boxes"].shape == (0, 4) and out["image_classes"].tolist() == []
+
+
+def test_roi_mapper_without_rng_repeats_with_numpys_seed(tmp_path):
+    write_image(tmp_path / "j.png", 40, 40)
+    rois = [[float(i), float(i), float(i) + 5, float(i) + 5] for i in range(30)]
+    rec = {**record(tmp_path / "j.png", 40, 40, [[0.0, 0.0, 5.0, 5.0]], [0]), "rois": rois, "roi_foreground": [False] * 30}
+    drawn = []
+    for _ in range(2):
+        np.random.seed(11)
+        drawn.append([RoIMapper()(rec)["rois"].tolist() for _ in range(4)])
+    assert drawn[0] == drawn[1]

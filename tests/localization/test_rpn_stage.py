@@ -86,3 +86,14 @@ def test_ignore_boxes_reach_the_rpn_losses():
     torch.manual_seed(5)
     ignored = model([{**x, "ignore_boxes": torch.tensor([[40.0, 0.0, 96.0, 96.0]])}])["loss_rpn_cls"]
     assert not torch.isclose(plain, ignored)
+
+
+def test_the_trunk_sees_the_image_minus_the_mean_over_the_std_zero_padded():
+    model = tiny_rpn(**{"MODEL.PIXEL_MEAN": "[100.0,110.0,120.0]", "MODEL.PIXEL_STD": "[50.0,55.0,60.0]"})
+    model.backbone = torch.nn.Identity()
+    im = image(20, 30)
+    batch, sizes = model.features([im])
+    assert batch.shape == (1, 3, 32, 32) and sizes == [(20, 30)]
+    expected = (im.float() - torch.tensor([100.0, 110.0, 120.0]).view(3, 1, 1)) / torch.tensor([50.0, 55.0, 60.0]).view(3, 1, 1)
+    assert torch.allclose(batch[0, :, :20, :30], expected)
+    assert batch[0, :, 20:].abs().sum() == 0 and batch[0, :, :, 30:].abs().sum() == 0
