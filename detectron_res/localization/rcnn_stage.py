@@ -24,7 +24,7 @@ from torchvision.ops import box_iou, clip_boxes_to_image, roi_align
 from ..modeling.roi_heads import FastRCNNOutputLayers
 
 
-def crop_and_warp(images: Tensor, boxes: list[Tensor], *, size: int, sampling_ratio: int = 0) -> Tensor:
+def crop_and_warp(images: Tensor, boxes: list[Tensor], *, size: int, sampling_ratio: int) -> Tensor:
     """(N, 3, H, W) images and per image (P_i, 4) continuous XYXY boxes in its pixels -> (sum P_i, 3, size, size):
     each box's region bilinearly resampled to size x size, `sampling_ratio` points per output pixel and axis
     averaged (0: enough to cover the bin, as an anti-aliased shrink). Pixel i covers [i, i + 1), its value sitting at
