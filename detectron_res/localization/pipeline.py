@@ -74,10 +74,6 @@ class Localizer:
             self.rcnn.eval()
         return self
 
-    @property
-    def device(self) -> torch.device:
-        return self.rpn.device
-
     def image_classes(self, x: dict) -> list[int] | None:
         """The classes to localise in input `x`, best first; None: the RPN's own choice."""
         if self.classes is None:
@@ -191,13 +187,14 @@ def rcnn_training_records(
     (RoI-centric sampling). `data_loader` yields the data set's images (`build_localization_test_loader`).
     """
     records = {image_key(r["image_id"]): r for r in dataset.records}
-    localizer = Localizer(rpn=rpn.eval(), classes=oracle_class_table(dataset), classes_per_image=len(dataset.class_names))
+    oracle = oracle_class_table(dataset)
+    rpn.eval()
     pool, num_foreground, num_rois = [], 0, 0
     for inputs in tqdm(data_loader, desc="R-CNN RoIs", disable=None if progress else True):
         inputs = [x for x in inputs if "bad_image" not in x]
         if not inputs:
             continue
-        with_classes = [{**x, "classes": localizer.image_classes(x)} for x in inputs]
+        with_classes = [{**x, "classes": oracle[image_key(x["image_id"])]} for x in inputs]
         for x, result in zip(with_classes, rpn(with_classes)):
             record = records[image_key(x["image_id"])]
             truth = ground_truth_of(record)
