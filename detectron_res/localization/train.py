@@ -23,6 +23,7 @@ from ..engine.runner import results_folder_name, train
 from ..evaluation import write_metrics_json
 from ..utils.io import atomic_write
 from .build import (
+    RPN_FOLDER,
     build_class_predictor,
     build_localization_rpn,
     build_localization_test_loader,
@@ -119,7 +120,7 @@ def train_rcnn_stage(cfg, *, rpn_checkpoint: str | Path | None = None, resume: b
     """Stage 2: the R-CNN stage on the trained RPN's boxes of the training images, into OUTPUT_DIR/rcnn.
 
     `rpn_checkpoint` defaults to the newest checkpoint in OUTPUT_DIR/rpn."""
-    rpn_checkpoint = Path(rpn_checkpoint or last_stage_checkpoint(Path(cfg.OUTPUT_DIR) / "rpn", "RPN-stage"))
+    rpn_checkpoint = Path(rpn_checkpoint or last_stage_checkpoint(Path(cfg.OUTPUT_DIR) / RPN_FOLDER, "RPN-stage"))
     stage = rcnn_stage_config(cfg)
     rpn = build_localization_rpn(cfg)
     load_stage(rpn, rpn_checkpoint)
