@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written checkpoint, config or metrics file.
+"""Atomic file writes: a reader (or a crash) never sees a half-written checkpoint, config or metrics file (or a
+half-generated data set folder, `build_folder_atomically`).
 
 The temporary file is ``.<name>.<pid>.<random>.tmp`` beside the target, created with mode 0666 minus the umask
 (like any other file the process writes). A process killed during a write leaves it behind;
@@ -11,6 +12,9 @@ import logging
 import os
 import re
 import secrets
+import shutil
+import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -72,3 +76,33 @@ def _process_is_running(pid: int) -> bool:
     except PermissionError:  # it exists, under another user
         return True
     return True
+
+
+def build_folder_atomically(root: str | os.PathLike, build: Callable[[Path], object], *, done: Callable[[], bool]) -> Path:
+    """Make ``root`` by calling ``build(folder)`` on a temporary sibling folder, then renaming it to ``root`` (an older
+    ``root`` is moved aside and deleted first), so that an interrupted build never leaves a folder that looks
+    complete. ``done()`` says whether ``root`` is already what is wanted: when the final rename fails because another
+    process finished the same folder first, that is not an error."""
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{root.name}-partial-", dir=root.parent))
+    try:
+        build(temporary)
+        if root.exists():
+            stale = root.with_name(f".{root.name}-stale-{uuid.uuid4().hex}")
+            try:
+                root.rename(stale)
+            except FileNotFoundError:  # another process moved it first
+                pass
+            else:
+                shutil.rmtree(stale, ignore_errors=True)
+        temporary.chmod(0o755)  # mkdtemp makes it private
+        try:
+            temporary.rename(root)
+        except OSError:
+            if not done():
+                raise
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return root
+

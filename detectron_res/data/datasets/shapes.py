@@ -10,14 +10,12 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from ...utils.io import build_folder_atomically
 from .base import DetectionDataset
 from .coco import load_coco_json
 
@@ -80,28 +78,12 @@ def ensure_shapes(root: str | os.PathLike, **params: int) -> Path:
     if _read_params(root) == wanted:
         return root
 
-    root.parent.mkdir(parents=True, exist_ok=True)
     logger.info("Generating the shapes data set in %s with %s", root, wanted)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{root.name}-partial-", dir=root.parent))
-    try:
-        generate_shapes(temporary, **{key: wanted[key] for key in DEFAULT_PARAMS})
-        if root.exists():
-            stale = root.with_name(f".{root.name}-stale-{uuid.uuid4().hex}")
-            try:
-                root.rename(stale)
-            except FileNotFoundError:  # another process moved it first
-                pass
-            else:
-                shutil.rmtree(stale, ignore_errors=True)
-        temporary.chmod(0o755)  # mkdtemp makes it private
-        try:
-            temporary.rename(root)
-        except OSError:
-            if _read_params(root) != wanted:  # not another process finishing the same data set first
-                raise
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-    return root
+    return build_folder_atomically(
+        root,
+        lambda folder: generate_shapes(folder, **{key: wanted[key] for key in DEFAULT_PARAMS}),
+        done=lambda: _read_params(root) == wanted,  # another process finished the same data set first
+    )
 
 
 def load_shapes(root: str | os.PathLike, split: str, *, name: str) -> DetectionDataset:
