@@ -25,6 +25,7 @@ from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from ...postprocess import nonempty_boxes
 from .anchors import AnchorGenerator
+from .rpn import sample_anchors
 
 
 class ClassSpecificRPNHead(nn.Module):
@@ -193,17 +194,12 @@ class ClassSpecificRPN(nn.Module):
             if len(ignore):
                 near_ignored = box_iou(ignore, anchors).max(dim=0).values >= self.matcher.low_threshold
                 labels[near_ignored & (labels == 0)] = -1.0
-            if self.boundary_thresh >= 0:
-                t = self.boundary_thresh
-                inside = (
-                    (anchors[:, 0] >= -t) & (anchors[:, 1] >= -t) & (anchors[:, 2] < width + t) & (anchors[:, 3] < height + t)
+            all_labels.append(
+                sample_anchors(
+                    labels, anchors, image_size=(height, width), boundary_thresh=self.boundary_thresh,
+                    sampler=self.sampler,
                 )
-                labels[~inside] = -1.0
-            positive, negative = self.sampler([labels])
-            labels = torch.full_like(labels, -1.0)
-            labels[positive[0].bool()] = 1.0
-            labels[negative[0].bool()] = 0.0
-            all_labels.append(labels)
+            )
             all_classes.append(target.long())
             all_matched.append(matched)
         return torch.stack(all_labels), torch.stack(all_classes), torch.stack(all_matched)

@@ -25,6 +25,30 @@ class NonFiniteProposalsError(FloatingPointError):
         self.image_index = image_index
 
 
+def sample_anchors(
+    labels: Tensor,
+    anchors: Tensor,
+    *,
+    image_size: tuple[int, int],
+    boundary_thresh: float,
+    sampler: BalancedPositiveNegativeSampler,
+) -> Tensor:
+    """One image's anchor labels (R,) (1 positive, 0 negative, -1 ignored) -> the sampled ones: anchors crossing the
+    (height, width) image by more than `boundary_thresh` pixels are ignored first (a negative threshold keeps them
+    all), then `sampler` picks the positives and negatives; every other anchor becomes -1."""
+    labels = labels.clone()
+    if boundary_thresh >= 0:
+        height, width = image_size
+        t = boundary_thresh
+        inside = (anchors[:, 0] >= -t) & (anchors[:, 1] >= -t) & (anchors[:, 2] < width + t) & (anchors[:, 3] < height + t)
+        labels[~inside] = -1.0
+    positive, negative = sampler([labels])
+    sampled = torch.full_like(labels, -1.0)
+    sampled[positive[0].bool()] = 1.0
+    sampled[negative[0].bool()] = 0.0
+    return sampled
+
+
 class RPNHead(nn.Module):
     """3x3 conv + ReLU, then 1x1 convs for A objectness logits and 4A anchor deltas per feature cell."""
 
@@ -137,17 +161,12 @@ class RPN(nn.Module):
                 labels = (matches >= 0).to(torch.float32)
                 labels[matches == Matcher.BETWEEN_THRESHOLDS] = -1.0
                 matched = boxes[matches.clamp(min=0)]
-            if self.boundary_thresh >= 0:
-                t = self.boundary_thresh
-                inside = (
-                    (anchors[:, 0] >= -t) & (anchors[:, 1] >= -t) & (anchors[:, 2] < width + t) & (anchors[:, 3] < height + t)
+            all_labels.append(
+                sample_anchors(
+                    labels, anchors, image_size=(height, width), boundary_thresh=self.boundary_thresh,
+                    sampler=self.sampler,
                 )
-                labels[~inside] = -1.0
-            positive, negative = self.sampler([labels])
-            labels = torch.full_like(labels, -1.0)
-            labels[positive[0].bool()] = 1.0
-            labels[negative[0].bool()] = 0.0
-            all_labels.append(labels)
+            )
             all_matched.append(matched)
         return torch.stack(all_labels), torch.stack(all_matched)
 
