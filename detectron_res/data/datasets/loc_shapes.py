@@ -29,10 +29,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ...utils.io import build_folder_atomically
 from .base import DetectionDataset
 from .imagenet_loc import load_imagenet_loc_csv
-from .shapes import _GAP, _POLYGON_SHIFT, _apart, _background, _distinct_colour, _shape_mask
+from .shapes import (
+    _GAP,
+    _POLYGON_SHIFT,
+    PARAMS_FILE,
+    _apart,
+    _background,
+    _distinct_colour,
+    _shape_mask,
+    ensure_generated,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +48,6 @@ CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring")
 WNIDS: tuple[str, ...] = tuple(f"n9{k:07d}" for k in range(1, len(CLASS_NAMES) + 1))  # n90000001 ... n90000005
 DEFAULT_PARAMS: dict[str, int] = {"num_train": 600, "num_val": 100, "seed": 0}
 SPLITS: tuple[str, ...] = ("train", "val")
-PARAMS_FILE = "params.json"
 SYNSETS_FILE = "LOC_synset_mapping.txt"
 CSV_HEADER: tuple[str, str] = ("ImageId", "PredictionString")
 VAL_PREFIX = "LOCSHAPES_val_"
@@ -96,19 +103,9 @@ def ensure_loc_shapes(root: str | os.PathLike, **params: int) -> Path:
     ones not given). Generation happens in a temporary sibling folder that is renamed to ``root`` when complete,
     so an interrupted run never leaves a data set that looks complete.
     """
-    unknown = sorted(set(params) - set(DEFAULT_PARAMS))
-    if unknown:
-        raise ValueError(f"unknown loc_shapes parameters {unknown}; known: {sorted(DEFAULT_PARAMS)}")
-    wanted = _validated_params(**{**DEFAULT_PARAMS, **params})
-    root = Path(root)
-    if _read_params(root) == wanted:
-        return root
-
-    logger.info("Generating the loc_shapes data set in %s with %s", root, wanted)
-    return build_folder_atomically(
-        root,
-        lambda folder: generate_loc_shapes(folder, **{key: wanted[key] for key in DEFAULT_PARAMS}),
-        done=lambda: _read_params(root) == wanted,  # another process finished the same data set first
+    return ensure_generated(
+        root, params, kind="loc_shapes", defaults=DEFAULT_PARAMS, validate=_validated_params,
+        generate=generate_loc_shapes,
     )
 
 
@@ -165,13 +162,6 @@ def _validated_params(*, num_train: int, num_val: int, seed: int) -> dict[str, i
     if seed < 0:
         raise ValueError(f"loc_shapes parameter seed must be >= 0, got {seed}")
     return {"format_version": _FORMAT_VERSION, **{key: int(value) for key, value in values.items()}}
-
-
-def _read_params(root: Path) -> dict | None:
-    try:
-        return json.loads((root / PARAMS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _generate_split(image_dir: Path, *, split: str, split_code: int, count: int, seed: int) -> list[list[str]]:

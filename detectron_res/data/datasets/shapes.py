@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -70,18 +71,34 @@ def ensure_shapes(root: str | os.PathLike, **params: int) -> Path:
     ones not given). Generation happens in a temporary sibling folder that is renamed to ``root`` when
     complete, so an interrupted run never leaves a data set that looks complete.
     """
-    unknown = sorted(set(params) - set(DEFAULT_PARAMS))
+    return ensure_generated(
+        root, params, kind="shapes", defaults=DEFAULT_PARAMS, validate=_validated_params, generate=generate_shapes
+    )
+
+
+def ensure_generated(
+    root: str | os.PathLike,
+    params: dict[str, int],
+    *,
+    kind: str,
+    defaults: dict[str, int],
+    validate: Callable[..., dict[str, int]],
+    generate: Callable[..., None],
+) -> Path:
+    """``root`` after making sure it holds the `kind` data set made by ``generate(folder, **wanted)``, the wanted
+    parameters being ``validate(**defaults updated with params)``. Generates only when ``root/params.json`` (which
+    ``generate`` writes last) is missing or records other parameters, atomically (`build_folder_atomically`)."""
+    unknown = sorted(set(params) - set(defaults))
     if unknown:
-        raise ValueError(f"unknown shapes parameters {unknown}; known: {sorted(DEFAULT_PARAMS)}")
-    wanted = _validated_params(**{**DEFAULT_PARAMS, **params})
+        raise ValueError(f"unknown {kind} parameters {unknown}; known: {sorted(defaults)}")
+    wanted = validate(**{**defaults, **params})
     root = Path(root)
     if _read_params(root) == wanted:
         return root
-
-    logger.info("Generating the shapes data set in %s with %s", root, wanted)
+    logger.info("Generating the %s data set in %s with %s", kind, root, wanted)
     return build_folder_atomically(
         root,
-        lambda folder: generate_shapes(folder, **{key: wanted[key] for key in DEFAULT_PARAMS}),
+        lambda folder: generate(folder, **{key: wanted[key] for key in defaults}),
         done=lambda: _read_params(root) == wanted,  # another process finished the same data set first
     )
 
