@@ -18,8 +18,10 @@ import sys
 from detectron_res.engine.ablation import run_ablation
 from detectron_res.engine.runner import (
     EVAL_CONFIG_FILE,
+    add_num_gpus_argument,
     default_argument_parser,
     evaluate,
+    launch_processes,
     load_for_inference,
     parse_args,
     run_tool,
@@ -35,7 +37,11 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     parser.add_argument(
         "--ablation", action="store_true", help="evaluate Table 9's rows of test-time add-ons; writes ablation.json"
     )
+    add_num_gpus_argument(parser)
     args = parse_args(parser, argv)
+    launched, result = launch_processes(main, sys.argv[1:] if argv is None else argv, args.num_gpus)
+    if launched:
+        return result
     cfg = setup(args, config_file=EVAL_CONFIG_FILE)
     model, _ = load_for_inference(cfg, args.ckpt)
     if args.ablation:

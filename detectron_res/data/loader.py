@@ -6,7 +6,7 @@ and a worker touching it can block forever (seen after the Predictor or the shap
 A worker that dies ends the run with torch's error; one that hangs, with an error after ``timeout`` seconds.
 
 Training randomness does not depend on which worker maps a sample: every sample gets its own seed from
-(seed, rank, batch number, place in batch), so resuming at batch ``start_iter`` replays exactly the batches and
+(seed, batch number, place in the batch of all processes), so resuming at batch ``start_iter`` replays exactly the batches and
 augmentations an uninterrupted run would have drawn.
 """
 
@@ -115,25 +115,31 @@ class MappedDataset(Dataset):
 class SeededBatchSampler(Sampler[list[tuple[int, int]]]):
     """The batches of ``batch_sampler`` from batch number ``start`` on, each index paired with its own seed.
 
-    The seed of the k-th sample of batch b is a hash of (seed, rank, b, k): it depends only on the sample's place
-    in the stream, so skipping ``start`` batches gives a resumed run the same data and augmentations as an
-    uninterrupted one. Skipping replays the (cheap, index-only) batch sampler, grouping buffers included.
+    A sample's seed depends only on its place in the shared sample order of all processes: the k-th sample of
+    batch b of process ``rank`` (of ``world_size``, each taking every world_size-th index of that order, see
+    `TrainingSampler`) is sample k * world_size + rank of global batch b, and its seed is a hash of (seed, b, that
+    place). So skipping ``start`` batches gives a resumed run the same data and augmentations as an uninterrupted
+    one, and without aspect-ratio grouping N processes of B images draw the images and augmentations of one process
+    of N x B. Skipping replays the (cheap, index-only) batch sampler, grouping buffers included.
     """
 
-    def __init__(self, batch_sampler: Iterable[list[int]], *, seed: int, rank: int, start: int = 0) -> None:
+    def __init__(
+        self, batch_sampler: Iterable[list[int]], *, seed: int, rank: int = 0, world_size: int = 1, start: int = 0
+    ) -> None:
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
         self.batch_sampler = batch_sampler
         self.seed = seed
         self.rank = rank
+        self.world_size = world_size
         self.start = start
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for number, batch in enumerate(self.batch_sampler):
             if number < self.start:
                 continue
-            seeds = np.random.SeedSequence([self.seed, self.rank, number]).generate_state(len(batch))
-            yield [(index, int(sample_seed)) for index, sample_seed in zip(batch, seeds.tolist())]
+            seeds = np.random.SeedSequence([self.seed, number]).generate_state(len(batch) * self.world_size).tolist()
+            yield [(index, int(seeds[k * self.world_size + self.rank])) for k, index in enumerate(batch)]
 
 
 class SkipReportingLoader:
@@ -219,7 +225,7 @@ def build_train_loader(
         batch_sampler = BatchSampler(sampler, batch_size=batch_size, drop_last=True)
     loader = _data_loader(
         MappedDataset(records=records, mapper=mapper, on_bad_image=on_bad_image),
-        batch_sampler=SeededBatchSampler(batch_sampler, seed=seed, rank=rank, start=start_iter),
+        batch_sampler=SeededBatchSampler(batch_sampler, seed=seed, rank=rank, world_size=world_size, start=start_iter),
         num_workers=num_workers,
         seed=seed,
         rank=rank,

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..evaluation import InferenceTiming, json_safe
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, comm
 from ..modeling.build import build_test_time
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ def run_ablation(cfg, model: torch.nn.Module, evaluate) -> list[dict]:
         metrics = evaluate(row_cfg, model, timing=timing)
         rows.append({"name": name, **metrics, "seconds_per_image": timing.seconds_per_image, "overrides": overrides})
     model.test_time = build_test_time(cfg)
+    if not comm.is_main_process():  # in a distributed job rank 0 writes and prints
+        return rows
     path = Path(cfg.OUTPUT_DIR) / ABLATION_FILE
     atomic_write_text(path, json.dumps(json_safe(rows), indent=2, allow_nan=False) + "\n")
     table = format_ablation_table(rows)

@@ -48,15 +48,20 @@ class LRScheduler(HookBase):
 class PeriodicCheckpointer(HookBase):
     """Saves `model_XXXXXXX.pth` every `period` iterations and `model_final.pth` when training completes, each with
     the trainer's state for an exact resume. A run that fails (e.g. a non-finite loss) writes nothing more: the last
-    good checkpoint stays the newest. A run that had nothing left to do (resumed at `max_iter`) rewrites nothing."""
+    good checkpoint stays the newest. A run that had nothing left to do (resumed at `max_iter`) rewrites nothing.
 
-    def __init__(self, checkpointer: Checkpointer, *, period: int):
+    In a distributed job every rank runs the hook (the trainer state gathers all ranks' random states) and only the
+    one built with `write` (rank 0) writes."""
+
+    def __init__(self, checkpointer: Checkpointer, *, period: int, write: bool = True):
         self.checkpointer = checkpointer
         self.period = period
+        self.write = write
 
     def _save(self, name: str) -> None:
         state = self.trainer.state_dict()
-        self.checkpointer.save(name, iteration=state["iteration"], trainer=state)
+        if self.write:
+            self.checkpointer.save(name, iteration=state["iteration"], trainer=state)
 
     def after_step(self) -> None:
         done = self.trainer.iter + 1

@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
-from ..config import load_config, save_config
+from ..config import load_config, merge_overrides, save_config
 from ..data.datasets.base import DetectionDataset
 from ..data.build import build_test_data_loader, build_train_data_loader, build_train_dataset, load_dataset
 from ..evaluation import InferenceTiming, inference_on_dataset, write_metrics_json
 from ..evaluation.build import build_evaluator
 from ..modeling import build_model
-from ..utils import remove_orphaned_temporary_files
-from .checkpoint import Checkpointer
+from ..modeling.build import resolve_device
+from ..utils import comm, remove_orphaned_temporary_files
+from .checkpoint import Checkpointer, unwrap_model
 from .events import ConsoleWriter, JSONWriter
+from .launch import launch
 from .hooks import EvalHook, IterationTimer, LRScheduler, PeriodicCheckpointer, PeriodicWriter
 from .logger import setup_logging
 from .solver import build_lr_scheduler, build_optimizer
@@ -46,28 +51,97 @@ def default_argument_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_num_gpus_argument(parser: argparse.ArgumentParser) -> None:
+    """`--num-gpus N`: run the tool as N processes of one distributed job on this machine (see `launch_processes`)."""
+    parser.add_argument(
+        "--num-gpus", type=int, default=1, metavar="N",
+        help="processes (one per GPU; CPU processes with gloo where there is no CUDA) of one distributed job on this "
+        "machine, as `torchrun --standalone --nproc_per_node=N` would start; for several machines use torchrun",
+    )
+
+
+def launch_processes(main: Callable[[list[str]], Any], argv: Sequence[str], num_gpus: int) -> tuple[bool, Any]:
+    """For a tool's `main(argv)` called with `--num-gpus N` (N > 1) outside any distributed job: runs it in N worker
+    processes (`engine.launch.launch`) and returns (True, rank 0's result). Inside a job (a worker, or under torchrun)
+    or with N = 1: (False, None), and the tool goes on in this process."""
+    if num_gpus <= 1 or comm.launched_world_size() > 1:
+        if num_gpus > 1 and num_gpus != comm.launched_world_size():
+            logger.warning("--num-gpus %d ignored: this process is one of %d started by torchrun",
+                           num_gpus, comm.launched_world_size())
+        return False, None
+    return True, launch(main, argv, num_processes=num_gpus)[0]
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Flags and `KEY=VALUE` overrides in any order (`... SOLVER.IMS_PER_BATCH=8 --resume`)."""
     return parser.parse_intermixed_args(argv)
 
 
 def setup(args: argparse.Namespace, *, config_file: str | None = CONFIG_FILE):
-    """Loads the config (file, overrides, --output), prepares the output folder and logging, saves the resolved
-    config as `OUTPUT_DIR/<config_file>` (None: not here; training writes it once its checks passed), seeds every
-    random generator. Returns the frozen config."""
+    """Loads the config (file, overrides, --output), joins the distributed job when torchrun started this process
+    (rescaling batch, LR and schedule when SOLVER.REFERENCE_WORLD_SIZE asks), prepares the output folder and
+    logging, saves the resolved config as `OUTPUT_DIR/<config_file>` (None: not here; training writes it once its
+    checks passed), seeds every random generator. Only rank 0 writes files and logs below warnings. Returns the
+    frozen config."""
     overrides = list(args.opts)
     if args.output is not None:
         overrides.append(f"OUTPUT_DIR={args.output}")
     cfg = load_config(args.cfg, overrides)
+    comm.init_distributed(
+        backend=cfg.DISTRIBUTED.BACKEND,
+        timeout_s=cfg.DISTRIBUTED.TIMEOUT,
+        device_type=resolve_device(cfg.MODEL.DEVICE).type,
+    )
+    rescaled = world_size_overrides(cfg.SOLVER, comm.get_world_size())
+    if rescaled:
+        cfg = merge_overrides(cfg, rescaled)
     output_dir = Path(cfg.OUTPUT_DIR)
-    setup_logging(output_dir)
-    remove_orphaned_temporary_files(output_dir)
+    setup_logging(output_dir, rank=comm.get_rank())
+    if comm.is_main_process():
+        remove_orphaned_temporary_files(output_dir)
     logger.info("Config %s with overrides %s", args.cfg, overrides)
-    if config_file is not None:
+    if rescaled:
+        logger.info("SOLVER.REFERENCE_WORLD_SIZE=%d, world size %d: rescaled by the linear rule to %s",
+                    cfg.SOLVER.REFERENCE_WORLD_SIZE, comm.get_world_size(), " ".join(rescaled))
+    if config_file is not None and comm.is_main_process():
         save_config(cfg, output_dir / config_file)
         logger.info("Resolved config saved to %s", output_dir / config_file)
     seed_everything(cfg.SEED)
     return cfg
+
+
+def world_size_overrides(solver, world_size: int) -> list[str]:
+    """detectron2's linear scaling rule: a solver written for SOLVER.REFERENCE_WORLD_SIZE processes, run on
+    `world_size`, gets IMS_PER_BATCH and BASE_LR multiplied by world_size / reference and its iteration counts
+    (MAX_ITER, STEPS, WARMUP_ITERS, CHECKPOINT_PERIOD) divided by it, as `KEY=VALUE` overrides; [] when no rescaling
+    applies (REFERENCE_WORLD_SIZE 0 or equal to the world size).
+
+    Raises:
+        ValueError: the rescaled batch is not a whole number of images.
+    """
+    reference = solver.REFERENCE_WORLD_SIZE
+    if reference == 0 or reference == world_size:
+        return []
+    scale = world_size / reference
+    batch = solver.IMS_PER_BATCH * scale
+    if batch != int(batch) or batch < 1:
+        raise ValueError(
+            f"SOLVER.REFERENCE_WORLD_SIZE={reference} on {world_size} processes scales SOLVER.IMS_PER_BATCH="
+            f"{solver.IMS_PER_BATCH} to {batch:g} images, not a whole number"
+        )
+
+    def iterations(value: int) -> int:
+        return int(round(value / scale))
+
+    steps = ",".join(str(iterations(step)) for step in solver.STEPS)
+    return [
+        f"SOLVER.IMS_PER_BATCH={int(batch)}",
+        f"SOLVER.BASE_LR={solver.BASE_LR * scale:g}",
+        f"SOLVER.MAX_ITER={iterations(solver.MAX_ITER)}",
+        f"SOLVER.STEPS=[{steps}]",
+        f"SOLVER.WARMUP_ITERS={iterations(solver.WARMUP_ITERS)}",
+        f"SOLVER.CHECKPOINT_PERIOD={max(1, iterations(solver.CHECKPOINT_PERIOD))}",
+    ]
 
 
 def seed_everything(seed: int) -> None:
@@ -78,9 +152,13 @@ def seed_everything(seed: int) -> None:
 
 def run_tool(main: Callable[[list[str]], object], argv: Sequence[str]) -> int:
     """Runs a tool's `main(argv)`; an error it stops on (bad config, missing file, unreadable image, diverged
-    training, a dead data-loading worker, ...) prints one line to stderr and returns 1, and its traceback goes to
-    the output folder's log.txt when logging to one had started. Other exceptions (bugs) propagate with their
-    traceback."""
+    training, a dead data-loading worker, a failed rank, ...) prints one line to stderr and returns 1, and its
+    traceback goes to the output folder's log.txt when logging to one had started. Other exceptions (bugs)
+    propagate with their traceback.
+
+    In a distributed job the line names the rank, and the error also goes to the error file of torchrun's agent
+    (TORCHELASTIC_ERROR_FILE, as `torch.distributed.elastic`'s `@record` writes it), so that torchrun's failure
+    summary shows it; the agent then stops the other ranks."""
     try:
         main(list(argv))
     except (ValueError, OSError, FloatingPointError, RuntimeError) as error:
@@ -92,8 +170,16 @@ def run_tool(main: Callable[[list[str]], object], argv: Sequence[str]) -> int:
         for handler in package_logger.handlers:
             if isinstance(handler, logging.FileHandler):
                 handler.handle(record)
-        print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+        where = f" (rank {comm.get_rank()} of {comm.get_world_size()})" if comm.is_distributed() else ""
+        print(f"{Path(sys.argv[0]).name}: error{where}: {message}", file=sys.stderr)
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            ErrorHandler().record_exception(error)
         return 1
+    except BaseException as error:
+        if os.environ.get("TORCHELASTIC_ERROR_FILE") and not isinstance(error, SystemExit):
+            ErrorHandler().record_exception(error)  # a bug's traceback for torchrun's summary, then propagate
+        raise
+    comm.destroy_distributed()
     return 0
 
 
@@ -110,22 +196,25 @@ def evaluate(
     cfg, model: torch.nn.Module, *, progress: bool = True, timing: InferenceTiming | None = None
 ) -> dict:
     """Evaluates `model` on every data set of DATASETS.TEST; writes results and `<OUTPUT_DIR>/metrics.json`.
-    `timing`, when given, gets the images and seconds of the inference loops added.
+    `timing`, when given, gets the images and seconds of the inference loops added. In a distributed job each rank
+    runs its shard of the images, rank 0 evaluates and writes, and every rank returns the metrics.
 
     Returns {"bbox": {...}, ...} for one test data set, {name: {...}} for several.
     """
     results = {}
+    model = unwrap_model(model)
     for name in cfg.DATASETS.TEST:
-        dataset = load_dataset(cfg, name)
+        with comm.main_process_first():
+            dataset = load_dataset(cfg, name)
         output_dir = Path(cfg.OUTPUT_DIR) / "inference" / results_folder_name(name)
-        evaluator = build_evaluator(dataset, output_dir=output_dir)
-        loader = build_test_data_loader(cfg, dataset)
+        evaluator = build_evaluator(dataset, output_dir=output_dir) if comm.is_main_process() else None
+        loader = build_test_data_loader(cfg, dataset, rank=comm.get_rank(), world_size=comm.get_world_size())
         logger.info("Evaluating on %s (%d images)", name, len(dataset))
         results[name] = inference_on_dataset(model, loader, evaluator, progress=progress, timing=timing)
         log_metrics_summary(name, results[name])
     if len(results) == 1:
         results = next(iter(results.values()))
-    if results:
+    if results and comm.is_main_process():
         write_metrics_json(Path(cfg.OUTPUT_DIR) / METRICS_FILE, results)
     return results
 
@@ -221,7 +310,9 @@ def train(
     that already holds checkpoints (they would be overwritten), are errors.
     """
     output_dir = Path(cfg.OUTPUT_DIR)
-    dataset = build_train_dataset(cfg) if dataset is None else dataset
+    rank, world_size = comm.get_rank(), comm.get_world_size()
+    with comm.main_process_first():  # rank 0 generates a synthetic data set; the others then read it
+        dataset = build_train_dataset(cfg) if dataset is None else dataset
     model = build_model(cfg) if model is None else model
     build_loader = build_train_data_loader if build_loader is None else build_loader
     optimizer = build_optimizer(cfg, model)
@@ -235,37 +326,55 @@ def train(
     )
 
     start_iter, trainer_state = starting_point(cfg, checkpointer, resume=resume)
-    save_config(cfg, output_dir / CONFIG_FILE)
-    logger.info("Resolved config saved to %s", output_dir / CONFIG_FILE)
+    if comm.is_main_process():
+        save_config(cfg, output_dir / CONFIG_FILE)
+        logger.info("Resolved config saved to %s", output_dir / CONFIG_FILE)
+    amp_dtype, grad_scaler = amp_settings(cfg.SOLVER.AMP, device=next(model.parameters()).device)
+    logger.info(
+        "Training on %d process%s: global batch %d images (SOLVER.IMS_PER_BATCH), %d per process, base LR %g%s",
+        world_size, "es" if world_size > 1 else "", cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.IMS_PER_BATCH // world_size,
+        cfg.SOLVER.BASE_LR, f", {cfg.SOLVER.AMP.DTYPE} autocast" if amp_dtype is not None else "",
+    )
+    data_loader = build_loader(cfg, dataset, start_iter=start_iter, rank=rank, world_size=world_size)
+    if world_size > 1:
+        seed_everything(cfg.SEED + rank)  # the ranks sample anchors and RoIs independently; the model was seeded alike
+    trained = wrap_distributed(model, cfg)
 
     final_metrics: dict = {}
 
     def evaluate_and_keep() -> dict:
         final_metrics.clear()
-        final_metrics.update(evaluate(cfg, model) if evaluate_fn is None else evaluate_fn(model))
+        comm.broadcast_buffers(model)  # every rank evaluates the weights rank 0 checkpoints
+        if evaluate_fn is None:
+            final_metrics.update(evaluate(cfg, model))
+        else:  # another model family's evaluation runs on rank 0; the others wait for its metrics
+            final_metrics.update(comm.broadcast(evaluate_fn(model) if comm.is_main_process() else None))
         return final_metrics
 
     hooks = [
         IterationTimer(),
         LRScheduler(scheduler),
-        PeriodicCheckpointer(checkpointer, period=cfg.SOLVER.CHECKPOINT_PERIOD),
+        PeriodicCheckpointer(checkpointer, period=cfg.SOLVER.CHECKPOINT_PERIOD, write=comm.is_main_process()),
     ]
     if cfg.DATASETS.TEST:
         hooks.append(EvalHook(evaluate_and_keep, period=cfg.TEST.EVAL_PERIOD))
-    hooks.append(
-        PeriodicWriter(
-            [ConsoleWriter(max_iter=cfg.SOLVER.MAX_ITER), JSONWriter(path=output_dir / TRAIN_LOG_FILE, start_iter=start_iter)],
-            period=cfg.LOG_PERIOD,
+    if comm.is_main_process():
+        hooks.append(
+            PeriodicWriter(
+                [ConsoleWriter(max_iter=cfg.SOLVER.MAX_ITER), JSONWriter(path=output_dir / TRAIN_LOG_FILE, start_iter=start_iter)],
+                period=cfg.LOG_PERIOD,
+            )
         )
-    )
     trainer = Trainer(
-        model=model,
-        data_loader=build_loader(cfg, dataset, start_iter=start_iter),
+        model=trained,
+        data_loader=data_loader,
         optimizer=optimizer,
         max_iter=cfg.SOLVER.MAX_ITER,
         start_iter=start_iter,
         hooks=hooks,
         clip_grad_norm=cfg.SOLVER.CLIP_GRAD_NORM,
+        amp_dtype=amp_dtype,
+        grad_scaler=grad_scaler,
     )
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
@@ -281,6 +390,45 @@ def train(
         )
         raise
     return final_metrics
+
+
+def wrap_distributed(model: torch.nn.Module, cfg) -> torch.nn.Module:
+    """`model` in DistributedDataParallel in a distributed job (gradients averaged over the ranks at each step),
+    else `model` itself. Buffers are not synchronised at every step: BatchNorm's running statistics are made equal
+    (rank 0's) before each evaluation and are saved from rank 0.
+
+    Raises:
+        ValueError: MODEL.BACKBONE.NORM=SyncBN in a distributed job on CPUs (torch synchronises BN on GPUs only).
+    """
+    if comm.get_world_size() == 1:
+        return model
+    device = next(model.parameters()).device
+    if device.type == "cpu" and any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
+        raise ValueError(
+            "MODEL.BACKBONE.NORM=SyncBN: torch synchronises BatchNorm across processes on GPUs only; on CPUs use "
+            "BN (per-process statistics) or GN"
+        )
+    return torch.nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        forward_sync_buffers=False,  # buffers are synchronised at construction, then before each evaluation
+        find_unused_parameters=cfg.DISTRIBUTED.FIND_UNUSED_PARAMETERS,
+    )
+
+
+def amp_settings(amp_cfg, *, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """SOLVER.AMP -> (autocast dtype or None, gradient scaler or None): float16 takes a scaler (its gradients
+    underflow otherwise), bfloat16 does not.
+
+    Raises:
+        ValueError: float16 on the CPU (autocast there supports bfloat16).
+    """
+    if not amp_cfg.ENABLED:
+        return None, None
+    dtype = getattr(torch, amp_cfg.DTYPE)
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ValueError("SOLVER.AMP.DTYPE=float16 needs CUDA; on the CPU use SOLVER.AMP.DTYPE=bfloat16")
+    return dtype, torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
 
 def load_for_inference(cfg, checkpoint: str | None = None) -> tuple[torch.nn.Module, dict]:

@@ -4,7 +4,11 @@ everything else (learning-rate schedule, checkpoints, logging, evaluation).
 `Trainer.state_dict()` is what a checkpoint needs besides the model, optimizer and scheduler for a resumed run to
 continue exactly as an uninterrupted one (on CPU, bit for bit): the iteration, every random generator of the
 process (Python, NumPy, torch, CUDA) and the recent metric history that the logged medians are taken over. The
-data loader's position is the iteration itself (see `detectron_res.data.loader`).
+data loader's position is the iteration itself (see `detectron_res.data.loader`). In a distributed job the state
+holds every rank's random generators and the world size.
+
+Distributed (DistributedDataParallel) and mixed-precision (autocast, with a gradient scaler for float16) training
+run through the same step: the losses are averaged over the ranks for the log and checked everywhere at once.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..utils import comm
 from .events import MetricsStorage
 
 logger = logging.getLogger(__name__)
@@ -58,15 +63,21 @@ class Trainer:
         start_iter: int = 0,
         hooks: Sequence[HookBase] = (),
         clip_grad_norm: float = 0.0,
+        amp_dtype: torch.dtype | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ):
         """
         Args:
-            model: returns a dict of named scalar losses for a list of input dicts.
+            model: returns a dict of named scalar losses for a list of input dicts; in a distributed job, wrapped in
+                DistributedDataParallel (the losses logged and checked are then the means over all ranks).
             data_loader: an infinite iterable of batches (lists of mapper dicts).
             optimizer: stepped once per iteration.
             max_iter, start_iter: iterations run are start_iter .. max_iter - 1 (start_iter > 0 when resuming).
             hooks: run in order around training and each step.
             clip_grad_norm: clip the gradients' total norm to this; 0 = off.
+            amp_dtype: run the model's forward under autocast to this dtype (torch.bfloat16 or torch.float16) on
+                its device; None = float32. The model keeps its losses and box decoding in float32.
+            grad_scaler: scales the loss for float16 (`torch.amp.GradScaler`); None = no scaling.
         """
         self.model = model
         self.data_loader = data_loader
@@ -76,6 +87,8 @@ class Trainer:
         self.iter = start_iter
         self.done = start_iter  # iterations completed, the first `start_iter` of them by an earlier run
         self.clip_grad_norm = clip_grad_norm
+        self.amp_dtype = amp_dtype
+        self.grad_scaler = grad_scaler
         self.storage = MetricsStorage(start_iter=start_iter)
         self.completed = False  # set once every iteration ran without error
         self.hooks: list[HookBase] = []
@@ -105,32 +118,83 @@ class Trainer:
                 hook.after_train()
 
     def state_dict(self) -> dict[str, Any]:
-        """The iteration done, the random generators' states and the recent metric history (see the module)."""
-        return {"iteration": self.done, "rng": get_rng_states(), "metrics": self.storage.state_dict()}
+        """The iteration done, the world size, every rank's random generators' states (in rank order), the recent
+        metric history and the gradient scaler's state (see the module). A collective: every rank must call it."""
+        state = {
+            "iteration": self.done,
+            "world_size": comm.get_world_size(),
+            "rng": comm.all_gather(get_rng_states()),
+            "metrics": self.storage.state_dict(),
+        }
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores what `state_dict` saved; the iteration must be the `start_iter` this trainer was built with."""
+        """Restores what `state_dict` saved; the iteration must be the `start_iter` this trainer was built with.
+
+        Each rank takes its own random states. Saved by another number of processes, the run goes on (the data
+        continues at the same place of the shared sample order, see `data.loader`) but with the random states of
+        the ranks both runs have, so it no longer repeats an uninterrupted run exactly: a warning says so."""
         if state["iteration"] != self.start_iter:
             raise ValueError(f"trainer state of iteration {state['iteration']} for a run starting at {self.start_iter}")
-        set_rng_states(state["rng"])
+        rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one dict: a single-process run
+        saved_world_size = state.get("world_size", len(rng))
+        rank, world_size = comm.get_rank(), comm.get_world_size()
+        if saved_world_size != world_size:
+            logger.warning(
+                "The checkpoint was written by a run of %d processes, this one has %d: training goes on with the new "
+                "sharding from the same place in the data, but its random draws differ from an uninterrupted run's",
+                saved_world_size, world_size,
+            )
+        if rank < len(rng):
+            set_rng_states(rng[rank])
         self.storage.load_state_dict(state["metrics"])
+        if self.grad_scaler is not None and "grad_scaler" in state:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
 
     def run_step(self) -> None:
         start = time.perf_counter()
         batch = next(self._data_iter)
         data_time = time.perf_counter() - start
-        losses = self.model(batch)
-        check_losses_finite(losses, iteration=self.iter, batch=batch)
+        device = next(self.model.parameters()).device
+        with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            losses = self.model(batch)
         total = sum(losses.values())
+        values = all_ranks_losses(losses, total, iteration=self.iter, batch=batch)
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(total).backward()
+            self.grad_scaler.unscale_(self.optimizer)  # clip (and the optimizer) see the true gradients
+        else:
+            total.backward()
         if self.clip_grad_norm > 0:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
-        self.optimizer.step()
-        self.storage.put_scalars(
-            data_time=data_time, total_loss=total.item(), **{name: value.item() for name, value in losses.items()}
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)  # skipped when float16 gradients overflowed
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+        self.storage.put_scalars(data_time=data_time, **values)
+
+
+def all_ranks_losses(
+    losses: dict[str, torch.Tensor], total: torch.Tensor, *, iteration: int, batch: Sequence[dict] = ()
+) -> dict[str, float]:
+    """{"total_loss": ..., loss name: ...}: the means over all ranks of `total` and `losses` (this process's values
+    in a single process), after checking that they are finite everywhere: the rank whose loss is not raises `NonFiniteLossError` naming its images, every other rank
+    one saying which rank failed, all at the same step, so that no rank is left waiting for the others."""
+    local = torch.stack([value.detach().float().reshape(()) for value in (total, *losses.values())])
+    finite = torch.isfinite(local).all().float().reshape(1)
+    reduced = comm.all_reduce_mean(torch.cat([local, finite]))
+    check_losses_finite(losses, iteration=iteration, batch=batch)
+    if reduced[-1].item() < 1:
+        raise NonFiniteLossError(
+            f"Loss became non-finite at iteration {iteration + 1} on another rank (see its error); rank "
+            f"{comm.get_rank()} stops with it"
         )
+    return dict(zip(["total_loss", *losses], reduced[:-1].tolist()))
 
 
 def check_losses_finite(losses: dict[str, torch.Tensor], *, iteration: int, batch: Sequence[dict] = ()) -> None:

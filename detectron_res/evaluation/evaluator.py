@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from ..utils import comm
+
 logger = logging.getLogger(__name__)
 
 
@@ -52,7 +54,7 @@ class InferenceTiming:
 def inference_on_dataset(
     model: Callable[[list[dict]], list[dict[str, Tensor]]],
     data_loader: Iterable[list[dict]],
-    evaluator: DatasetEvaluator,
+    evaluator: DatasetEvaluator | None,
     *,
     device: torch.device | str | None = None,
     progress: bool = True,
@@ -62,6 +64,11 @@ def inference_on_dataset(
 
     The model runs in eval mode inside ``torch.inference_mode()``; an ``nn.Module``'s training mode is
     restored afterwards. The model gets the batch's input dicts unchanged and moves them to its device itself.
+
+    In a distributed job every rank runs its own shard of the data set (``data_loader`` of its rank, see
+    ``InferenceSampler``); the outputs, on the CPU, and the inputs without their image tensors are gathered to rank 0,
+    whose evaluator processes them in rank order (the data set's order) and evaluates once. Every rank returns those
+    metrics; only rank 0 needs an evaluator (the others may pass None).
 
     Args:
         model: any callable from a list of input dicts to a list of output dicts (see :class:`DatasetEvaluator`).
@@ -73,22 +80,30 @@ def inference_on_dataset(
         timing: when given, the images and the seconds of the loop (loading, model, `process`) are added to it.
     """
     device = _resolve_device(model, device)
+    distributed = comm.get_world_size() > 1
+    if evaluator is None and comm.is_main_process():
+        raise ValueError("inference_on_dataset needs an evaluator on rank 0")
     try:
         total = len(data_loader)  # type: ignore[arg-type]
     except TypeError:
         total = None
 
-    evaluator.reset()
+    if evaluator is not None:
+        evaluator.reset()
     was_training = getattr(model, "training", None)
     if was_training is not None and hasattr(model, "train"):
         model.eval()  # type: ignore[attr-defined]
     num_images = 0
+    shard: list[tuple[list[dict], list[dict]]] = []  # distributed: this rank's (inputs, outputs) for rank 0
     try:
         with torch.inference_mode():
             start = time.perf_counter()
             for inputs in tqdm(data_loader, total=total, desc="inference", disable=None if progress else True):
                 outputs = model(inputs)
-                evaluator.process(inputs, outputs)
+                if distributed:
+                    shard.append(([_without_images(x) for x in inputs], [_on_cpu(y) for y in outputs]))
+                else:
+                    evaluator.process(inputs, outputs)  # type: ignore[union-attr]
                 num_images += len(inputs)
             _synchronize(device)
             elapsed = time.perf_counter() - start
@@ -99,11 +114,42 @@ def inference_on_dataset(
     if timing is not None:
         timing.images += num_images
         timing.seconds += elapsed
-    logger.info(
-        "Inference on %d images took %.2f s (%.2f images/s)",
-        num_images, elapsed, num_images / elapsed if elapsed > 0 else float("inf"),
+    if not distributed:
+        logger.info(
+            "Inference on %d images took %.2f s (%.2f images/s)",
+            num_images, elapsed, num_images / elapsed if elapsed > 0 else float("inf"),
+        )
+        return evaluator.evaluate()  # type: ignore[union-attr]
+
+    shards = comm.gather(shard)
+    slowest = max(comm.all_gather(elapsed))
+    metrics = None
+    if comm.is_main_process():
+        for rank_shard in shards:
+            for inputs, outputs in rank_shard:
+                evaluator.process(inputs, outputs)  # type: ignore[union-attr]
+        images = sum(len(inputs) for rank_shard in shards for inputs, _ in rank_shard)
+        logger.info(
+            "Inference on %d images over %d processes took %.2f s (%.2f images/s)",
+            images, comm.get_world_size(), slowest, images / slowest if slowest > 0 else float("inf"),
+        )
+        metrics = evaluator.evaluate()  # type: ignore[union-attr]
+    return comm.broadcast(metrics)
+
+
+def _without_images(inputs: dict) -> dict:
+    """An input dict without its image tensors (what evaluators read is the rest: ids, sizes, annotations)."""
+    return {key: value for key, value in inputs.items() if not _holds_tensors(value)}
+
+
+def _holds_tensors(value: object) -> bool:
+    return isinstance(value, Tensor) or (
+        isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, Tensor) for v in value)
     )
-    return evaluator.evaluate()
+
+
+def _on_cpu(outputs: dict) -> dict:
+    return {key: value.cpu() if isinstance(value, Tensor) else value for key, value in outputs.items()}
 
 
 def _resolve_device(model: object, device: torch.device | str | None) -> torch.device:

@@ -1,4 +1,4 @@
-"""Normalisation layers for the ResNet trunk: frozen BatchNorm (the paper's), trainable BN, GroupNorm."""
+"""Normalisation layers for the ResNet trunk: frozen BatchNorm (the paper's), trainable BN, synchronised BN, GroupNorm."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Callable
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-NORMS = ("FrozenBN", "BN", "GN")
+NORMS = ("FrozenBN", "BN", "SyncBN", "GN")
 
 
 def get_norm(norm: str, *, gn_groups: int = 32) -> Callable[[int], nn.Module]:
@@ -16,6 +16,8 @@ def get_norm(norm: str, *, gn_groups: int = 32) -> Callable[[int], nn.Module]:
         return FrozenBatchNorm2d
     if norm == "BN":
         return nn.BatchNorm2d
+    if norm == "SyncBN":  # statistics over all ranks' images in distributed training; plain BN in one process
+        return nn.SyncBatchNorm
     if norm == "GN":
 
         def group_norm(num_channels: int) -> nn.Module:

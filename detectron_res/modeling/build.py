@@ -9,6 +9,7 @@ from torch import nn
 from torchvision.models.detection._utils import BoxCoder
 
 from ..layers import ROIPooler, get_norm
+from ..utils import comm
 from .backbone import ResNetTrunk, build_res5, load_resnet_weights, read_resnet_state_dict
 from .detector import FasterRCNN
 from .roi_heads import FastRCNNOutputLayers, Res5ROIHeads
@@ -108,12 +109,15 @@ def build_test_time(cfg) -> TestTimeAugmentation:
 
 
 def resolve_device(name: str) -> torch.device:
-    """MODEL.DEVICE: "" picks CUDA when available, else the CPU."""
+    """MODEL.DEVICE: "" picks CUDA when available, else the CPU. In a distributed job, "" and "cuda" mean this
+    process's own GPU, cuda:LOCAL_RANK."""
     if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"MODEL.DEVICE={name!r} but CUDA is not available; use MODEL.DEVICE=cpu")
+    if device.type == "cuda" and device.index is None and comm.is_distributed():
+        device = torch.device("cuda", comm.get_local_rank())
     return device
 
 

@@ -83,7 +83,7 @@ def test_default_config_values_types_and_validity() -> None:
     assert cfg.SOLVER.STEPS == [60000, 80000]
     assert isinstance(cfg.SOLVER.BASE_LR, float) and cfg.SOLVER.BASE_LR == 0.01
     assert cfg.MODEL.ROI_HEADS.PROPOSAL_APPEND_GT is True
-    top_level = ["MODEL", "INPUT", "DATASETS", "DATALOADER", "SOLVER", "TEST", "LOC", "SEED", "OUTPUT_DIR", "LOG_PERIOD"]
+    top_level = ["MODEL", "INPUT", "DATASETS", "DATALOADER", "SOLVER", "TEST", "LOC", "DISTRIBUTED", "SEED", "OUTPUT_DIR", "LOG_PERIOD"]
     assert list(cfg) == top_level
     validate_config(cfg)
     # Every value rule names an existing key.
@@ -256,7 +256,7 @@ def test_unknown_key_in_a_base_names_the_base(tmp_path: Path) -> None:
         ("SOLVER.BASE_LR.X=1", ": 'SOLVER.BASE_LR' is a value, not a group of keys"),
         (
             "_base_=other.yaml",
-            "; valid keys at the top level: MODEL, INPUT, DATASETS, DATALOADER, SOLVER, TEST, LOC, SEED, ",
+            "; valid keys at the top level: MODEL, INPUT, DATASETS, DATALOADER, SOLVER, TEST, LOC, DISTRIBUTED, SEED, ",
         ),
     ],
 )
@@ -314,7 +314,7 @@ def test_type_error_in_a_file_names_the_file(tmp_path: Path) -> None:
     [
         ("SOLVER.BASE_LR=-0.1", "SOLVER.BASE_LR=-0.1 must be > 0"),
         ("MODEL.BACKBONE.DEPTH=42", "MODEL.BACKBONE.DEPTH=42 must be one of 18, 34, 50, 101, 152"),
-        ("MODEL.BACKBONE.NORM=LN", "MODEL.BACKBONE.NORM='LN' must be one of 'FrozenBN', 'BN', 'GN'"),
+        ("MODEL.BACKBONE.NORM=LN", "MODEL.BACKBONE.NORM='LN' must be one of 'FrozenBN', 'BN', 'SyncBN', 'GN'"),
         ("MODEL.BACKBONE.FREEZE_AT=5", "MODEL.BACKBONE.FREEZE_AT=5 must be in [0, 4]"),
         ("MODEL.BACKBONE.WIDTH=0", "MODEL.BACKBONE.WIDTH=0 must be > 0"),
         ("MODEL.NUM_CLASSES=0", "MODEL.NUM_CLASSES=0 must be >= 1"),

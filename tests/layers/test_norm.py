@@ -11,13 +11,14 @@ from detectron_res.layers import convert_frozen_batchnorm, get_norm
 def test_get_norm_factories():
     assert get_norm("FrozenBN") is FrozenBatchNorm2d
     assert get_norm("BN") is nn.BatchNorm2d
+    assert get_norm("SyncBN") is nn.SyncBatchNorm
     gn = get_norm("GN", gn_groups=4)(8)
     assert isinstance(gn, nn.GroupNorm) and gn.num_groups == 4 and gn.num_channels == 8
     assert get_norm("GN")(64).num_groups == 32  # the default group count
 
 
 def test_get_norm_rejects_bad_names_and_group_counts():
-    with pytest.raises(ValueError, match=r"Unknown normalisation 'LN'; expected one of \('FrozenBN', 'BN', 'GN'\)"):
+    with pytest.raises(ValueError, match=r"Unknown normalisation 'LN'; expected one of \('FrozenBN', 'BN', 'SyncBN', 'GN'\)"):
         get_norm("LN")
     with pytest.raises(ValueError, match="GroupNorm: 12 channels are not divisible into 8 groups"):
         get_norm("GN", gn_groups=8)(12)

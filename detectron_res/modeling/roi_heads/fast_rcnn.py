@@ -48,8 +48,9 @@ class FastRCNNOutputLayers(nn.Module):
         self.detections_per_image = detections_per_image
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(R, C) RoI features -> class logits (R, K+1), box deltas (R, 4K)."""
-        return self.cls_score(x), self.bbox_pred(x)
+        """(R, C) RoI features -> class logits (R, K+1), box deltas (R, 4K), in float32 also under autocast (the
+        losses and box decoding that follow stay in float32)."""
+        return self.cls_score(x).float(), self.bbox_pred(x).float()
 
     def losses(
         self, logits: Tensor, deltas: Tensor, proposals: Tensor, gt_classes: Tensor, gt_boxes: Tensor

@@ -45,7 +45,7 @@ class ClassSpecificRPNHead(nn.Module):
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """(N, C_in, H, W) -> logits (N, R, C), deltas (N, R, C, 4), R = H*W*A in the anchors' (H, W, A) order."""
         x = F.relu(self.conv(features))
-        logits, deltas = self.cls_logits(x), self.bbox_deltas(x)
+        logits, deltas = self.cls_logits(x).float(), self.bbox_deltas(x).float()  # float32 also under autocast
         n, _, height, width = logits.shape
         a, c = self.num_anchors, self.num_classes
         # (N, A*C, H, W) -> (N, A, C, H, W) -> (N, H, W, A, C) -> (N, H*W*A, C)

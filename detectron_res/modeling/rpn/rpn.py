@@ -62,9 +62,10 @@ class RPNHead(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """(N, C, H, W) -> objectness (N, A, H, W), deltas (N, 4A, H, W)."""
+        """(N, C, H, W) -> objectness (N, A, H, W), deltas (N, 4A, H, W), in float32 also under autocast (the
+        losses, box decoding and NMS that follow stay in float32)."""
         x = F.relu(self.conv(features))
-        return self.objectness_logits(x), self.anchor_deltas(x)
+        return self.objectness_logits(x).float(), self.anchor_deltas(x).float()
 
 
 class RPN(nn.Module):
