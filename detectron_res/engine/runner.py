@@ -20,13 +20,14 @@ from ..data.datasets.base import DetectionDataset
 from ..data.build import build_test_data_loader, build_train_data_loader, build_train_dataset, load_dataset
 from ..evaluation import InferenceTiming, inference_on_dataset, write_metrics_json
 from ..evaluation.build import build_evaluator
+from ..layers.norm import SyncBatchNorm
 from ..modeling import build_model
 from ..modeling.build import resolve_device
 from ..utils import comm, remove_orphaned_temporary_files
 from .checkpoint import Checkpointer, unwrap_model
 from .events import ConsoleWriter, JSONWriter
-from .launch import launch
 from .hooks import EvalHook, IterationTimer, LRScheduler, PeriodicCheckpointer, PeriodicWriter
+from .launch import launch
 from .logger import setup_logging
 from .solver import build_lr_scheduler, build_optimizer
 from .trainer import Trainer
@@ -395,19 +396,13 @@ def train(
 def wrap_distributed(model: torch.nn.Module, cfg) -> torch.nn.Module:
     """`model` in DistributedDataParallel in a distributed job (gradients averaged over the ranks at each step),
     else `model` itself. Buffers are not synchronised at every step: BatchNorm's running statistics are made equal
-    (rank 0's) before each evaluation and are saved from rank 0.
-
-    Raises:
-        ValueError: MODEL.BACKBONE.NORM=SyncBN in a distributed job on CPUs (torch synchronises BN on GPUs only).
-    """
+    (rank 0's) before each evaluation and are saved from rank 0. On GPUs, SyncBN layers become torch's fused
+    `nn.SyncBatchNorm` (same state)."""
     if comm.get_world_size() == 1:
         return model
     device = next(model.parameters()).device
-    if device.type == "cpu" and any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
-        raise ValueError(
-            "MODEL.BACKBONE.NORM=SyncBN: torch synchronises BatchNorm across processes on GPUs only; on CPUs use "
-            "BN (per-process statistics) or GN"
-        )
+    if device.type == "cuda" and any(isinstance(m, SyncBatchNorm) for m in model.modules()):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return torch.nn.parallel.DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,

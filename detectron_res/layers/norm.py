@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch import nn
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol  # differentiable collectives (torch's advice)
+from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
 NORMS = ("FrozenBN", "BN", "SyncBN", "GN")
@@ -17,7 +20,7 @@ def get_norm(norm: str, *, gn_groups: int = 32) -> Callable[[int], nn.Module]:
     if norm == "BN":
         return nn.BatchNorm2d
     if norm == "SyncBN":  # statistics over all ranks' images in distributed training; plain BN in one process
-        return nn.SyncBatchNorm
+        return SyncBatchNorm
     if norm == "GN":
 
         def group_norm(num_channels: int) -> nn.Module:
@@ -45,3 +48,40 @@ def convert_frozen_batchnorm(module: nn.Module) -> nn.Module:
         if new_child is not child:
             setattr(module, name, new_child)
     return module
+
+
+class SyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are taken over the inputs of every process of a distributed job.
+
+    Outside a distributed job, and in eval mode, it is exactly `nn.BatchNorm2d` (same state_dict too). In a
+    distributed training step, the per-channel sums and counts, then the sums of squared deviations from the global
+    mean, are all-reduced with autograd (`torch.distributed._functional_collectives.all_reduce`), so the gradient reaches
+    every process's inputs as with torch's `nn.SyncBatchNorm`. torch's class does this on GPUs only (and
+    DistributedDataParallel refuses it on CPUs): this one works over gloo on CPUs, and `engine.runner.
+    wrap_distributed` replaces it by torch's fused one on GPUs.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - torch's name
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(input)
+        self._check_input_dim(input)
+        channels = input.shape[1]
+        reduce_dims = [0, *range(2, input.dim())]
+        shape = [1, channels] + [1] * (input.dim() - 2)
+        sums = torch.cat([input.sum(reduce_dims), input.new_tensor([input.numel() / channels])])
+        sums = funcol.all_reduce(sums, "sum", dist.group.WORLD)
+        count = float(sums[-1].detach())
+        mean = sums[:channels] / count
+        squares = funcol.all_reduce(((input - mean.view(shape)) ** 2).sum(reduce_dims), "sum", dist.group.WORLD)
+        var = squares / count  # biased, as BatchNorm normalises with
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+                unbiased = var.detach() * (count / max(count - 1.0, 1.0))  # as BatchNorm's running variance
+                self.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+        output = (input - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            output = output * self.weight.view(shape) + self.bias.view(shape)
+        return output

@@ -21,6 +21,7 @@ from ..data.datasets.base import DetectionDataset
 from ..engine.checkpoint import Checkpointer
 from ..engine.runner import results_folder_name, train
 from ..evaluation import write_metrics_json
+from ..utils import comm
 from ..utils.io import atomic_write
 from .build import (
     RPN_FOLDER,
@@ -106,11 +107,13 @@ def train_rpn_stage(cfg, *, resume: bool = False) -> dict:
     """Stage 1: the class-specific RPN on random crops of DATASETS.TRAIN, into OUTPUT_DIR/rpn."""
     stage = rpn_stage_config(cfg)
     model = build_localization_rpn(stage)
+    with comm.main_process_first():  # rank 0 generates a synthetic data set; the others then read it
+        dataset = build_train_dataset(stage)
     return train(
         stage,
         resume=resume,
         model=model,
-        dataset=build_train_dataset(stage),
+        dataset=dataset,
         build_loader=build_rpn_train_loader,
         evaluate_fn=lambda m: evaluate_localizer(stage, m, classifier=classifier_weights(cfg)),
     )
@@ -124,8 +127,9 @@ def train_rcnn_stage(cfg, *, rpn_checkpoint: str | Path | None = None, resume: b
     stage = rcnn_stage_config(cfg)
     rpn = build_localization_rpn(cfg)
     load_stage(rpn, rpn_checkpoint)
-    dataset = build_train_dataset(stage)
-    pool = roi_pool(stage, rpn, dataset, rpn_checkpoint=rpn_checkpoint)
+    with comm.main_process_first():  # in a distributed job rank 0 makes the pool and the others read its cache
+        dataset = build_train_dataset(stage)
+        pool = roi_pool(stage, rpn, dataset, rpn_checkpoint=rpn_checkpoint)
     return train(
         stage,
         resume=resume,

@@ -90,9 +90,24 @@ def test_train_samples_draw_from_their_own_seed_whatever_the_worker() -> None:
     first = draws(seed=1, num_workers=0, count=6)
     assert draws(seed=1, num_workers=2, count=6) == first  # the same draws whichever process mapped a sample
     assert draws(seed=2, num_workers=0, count=6) != first
-    # the first sample's generator is seeded from (seed, rank, batch number, place in batch)
-    sample_seed = np.random.SeedSequence([1, 0, 0]).generate_state(2)[0]
-    assert first[0][1] == np.random.default_rng(int(sample_seed)).random()
+    # a sample's generator is seeded from (seed, batch number) and its place in the batch: the second of batch 1
+    sample_seed = np.random.SeedSequence([1, 1]).generate_state(2)[1]
+    assert first[3][1] == np.random.default_rng(int(sample_seed)).random()
+
+
+def test_two_processes_of_one_image_draw_the_samples_of_one_process_of_two() -> None:
+    def samples(rank: int, world_size: int) -> list[list[tuple[int, float]]]:
+        loader = build_train_loader(
+            make_dataset(), mapper=describe, batch_size=2 // world_size, num_workers=0, aspect_ratio_grouping=False,
+            filter_empty=False, seed=4, rank=rank, world_size=world_size, start_iter=1,
+        )
+        return [[(item["image_id"], item["draw"]) for item in batch] for batch in first_batches(loader, 5)]
+
+    alone = samples(0, 1)
+    rank0, rank1 = samples(0, 2), samples(1, 2)
+    assert [a + b for a, b in zip(rank0, rank1)] == alone  # the same images and augmentations, step by step
+    images = [image for batch in alone for image, _ in batch]
+    assert len(set(images)) == 10  # batches 1-5 of the first epoch of 12 images: no image twice
 
 
 def test_train_loader_resumes_at_a_batch_number_with_the_same_samples_and_draws() -> None:

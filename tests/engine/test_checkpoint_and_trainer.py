@@ -223,3 +223,59 @@ def test_scalar_metrics_flattens_one_or_several_test_sets():
     assert scalar_metrics(one) == {"bbox/AP": 50.0, "voc/mAP_07": 0.5}
     several = {"set_a": {"bbox": {"AP": 1.0}}, "set_b": {"bbox": {"AP": 2.0}}}
     assert scalar_metrics(several) == {"set_a/bbox/AP": 1.0, "set_b/bbox/AP": 2.0}
+
+
+class LinearModel(nn.Module):
+    """Loss = (x . w - 1)^2 through a Linear layer (so that autocast has a matmul to lower), recording its dtypes."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 1, bias=False)
+        nn.init.constant_(self.linear.weight, 0.5)
+        self.dtypes = []
+
+    def forward(self, batch):
+        out = self.linear(torch.ones(1, 4))
+        self.dtypes.append(out.dtype)
+        return {"loss": ((out.float() - 1.0) ** 2).sum()}
+
+
+def test_bfloat16_autocast_runs_the_forward_in_bfloat16_and_steps_in_float32():
+    model = LinearModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = Trainer(model=model, data_loader=itertools.repeat([{}]), optimizer=optimizer, max_iter=1,
+                      amp_dtype=torch.bfloat16)  # fmt: skip
+    trainer.train()
+    assert model.dtypes == [torch.bfloat16] and model.linear.weight.dtype == torch.float32
+    # loss (4 * 0.5 - 1)^2 = 1, gradient 2 * (2 - 1) * x = 2 per weight: 0.5 - 0.1 * 2 = 0.3 (exact in bfloat16)
+    assert torch.equal(model.linear.weight, torch.full((1, 4), 0.3))
+    assert trainer.storage.latest("total_loss") == trainer.storage.latest("loss") == 1.0
+
+
+def test_a_gradient_scaler_scales_the_backward_and_its_state_goes_into_the_trainer_state(tmp_path):
+    model = LinearModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+    trainer = Trainer(model=model, data_loader=itertools.repeat([{}]), optimizer=optimizer, max_iter=1,
+                      grad_scaler=scaler)  # fmt: skip
+    trainer.train()
+    torch.testing.assert_close(model.linear.weight, torch.full((1, 4), 0.3))  # unscaled before the step
+    state = trainer.state_dict()
+    assert state["grad_scaler"]["scale"] == 2048.0  # one finite step grows the scale (growth_interval=1)
+    assert state["world_size"] == 1 and len(state["rng"]) == 1
+
+    fresh = torch.amp.GradScaler("cpu", init_scale=1.0)
+    resumed = Trainer(model=LinearModel(), data_loader=iter(()), optimizer=optimizer, max_iter=2, start_iter=1,
+                      grad_scaler=fresh)  # fmt: skip
+    resumed.load_state_dict(state)
+    assert fresh.get_scale() == 2048.0
+
+
+def test_a_single_process_checkpoints_trainer_state_of_the_older_form_still_resumes():
+    trainer = Trainer(model=LinearModel(), data_loader=iter(()), optimizer=None, max_iter=3, start_iter=1)
+    state = trainer.state_dict()
+    old = dict(state, rng=state["rng"][0])  # before distributed training: one dict of states, no world size
+    del old["world_size"]
+    torch.manual_seed(123)
+    trainer.load_state_dict(old)
+    assert torch.equal(torch.get_rng_state(), state["rng"][0]["torch"])

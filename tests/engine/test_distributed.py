@@ -55,7 +55,7 @@ def shapes(tmp_path_factory):
 # both images get the same number of RoIs (20 proposals + 2 ground-truth boxes), so that the losses' normalisers
 # (sampled anchors / RoIs of the batch, as in detectron2) split evenly over the two processes.
 GRADIENT_OVERRIDES = [
-    "MODEL.DEVICE=cpu", "MODEL.BACKBONE.NORM=FrozenBN", "MODEL.BACKBONE.FREEZE_AT=0",
+    "MODEL.DEVICE=cpu", "MODEL.BACKBONE.FREEZE_AT=0",
     "MODEL.RPN.BATCH_SIZE_PER_IMAGE=1000", "MODEL.RPN.POST_NMS_TOPK_TRAIN=20",
     "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE=64", "MODEL.ROI_HEADS.POSITIVE_FRACTION=1.0",
 ]  # fmt: skip
@@ -72,8 +72,8 @@ def two_images() -> list[dict]:
     ]  # fmt: skip
 
 
-def gradient_model():
-    cfg = load_config(REPO / "configs/shapes_r18.yaml", GRADIENT_OVERRIDES)
+def gradient_model(norm: str):
+    cfg = load_config(REPO / "configs/shapes_r18.yaml", [*GRADIENT_OVERRIDES, f"MODEL.BACKBONE.NORM={norm}"])
     torch.manual_seed(0)
     return build_model(cfg).train(), cfg
 
@@ -83,30 +83,40 @@ def gradients(model) -> dict[str, torch.Tensor]:
 
 
 def ddp_step(argv: list[str]) -> dict:
-    """Worker: rank r trains on image r through DistributedDataParallel."""
+    """Worker: rank r trains on image r through DistributedDataParallel (argv: [norm])."""
     comm.init_distributed(backend="gloo")
-    model, cfg = gradient_model()
+    model, cfg = gradient_model(argv[0])
     wrapped = wrap_distributed(model, cfg)  # kept alive through backward: its reducer averages the gradients
     losses = wrapped([two_images()[comm.get_rank()]])
     sum(losses.values()).backward()
-    return {"rank": comm.get_rank(), "world_size": comm.get_world_size(),
+    buffers = {name: b.clone().numpy() for name, b in model.named_buffers() if "running" in name}
+    return {"rank": comm.get_rank(), "world_size": comm.get_world_size(), "buffers": buffers,
             "grads": {name: grad.numpy() for name, grad in gradients(model).items()}}  # fmt: skip
 
 
-def test_a_ddp_step_on_two_processes_gives_the_gradients_of_one_process_on_both_images():
-    results = launch(ddp_step, [], num_processes=2)
+@pytest.mark.parametrize(
+    ("norm", "num_weights"),
+    [("FrozenBN", 30), ("SyncBN", 70)],  # SyncBN: the 2 processes' BatchNorm statistics are those of both images
+)
+def test_a_ddp_step_on_two_processes_gives_the_gradients_of_one_process_on_both_images(norm, num_weights):
+    results = launch(ddp_step, [norm], num_processes=2)
     assert [(r["rank"], r["world_size"]) for r in results] == [(0, 2), (1, 2)]
 
-    model, _ = gradient_model()
+    model, _ = gradient_model(norm)
     sum(model(two_images()).values()).backward()
     expected = gradients(model)
-    assert len(expected) == len(list(model.parameters())) == 30  # every weight trains (FREEZE_AT=0; FrozenBN has none)
+    assert len(expected) == len(list(model.parameters())) == num_weights  # every weight trains (FREEZE_AT=0)
     for result in results:
         assert result["grads"].keys() == expected.keys()
         for name, grad in expected.items():
-            torch.testing.assert_close(torch.from_numpy(result["grads"][name]), grad, rtol=1e-4, atol=1e-7, msg=name)
+            torch.testing.assert_close(torch.from_numpy(result["grads"][name]), grad, rtol=1e-4, atol=1e-6, msg=name)
+        for name, buffer in model.named_buffers():  # SyncBN: the running statistics of a BN on both images
+            if "running" in name:
+                torch.testing.assert_close(torch.from_numpy(result["buffers"][name]), buffer, rtol=1e-5, atol=1e-7)
 
     # without DDP's averaging each process would hold its own image's gradient, far from the mean
+    if norm == "SyncBN":
+        return
     model.zero_grad()
     sum(model(two_images()[:1]).values()).backward()
     assert not torch.allclose(gradients(model)["rpn.head.conv.weight"], expected["rpn.head.conv.weight"], rtol=1e-2)
@@ -224,9 +234,6 @@ def test_a_failing_rank_stops_the_job_with_its_own_error(shapes, tmp_path):
 def test_tool_options_are_refused_before_any_process_trains(shapes, tmp_path):
     with pytest.raises(DistributedJobError, match=r"SOLVER.IMS_PER_BATCH=3 is not divisible by the 2 processes"):
         train_det.main([*train_args(shapes, tmp_path / "odd", "SOLVER.MAX_ITER=3", "SOLVER.IMS_PER_BATCH=3"),
-                        "--num-gpus", "2"])  # fmt: skip
-    with pytest.raises(DistributedJobError, match=r"SyncBN: torch synchronises BatchNorm across processes on GPUs only"):
-        train_det.main([*train_args(shapes, tmp_path / "sync", "SOLVER.MAX_ITER=3", "MODEL.BACKBONE.NORM=SyncBN"),
                         "--num-gpus", "2"])  # fmt: skip
 
 

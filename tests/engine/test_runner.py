@@ -1,9 +1,22 @@
 """The runner: its checks before training starts, argument parsing and the one-line error of the tools."""
 
 import logging
+import warnings
+
+import pytest
+import torch
 
 from detectron_res.config import get_default_config
-from detectron_res.engine.runner import default_argument_parser, error_summary, parse_args, warn_about_random_frozen_trunk
+from detectron_res.engine.logger import setup_logging
+from detectron_res.engine.runner import (
+    amp_settings,
+    default_argument_parser,
+    error_summary,
+    parse_args,
+    warn_about_random_frozen_trunk,
+    world_size_overrides,
+)
+from detectron_res.utils import comm
 
 
 def test_random_frozen_trunk_is_warned_about_and_a_scratch_setup_is_not(caplog):
@@ -38,3 +51,66 @@ def test_error_summary_keeps_a_worker_errors_last_line_and_the_notes():
     stopped = FloatingPointError("Loss became non-finite.")
     stopped.add_note("The newest checkpoint, x.pth, holds finite values.")
     assert error_summary(stopped) == "Loss became non-finite. The newest checkpoint, x.pth, holds finite values."
+
+
+def test_reference_world_size_rescales_batch_lr_and_schedule_by_the_linear_rule():
+    cfg = get_default_config()
+    cfg.SOLVER.IMS_PER_BATCH = 16
+    cfg.SOLVER.BASE_LR = 0.02
+    cfg.SOLVER.MAX_ITER = 90000
+    cfg.SOLVER.STEPS = [60000, 80000]
+    cfg.SOLVER.WARMUP_ITERS = 1000
+    cfg.SOLVER.CHECKPOINT_PERIOD = 5000
+    assert world_size_overrides(cfg.SOLVER, 2) == []  # REFERENCE_WORLD_SIZE 0: never
+    cfg.SOLVER.REFERENCE_WORLD_SIZE = 8
+    assert world_size_overrides(cfg.SOLVER, 8) == []
+    assert world_size_overrides(cfg.SOLVER, 2) == [
+        "SOLVER.IMS_PER_BATCH=4", "SOLVER.BASE_LR=0.005", "SOLVER.MAX_ITER=360000", "SOLVER.STEPS=[240000,320000]",
+        "SOLVER.WARMUP_ITERS=4000", "SOLVER.CHECKPOINT_PERIOD=20000",
+    ]  # fmt: skip
+    assert world_size_overrides(cfg.SOLVER, 16)[:3] == [
+        "SOLVER.IMS_PER_BATCH=32", "SOLVER.BASE_LR=0.04", "SOLVER.MAX_ITER=45000"
+    ]
+    cfg.SOLVER.IMS_PER_BATCH = 12
+    with pytest.raises(ValueError, match=r"on 3 processes scales SOLVER.IMS_PER_BATCH=12 to 4.5 images, not a whole"):
+        world_size_overrides(cfg.SOLVER, 3)
+
+
+def test_amp_settings_choose_dtype_and_scaler_and_refuse_float16_on_the_cpu():
+    amp = get_default_config().SOLVER.AMP
+    assert amp_settings(amp, device=torch.device("cpu")) == (None, None)
+    amp.ENABLED = True
+    assert amp_settings(amp, device=torch.device("cpu")) == (torch.bfloat16, None)
+    amp.DTYPE = "float16"
+    with pytest.raises(ValueError, match="SOLVER.AMP.DTYPE=float16 needs CUDA; on the CPU use SOLVER.AMP.DTYPE=bfloat16"):
+        amp_settings(amp, device=torch.device("cpu"))
+    with warnings.catch_warnings():  # torch warns that a CUDA scaler is disabled on a machine without CUDA
+        warnings.simplefilter("ignore")
+        dtype, scaler = amp_settings(amp, device=torch.device("cuda"))
+    assert dtype == torch.float16 and isinstance(scaler, torch.amp.GradScaler)
+
+
+def test_a_single_process_is_rank_0_of_1_and_its_collectives_are_identities():
+    assert (comm.get_rank(), comm.get_world_size(), comm.is_main_process(), comm.is_distributed()) == (0, 1, True, False)
+    assert comm.all_gather({"a": 1}) == [{"a": 1}] and comm.gather(2) == [2] and comm.broadcast(3) == 3
+    tensor = torch.ones(2)
+    assert comm.all_reduce_mean(tensor) is tensor
+    with comm.main_process_first():
+        pass
+    assert comm.init_distributed() is False  # no WORLD_SIZE from a launcher
+    with pytest.raises(ValueError, match="DISTRIBUTED.BACKEND='mpi'"):
+        comm.init_distributed(backend="mpi")
+
+
+def test_other_ranks_log_only_warnings_with_their_rank_to_their_own_file(tmp_path):
+    from conftest import package_logger_restored
+
+    with package_logger_restored():
+        logger = setup_logging(tmp_path, rank=1)
+        logger.info("hidden")
+        logger.warning("shown")
+        for handler in logger.handlers:
+            handler.flush()
+        assert not (tmp_path / "log.txt").exists()
+        assert (tmp_path / "log.txt.rank1").read_text().strip().endswith("] shown")
+        assert (tmp_path / "log.txt.rank1").read_text().startswith("[rank 1] [")

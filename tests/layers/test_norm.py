@@ -11,7 +11,7 @@ from detectron_res.layers import convert_frozen_batchnorm, get_norm
 def test_get_norm_factories():
     assert get_norm("FrozenBN") is FrozenBatchNorm2d
     assert get_norm("BN") is nn.BatchNorm2d
-    assert get_norm("SyncBN") is nn.SyncBatchNorm
+    assert issubclass(get_norm("SyncBN"), nn.BatchNorm2d)
     gn = get_norm("GN", gn_groups=4)(8)
     assert isinstance(gn, nn.GroupNorm) and gn.num_groups == 4 and gn.num_channels == 8
     assert get_norm("GN")(64).num_groups == 32  # the default group count
@@ -60,3 +60,24 @@ def test_frozen_batchnorm_conversion_recurses_and_keeps_other_modules():
     assert isinstance(model[2], FrozenBatchNorm2d)
     torch.testing.assert_close(model[2].running_mean, torch.full((2,), 5.0))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_sync_batchnorm_in_one_process_is_exactly_batchnorm():
+    from detectron_res.layers.norm import SyncBatchNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 5) * 3 + 1
+    outputs = []
+    for module in (nn.BatchNorm2d(3), SyncBatchNorm(3)):
+        with torch.no_grad():
+            module.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+            module.bias.copy_(torch.tensor([0.0, -1.0, 1.0]))
+        inputs = x.clone().requires_grad_(True)
+        out = module.train()(inputs)
+        (out * torch.arange(out.numel()).view_as(out)).sum().backward()
+        outputs.append((out.detach(), inputs.grad, module.running_mean.clone(), module.running_var.clone(),
+                        module.eval()(x)))  # fmt: skip
+    for bn, sync in zip(*outputs):
+        assert torch.equal(bn, sync)
+    # the running mean moved 10% of the way to the batch mean (momentum 0.1)
+    torch.testing.assert_close(outputs[0][2], 0.1 * x.mean(dim=(0, 2, 3)))
