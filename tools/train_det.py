@@ -5,7 +5,7 @@
     python tools/train_det.py --cfg configs/coco_r101.yaml SOLVER.IMS_PER_BATCH=8 --resume
     python tools/train_det.py --cfg configs/coco_r50.yaml --eval-only --output output/coco_r50
     python tools/train_det.py --cfg configs/coco_r101.yaml --num-gpus 8
-    torchrun --nproc_per_node=8 tools/train_det.py --cfg configs/coco_r101.yaml     (several machines: docs/distributed.md)
+    torchrun --nproc_per_node=8 tools/train_det.py --cfg configs/coco_r101.yaml  (more: docs/distributed.md)
 
 Flags may come before or after the KEY=VALUE overrides. An error stops the tool with one line on stderr and exit
 status 1 (the traceback goes to OUTPUT_DIR/log.txt).

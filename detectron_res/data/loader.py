@@ -6,8 +6,8 @@ and a worker touching it can block forever (seen after the Predictor or the shap
 A worker that dies ends the run with torch's error; one that hangs, with an error after ``timeout`` seconds.
 
 Training randomness does not depend on which worker maps a sample: every sample gets its own seed from
-(seed, batch number, place in the batch of all processes), so resuming at batch ``start_iter`` replays exactly the batches and
-augmentations an uninterrupted run would have drawn.
+(seed, batch number, place in the batch of all processes), so resuming at batch ``start_iter`` replays exactly the
+batches and augmentations an uninterrupted run would have drawn.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ def setup_logging(output_dir: str | Path | None = None, *, level: int = logging.
     logger.addHandler(console)
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(Path(output_dir) / ("log.txt" if rank == 0 else f"log.txt.rank{rank}"), delay=rank != 0)
+        name = "log.txt" if rank == 0 else f"log.txt.rank{rank}"
+        file_handler = logging.FileHandler(Path(output_dir) / name, delay=rank != 0)  # other ranks: only if needed
         file_handler.setFormatter(formatter)
         logger.addHandler(file_handler)
     return logger

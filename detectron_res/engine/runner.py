@@ -360,12 +360,11 @@ def train(
     if cfg.DATASETS.TEST:
         hooks.append(EvalHook(evaluate_and_keep, period=cfg.TEST.EVAL_PERIOD))
     if comm.is_main_process():
-        hooks.append(
-            PeriodicWriter(
-                [ConsoleWriter(max_iter=cfg.SOLVER.MAX_ITER), JSONWriter(path=output_dir / TRAIN_LOG_FILE, start_iter=start_iter)],
-                period=cfg.LOG_PERIOD,
-            )
-        )
+        writers = [
+            ConsoleWriter(max_iter=cfg.SOLVER.MAX_ITER),
+            JSONWriter(path=output_dir / TRAIN_LOG_FILE, start_iter=start_iter),
+        ]
+        hooks.append(PeriodicWriter(writers, period=cfg.LOG_PERIOD))
     trainer = Trainer(
         model=trained,
         data_loader=data_loader,

@@ -183,8 +183,9 @@ def all_ranks_losses(
     losses: dict[str, torch.Tensor], total: torch.Tensor, *, iteration: int, batch: Sequence[dict] = ()
 ) -> dict[str, float]:
     """{"total_loss": ..., loss name: ...}: the means over all ranks of `total` and `losses` (this process's values
-    in a single process), after checking that they are finite everywhere: the rank whose loss is not raises `NonFiniteLossError` naming its images, every other rank
-    one saying which rank failed, all at the same step, so that no rank is left waiting for the others."""
+    in a single process), after checking that they are finite everywhere. A rank whose loss is not raises
+    `NonFiniteLossError` naming its images, every other rank one saying that another rank's loss is not, all at the
+    same step, so that no rank is left waiting for the others."""
     local = torch.stack([value.detach().float().reshape(()) for value in (total, *losses.values())])
     finite = torch.isfinite(local).all().float().reshape(1)
     reduced = comm.all_reduce_mean(torch.cat([local, finite]))

@@ -1,4 +1,5 @@
-"""Normalisation layers for the ResNet trunk: frozen BatchNorm (the paper's), trainable BN, synchronised BN, GroupNorm."""
+"""Normalisation layers for the ResNet trunk: frozen BatchNorm (the paper's), trainable BN, synchronised BN (over
+the processes of a distributed job), GroupNorm."""
 
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ class SyncBatchNorm(nn.BatchNorm2d):
 
     Outside a distributed job, and in eval mode, it is exactly `nn.BatchNorm2d` (same state_dict too). In a
     distributed training step, the per-channel sums and counts, then the sums of squared deviations from the global
-    mean, are all-reduced with autograd (`torch.distributed._functional_collectives.all_reduce`), so the gradient reaches
-    every process's inputs as with torch's `nn.SyncBatchNorm`. torch's class does this on GPUs only (and
+    mean, are all-reduced with autograd (`torch.distributed._functional_collectives.all_reduce`), so the gradient
+    reaches every process's inputs as with torch's `nn.SyncBatchNorm`. torch's class does this on GPUs only (and
     DistributedDataParallel refuses it on CPUs): this one works over gloo on CPUs, and `engine.runner.
     wrap_distributed` replaces it by torch's fused one on GPUs.
     """

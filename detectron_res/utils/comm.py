@@ -86,9 +86,11 @@ def init_distributed(*, backend: str = "", timeout_s: float = 1800.0, device_typ
 
 
 def destroy_distributed() -> None:
-    """Leaves the job (the end of a tool's run): the process group is destroyed, the process is single again."""
+    """Leaves the job (the end of a tool's run): once every rank got here, the process group is destroyed and the
+    process is single again."""
     global _object_group
     if is_distributed():
+        synchronize()  # no rank tears its connections down while another still talks to it
         dist.destroy_process_group()
     _object_group = None
 

@@ -240,16 +240,32 @@ class LinearModel(nn.Module):
         return {"loss": ((out.float() - 1.0) ** 2).sum()}
 
 
-def test_bfloat16_autocast_runs_the_forward_in_bfloat16_and_steps_in_float32():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, None])
+def test_autocast_runs_the_forward_in_its_dtype_and_steps_in_float32(dtype):
     model = LinearModel()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     trainer = Trainer(model=model, data_loader=itertools.repeat([{}]), optimizer=optimizer, max_iter=1,
-                      amp_dtype=torch.bfloat16)  # fmt: skip
+                      amp_dtype=dtype)  # fmt: skip
     trainer.train()
-    assert model.dtypes == [torch.bfloat16] and model.linear.weight.dtype == torch.float32
+    assert model.dtypes == [dtype or torch.float32] and model.linear.weight.dtype == torch.float32
     # loss (4 * 0.5 - 1)^2 = 1, gradient 2 * (2 - 1) * x = 2 per weight: 0.5 - 0.1 * 2 = 0.3 (exact in bfloat16)
-    assert torch.equal(model.linear.weight, torch.full((1, 4), 0.3))
+    torch.testing.assert_close(model.linear.weight, torch.full((1, 4), 0.3))
     assert trainer.storage.latest("total_loss") == trainer.storage.latest("loss") == 1.0
+
+
+def test_a_non_finite_loss_on_another_rank_stops_this_one_at_the_same_step(monkeypatch):
+    from detectron_res.engine import trainer as trainer_module
+
+    # this rank's loss is 2.0; the mean over 2 ranks of (total, loss, finite flag) says one rank's was not finite
+    monkeypatch.setattr(trainer_module.comm, "all_reduce_mean", lambda t: torch.tensor([float("nan")] * 2 + [0.5]))
+    loss = torch.tensor(2.0)
+    with pytest.raises(NonFiniteLossError) as stopped:
+        trainer_module.all_ranks_losses({"loss": loss}, loss, iteration=4)
+    assert str(stopped.value) == (
+        "Loss became non-finite at iteration 5 on another rank (see its error); rank 0 stops with it"
+    )
+    monkeypatch.setattr(trainer_module.comm, "all_reduce_mean", lambda t: torch.tensor([3.0, 1.0, 1.0]))
+    assert trainer_module.all_ranks_losses({"loss": loss}, loss, iteration=4) == {"total_loss": 3.0, "loss": 1.0}
 
 
 def test_a_gradient_scaler_scales_the_backward_and_its_state_goes_into_the_trainer_state(tmp_path):
@@ -279,3 +295,19 @@ def test_a_single_process_checkpoints_trainer_state_of_the_older_form_still_resu
     torch.manual_seed(123)
     trainer.load_state_dict(old)
     assert torch.equal(torch.get_rng_state(), state["rng"][0]["torch"])
+
+
+def test_a_trainer_state_of_two_processes_restores_rank_0s_states_here_with_a_warning(caplog):
+    from detectron_res.engine.trainer import get_rng_states
+
+    trainer = Trainer(model=LinearModel(), data_loader=iter(()), optimizer=None, max_iter=3, start_iter=1)
+    state = trainer.state_dict()
+    torch.manual_seed(7)
+    two = dict(state, world_size=2, rng=[state["rng"][0], get_rng_states()], grad_scaler={"scale": 8.0})
+    with caplog.at_level(logging.WARNING, logger="detectron_res.engine.trainer"):
+        trainer.load_state_dict(two)  # no gradient scaler here: its state is not needed
+    assert [r.getMessage() for r in caplog.records] == [
+        "The checkpoint was written by a run of 2 processes, this one has 1: training goes on with the new sharding "
+        "from the same place in the data, but its random draws differ from an uninterrupted run's"
+    ]
+    assert torch.equal(torch.get_rng_state(), state["rng"][0]["torch"])  # rank 0's, not rank 1's

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from detectron_res.config import load_config
-from detectron_res.data.datasets import generate_shapes
+from detectron_res.data.datasets import generate_loc_shapes, generate_shapes
 from detectron_res.engine.launch import DistributedJobError, launch
 from detectron_res.engine.runner import wrap_distributed
+from detectron_res.layers.norm import SyncBatchNorm
 from detectron_res.modeling import build_model
 from detectron_res.utils import comm
 
@@ -23,6 +24,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import test_det  # noqa: E402
 import train_det  # noqa: E402
+import train_loc  # noqa: E402
 
 LOSSES = ("total_loss", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg")
 
@@ -89,9 +91,20 @@ def ddp_step(argv: list[str]) -> dict:
     wrapped = wrap_distributed(model, cfg)  # kept alive through backward: its reducer averages the gradients
     losses = wrapped([two_images()[comm.get_rank()]])
     sum(losses.values()).backward()
-    buffers = {name: b.clone().numpy() for name, b in model.named_buffers() if "running" in name}
+    buffers = {name: b.clone().numpy() for name, b in model.named_buffers()}
     return {"rank": comm.get_rank(), "world_size": comm.get_world_size(), "buffers": buffers,
-            "grads": {name: grad.numpy() for name, grad in gradients(model).items()}}  # fmt: skip
+            "grads": {name: grad.numpy() for name, grad in gradients(model).items()},
+            "cumulative": cumulative_statistics(SyncBatchNorm, comm.get_rank())}  # fmt: skip
+
+
+def cumulative_statistics(norm, rank: int | None) -> list:
+    """A BatchNorm with a cumulative average (momentum None) after two steps on 1 x 3 x 1 x 1 inputs per rank (both
+    ranks' for rank None): few values, so that the unbiased variance's n / (n - 1) matters."""
+    x = torch.tensor([[1.0, -2.0, 4.0], [3.0, 0.0, 5.0]]).view(2, 3, 1, 1)
+    layer = norm(3, momentum=None).train()
+    for step in (1.0, 2.0):
+        layer(step * (x if rank is None else x[rank : rank + 1]))
+    return [layer.running_mean.clone().numpy(), layer.running_var.clone().numpy(), int(layer.num_batches_tracked)]
 
 
 @pytest.mark.parametrize(
@@ -111,8 +124,15 @@ def test_a_ddp_step_on_two_processes_gives_the_gradients_of_one_process_on_both_
         for name, grad in expected.items():
             torch.testing.assert_close(torch.from_numpy(result["grads"][name]), grad, rtol=1e-4, atol=1e-6, msg=name)
         for name, buffer in model.named_buffers():  # SyncBN: the running statistics of a BN on both images
-            if "running" in name:
-                torch.testing.assert_close(torch.from_numpy(result["buffers"][name]), buffer, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(torch.from_numpy(result["buffers"][name]), buffer, rtol=1e-5, atol=1e-7)
+        mean, var, steps = result["cumulative"]
+        # by hand: step 1 has means (2, -1, 4.5) and unbiased variances (2, 2, 0.5), step 2 twice the means and
+        # four times the variances; the cumulative average of the two steps: (3, -1.5, 6.75) and (5, 5, 1.25)
+        assert steps == 2
+        torch.testing.assert_close(torch.from_numpy(mean), torch.tensor([3.0, -1.5, 6.75]))
+        torch.testing.assert_close(torch.from_numpy(var), torch.tensor([5.0, 5.0, 1.25]))
+        expected_mean, expected_var, _ = cumulative_statistics(torch.nn.BatchNorm2d, None)
+        assert (mean == expected_mean).all() and (var == expected_var).all()  # and so does torch's BatchNorm
 
     # without DDP's averaging each process would hold its own image's gradient, far from the mean
     if norm == "SyncBN":
@@ -196,11 +216,36 @@ def test_a_resumed_two_process_run_repeats_an_uninterrupted_one_exactly(shapes, 
 def test_a_resume_on_another_world_size_says_so_and_goes_on(shapes, tmp_path):
     out = tmp_path / "run"
     train_det.main([*train_args(shapes, out, "SOLVER.MAX_ITER=4"), "--num-gpus", "2"])
-    train_det.main([*train_args(shapes, out, "SOLVER.MAX_ITER=6"), "--resume"])
+    train_det.main([*train_args(shapes, out, "SOLVER.MAX_ITER=6"), "--resume"])  # 2 processes -> 1
     log = (out / "log.txt").read_text()
-    assert "The checkpoint was written by a run of 2 processes, this one has 1" in log
+    assert (
+        "The checkpoint was written by a run of 2 processes, this one has 1: training goes on with the new sharding "
+        "from the same place in the data, but its random draws differ from an uninterrupted run's"
+    ) in log
     assert "Training on 1 process: global batch 4 images (SOLVER.IMS_PER_BATCH), 4 per process" in log
-    assert torch.load(out / "model_final.pth", weights_only=True)["iteration"] == 6
+    state = torch.load(out / "model_final.pth", weights_only=True)
+    assert state["iteration"] == 6 and state["trainer"]["world_size"] == len(state["trainer"]["rng"]) == 1
+
+    train_det.main([*train_args(shapes, out, "SOLVER.MAX_ITER=8"), "--resume", "--num-gpus", "2"])  # 1 -> 2
+    assert "this one has 2" in (out / "log.txt").read_text()
+    assert torch.load(out / "model_final.pth", weights_only=True)["iteration"] == 8
+
+
+def test_both_localization_stages_train_and_evaluate_on_two_processes(tmp_path):
+    root = tmp_path / "loc"
+    generate_loc_shapes(root, num_train=10, num_val=4, seed=3)
+    out = tmp_path / "out"
+    results = launch(train_loc.main, [
+        "--cfg", str(REPO / "configs/loc_shapes_r18.yaml"), "MODEL.DEVICE=cpu", "DATALOADER.NUM_WORKERS=0",
+        "MODEL.RPN.POST_NMS_TOPK_TEST=4", f"OUTPUT_DIR={out}", f"DATASETS.TRAIN=[{root}/LOC_train_solution.csv:{root}/train]",
+        f"DATASETS.TEST=[{root}/LOC_val_solution.csv:{root}/val]", "SOLVER.IMS_PER_BATCH=4", "SOLVER.MAX_ITER=3",
+        "SOLVER.STEPS=[]", "LOC.RCNN.IMS_PER_BATCH=4", "LOC.RCNN.MAX_ITER=3", "LOC.RCNN.STEPS=[]",
+    ], num_processes=2)  # fmt: skip
+    assert results[0] == results[1]  # rank 0 evaluated, rank 1 got its metrics
+    assert results[0]["rcnn"] == json.loads((out / "rcnn/metrics.json").read_text())
+    assert results[0]["rcnn"]["loc_oracle"]["num_images"] == 4
+    assert (out / "rpn/model_final.pth").is_file() and (out / "rcnn/model_final.pth").is_file()
+    assert (out / "log.txt").read_text().count("Training on 2 processes: global batch 4 images") == 2  # both stages
 
 
 # -- failures -----------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ def test_get_norm_factories():
 
 
 def test_get_norm_rejects_bad_names_and_group_counts():
-    with pytest.raises(ValueError, match=r"Unknown normalisation 'LN'; expected one of \('FrozenBN', 'BN', 'SyncBN', 'GN'\)"):
+    with pytest.raises(ValueError, match=r"normalisation 'LN'; expected one of \('FrozenBN', 'BN', 'SyncBN', 'GN'\)"):
         get_norm("LN")
     with pytest.raises(ValueError, match="GroupNorm: 12 channels are not divisible into 8 groups"):
         get_norm("GN", gn_groups=8)(12)
