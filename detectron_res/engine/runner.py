@@ -338,7 +338,7 @@ def train(
     )
     data_loader = build_loader(cfg, dataset, start_iter=start_iter, rank=rank, world_size=world_size)
     if world_size > 1:
-        seed_everything(cfg.SEED + rank)  # the ranks sample anchors and RoIs independently; the model was seeded alike
+        seed_everything((cfg.SEED + rank) % 2**32)  # the ranks sample anchors and RoIs independently; the model alike
     trained = wrap_distributed(model, cfg)
 
     final_metrics: dict = {}

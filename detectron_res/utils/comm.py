@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import logging
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
-
-logger = logging.getLogger(__name__)
 
 BACKENDS = ("", "gloo", "nccl")
 _object_group: dist.ProcessGroup | None = None  # the gloo group for Python objects, made by init_distributed

@@ -83,7 +83,10 @@ def test_default_config_values_types_and_validity() -> None:
     assert cfg.SOLVER.STEPS == [60000, 80000]
     assert isinstance(cfg.SOLVER.BASE_LR, float) and cfg.SOLVER.BASE_LR == 0.01
     assert cfg.MODEL.ROI_HEADS.PROPOSAL_APPEND_GT is True
-    top_level = ["MODEL", "INPUT", "DATASETS", "DATALOADER", "SOLVER", "TEST", "LOC", "DISTRIBUTED", "SEED", "OUTPUT_DIR", "LOG_PERIOD"]
+    top_level = [
+        "MODEL", "INPUT", "DATASETS", "DATALOADER", "SOLVER", "TEST", "LOC", "DISTRIBUTED", "SEED", "OUTPUT_DIR",
+        "LOG_PERIOD",
+    ]  # fmt: skip
     assert list(cfg) == top_level
     validate_config(cfg)
     # Every value rule names an existing key.

@@ -237,7 +237,8 @@ def test_both_localization_stages_train_and_evaluate_on_two_processes(tmp_path):
     out = tmp_path / "out"
     results = launch(train_loc.main, [
         "--cfg", str(REPO / "configs/loc_shapes_r18.yaml"), "MODEL.DEVICE=cpu", "DATALOADER.NUM_WORKERS=0",
-        "MODEL.RPN.POST_NMS_TOPK_TEST=4", f"OUTPUT_DIR={out}", f"DATASETS.TRAIN=[{root}/LOC_train_solution.csv:{root}/train]",
+        "MODEL.RPN.POST_NMS_TOPK_TEST=4", f"OUTPUT_DIR={out}",
+        f"DATASETS.TRAIN=[{root}/LOC_train_solution.csv:{root}/train]",
         f"DATASETS.TEST=[{root}/LOC_val_solution.csv:{root}/val]", "SOLVER.IMS_PER_BATCH=4", "SOLVER.MAX_ITER=3",
         "SOLVER.STEPS=[]", "LOC.RCNN.IMS_PER_BATCH=4", "LOC.RCNN.MAX_ITER=3", "LOC.RCNN.STEPS=[]",
     ], num_processes=2)  # fmt: skip
