@@ -1,0 +1,94 @@
+"""tools/benchmark.py: timing summaries, FLOPs per stage against a count made by hand from the layers' shapes, the
+reference convolution's FLOPs, and the tool's JSON."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from detectron_res.config import load_config
+from detectron_res.engine.benchmark import conv_reference, stage_flops, summary, synthetic_inputs, time_runs
+from detectron_res.modeling import build_model
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+
+import benchmark  # noqa: E402
+
+TINY = ["MODEL.DEVICE=cpu", "INPUT.MIN_SIZE_TEST=64", "INPUT.MAX_SIZE_TEST=96", "INPUT.MIN_SIZE_TRAIN=[64]",
+        "INPUT.MAX_SIZE_TRAIN=96", "SOLVER.IMS_PER_BATCH=2"]  # fmt: skip
+
+
+def test_summary_of_timed_runs():
+    assert summary([0.5, 0.25, 1.0], images=2) == {
+        "seconds": [0.5, 0.25, 1.0], "median_s": 0.5, "min_s": 0.25, "max_s": 1.0, "images_per_s": 4.0,
+    }  # fmt: skip
+    calls = []
+    seconds = time_runs(lambda: calls.append(1), warmup=2, runs=3, device=torch.device("cpu"))
+    assert len(calls) == 5 and len(seconds) == 3
+    with pytest.raises(ValueError, match="runs >= 1"):
+        time_runs(lambda: None, warmup=0, runs=0, device=torch.device("cpu"))
+
+
+def test_the_reference_convolution_counts_two_flops_per_multiply_add():
+    result = conv_reference(torch.device("cpu"), channels=8, size=4, warmup=0, runs=2)
+    assert result["flops"] == 2 * 8 * 8 * 9 * 16 == 18432
+    assert result["flops_per_s"] == result["flops"] / result["median_s"]
+
+
+def hand_counted_flops(model: nn.Module, prefix: str) -> tuple[dict, list]:
+    """Registers hooks that add 2 x (multiply-adds) of every Conv2d and Linear under `prefix` as they run."""
+    counted = {"flops": 0}
+
+    def conv(module, inputs, output):
+        k_h, k_w = module.kernel_size
+        weights = module.in_channels // module.groups * module.out_channels * k_h * k_w
+        counted["flops"] += 2 * weights * output[:, 0].numel()  # each output position of each channel
+
+    def linear(module, inputs, output):
+        counted["flops"] += 2 * module.in_features * module.out_features * output.shape[0]
+
+    handles = [
+        m.register_forward_hook(conv if isinstance(m, nn.Conv2d) else linear)
+        for name, m in model.named_modules()
+        if name.startswith(prefix) and isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    return counted, handles
+
+
+@pytest.mark.parametrize(
+    ("stage", "prefix"),
+    [("trunk", "backbone"), ("rpn", "rpn"), ("res5_head", "roi_heads.res5"), ("box_predictor", "roi_heads.predictor")],
+)
+def test_stage_flops_equal_a_count_from_the_layer_shapes(stage, prefix):
+    cfg = load_config(REPO / "configs/shapes_r18.yaml", TINY)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    inputs = synthetic_inputs(num_images=1, height=64, width=96)
+    counted, handles = hand_counted_flops(model, prefix)
+
+    def step():
+        with torch.inference_mode():
+            return model(inputs)
+
+    flops = stage_flops(step)
+    for handle in handles:
+        handle.remove()
+    assert counted["flops"] > 0 and flops[stage] == counted["flops"]
+    assert flops["total"] == sum(v for k, v in flops.items() if k != "total") and flops["other"] == 0
+
+
+def test_the_tool_writes_timings_memory_and_flops(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    results = benchmark.main(["--cfg", str(REPO / "configs/shapes_r18.yaml"), "--mode", "train", "--runs", "2",
+                              "--warmup", "1", "--json-out", str(out), *TINY])  # fmt: skip
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    ours = results["ours"]
+    assert results["input"] == [2, 3, 64, 96] and len(ours["seconds"]) == 2
+    assert ours["images_per_s"] == 2 / ours["median_s"] and ours["peak_memory_mb"] > 0
+    assert ours["flops"]["res5_head"] > ours["flops"]["trunk"] > 0  # 32 RoIs x 2 images through res5
+    assert ours["fraction_of_conv_flops_per_s"] == ours["flops_per_s"] / results["conv_reference"]["flops_per_s"]
+    assert "GFLOP/s" in capsys.readouterr().out
