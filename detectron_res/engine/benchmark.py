@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..evaluation.evaluator import synchronize_device
 from .events import peak_memory_mb
 
 # module paths of the stages inside FlopCounterMode's hierarchy (the model is FasterRCNN)
@@ -61,10 +62,10 @@ def time_runs(step: Callable[[], object], *, warmup: int, runs: int, device: tor
         step()
     seconds = []
     for _ in range(runs):
-        _synchronize(device)
+        synchronize_device(device)
         start = time.perf_counter()
         step()
-        _synchronize(device)
+        synchronize_device(device)
         seconds.append(time.perf_counter() - start)
     return seconds
 
@@ -150,7 +151,3 @@ def benchmark_model(
     result["flops_per_s"] = result["flops"]["total"] / result["median_s"]
     return result
 
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -312,8 +312,9 @@ def train(
     """
     output_dir = Path(cfg.OUTPUT_DIR)
     rank, world_size = comm.get_rank(), comm.get_world_size()
-    with comm.main_process_first():  # rank 0 generates a synthetic data set; the others then read it
-        dataset = build_train_dataset(cfg) if dataset is None else dataset
+    if dataset is None:
+        with comm.main_process_first():  # rank 0 generates a synthetic data set; the others then read it
+            dataset = build_train_dataset(cfg)
     model = build_model(cfg) if model is None else model
     build_loader = build_train_data_loader if build_loader is None else build_loader
     optimizer = build_optimizer(cfg, model)

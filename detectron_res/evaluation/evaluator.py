@@ -105,7 +105,7 @@ def inference_on_dataset(
                 else:
                     evaluator.process(inputs, outputs)  # type: ignore[union-attr]
                 num_images += len(inputs)
-            _synchronize(device)
+            synchronize_device(device)
             elapsed = time.perf_counter() - start
     finally:
         if was_training is not None and hasattr(model, "train"):
@@ -162,6 +162,7 @@ def _resolve_device(model: object, device: torch.device | str | None) -> torch.d
     return torch.device("cpu")
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize_device(device: torch.device) -> None:
+    """Waits for the device's queued work (CUDA), so that a clock read after it is exact; nothing on the CPU."""
     if device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(device)
