@@ -3,39 +3,73 @@
 from __future__ import annotations
 
 from torch import Tensor, nn
-from torchvision.ops import roi_align, roi_pool
+from torchvision.ops import roi_pool
+from torchvision.ops import roi_align as torchvision_roi_align
+from torchvision.ops._utils import convert_boxes_to_roi_format
+
+from .roi_align import roi_align
 
 POOLERS = ("ROIAlign", "ROIPool")
+ROI_ALIGN_KERNELS = ("auto", "bag", "torchvision")
 
 
 class ROIPooler(nn.Module):
-    def __init__(self, *, kind: str, output_size: int, spatial_scale: float, sampling_ratio: int = 0):
+    def __init__(
+        self,
+        *,
+        kind: str,
+        output_size: int,
+        spatial_scale: float,
+        sampling_ratio: int = 0,
+        roi_align_kernel: str = "auto",
+    ):
         """
         Args:
             kind: "ROIAlign" (bilinear, half-pixel aligned) or "ROIPool" (max over quantised bins, Fast R-CNN).
             output_size: side of the pooled feature (14 for the C4 head).
             spatial_scale: feature stride inverse (1/16 for res4).
             sampling_ratio: ROIAlign samples per bin side; 0 = adaptive.
+            roi_align_kernel: "bag" (`layers.roi_align`, vectorised over channels and threads), "torchvision"
+                (`torchvision.ops.roi_align`), or "auto": "bag" on the CPU, torchvision's kernel on GPUs. Both give
+                the same values to float rounding.
         """
         super().__init__()
         if kind not in POOLERS:
             raise ValueError(f"Unknown RoI pooler {kind!r}; expected one of {POOLERS}")
+        if roi_align_kernel not in ROI_ALIGN_KERNELS:
+            raise ValueError(f"Unknown RoIAlign kernel {roi_align_kernel!r}; expected one of {ROI_ALIGN_KERNELS}")
         self.kind = kind
         self.output_size = (output_size, output_size)
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
+        self.roi_align_kernel = roi_align_kernel
 
-    def forward(self, features: Tensor, boxes: list[Tensor]) -> Tensor:
-        """(N, C, H, W) features and N lists of (R_i, 4) input-pixel boxes -> (sum R_i, C, S, S)."""
-        if sum(len(b) for b in boxes) == 0:
+    def forward(self, features: Tensor, boxes: list[Tensor] | Tensor) -> Tensor:
+        """(N, C, H, W) features and N lists of (R_i, 4) input-pixel boxes, or (R, 5) rows [image index, x1, y1,
+        x2, y2] -> (R, C, S, S)."""
+        rois = boxes if isinstance(boxes, Tensor) else convert_boxes_to_roi_format(boxes)
+        if len(rois) == 0:
             return features.new_zeros((0, features.shape[1], *self.output_size))
-        boxes = [b.to(features.dtype) for b in boxes]
-        if self.kind == "ROIAlign":
-            return roi_align(
-                features, boxes, self.output_size, self.spatial_scale, self.sampling_ratio, aligned=True
+        if self.kind == "ROIPool":
+            return roi_pool(features, rois.to(features.dtype), self.output_size, self.spatial_scale)
+        kernel = self.roi_align_kernel
+        if kernel == "auto":
+            kernel = "torchvision" if features.device.type == "cuda" else "bag"
+        if kernel == "torchvision":
+            return torchvision_roi_align(
+                features, rois.to(features.dtype), self.output_size, self.spatial_scale, self.sampling_ratio, aligned=True
             )
-        return roi_pool(features, boxes, self.output_size, self.spatial_scale)
+        return roi_align(  # the box coordinates keep their own precision (float32 beside bfloat16 features)
+            features,
+            rois,
+            output_size=self.output_size[0],
+            spatial_scale=self.spatial_scale,
+            sampling_ratio=self.sampling_ratio,
+            aligned=True,
+        )
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, output_size={self.output_size}, spatial_scale={self.spatial_scale}"
-
+        return (
+            f"kind={self.kind}, output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"roi_align_kernel={self.roi_align_kernel}"
+        )

@@ -82,4 +82,8 @@ def test_unknown_kind_and_repr():
         ROIPooler(kind="ROIMax", output_size=7, spatial_scale=1 / 16)
     pooler = ROIPooler(kind="ROIPool", output_size=7, spatial_scale=0.0625)
     assert pooler.kind == "ROIPool" and pooler.output_size == (7, 7) and pooler.sampling_ratio == 0
-    assert repr(pooler) == "ROIPooler(kind=ROIPool, output_size=(7, 7), spatial_scale=0.0625)"
+    assert repr(pooler) == (
+        "ROIPooler(kind=ROIPool, output_size=(7, 7), spatial_scale=0.0625, roi_align_kernel=auto)"
+    )
+    with pytest.raises(ValueError, match="Unknown RoIAlign kernel 'fast'; expected one of"):
+        ROIPooler(kind="ROIAlign", output_size=7, spatial_scale=1 / 16, roi_align_kernel="fast")
