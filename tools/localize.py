@@ -51,6 +51,7 @@ from detectron_res.localization.pipeline import Localizer, image_folder_dataset,
 from detectron_res.localization.submission import write_submission, write_submission_csv
 from detectron_res.localization.train import last_stage_checkpoint, load_stage
 from detectron_res.utils.io import atomic_write_text
+from detectron_res.utils.malloc import keep_freed_memory
 
 logger = logging.getLogger("detectron_res.localize")
 
@@ -184,4 +185,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # reuse the large per-RoI buffers instead of page-faulting them afresh (as run_tool does)
     sys.exit(main())

@@ -284,6 +284,7 @@ VALUE_RULES: tuple[tuple[str, Check], ...] = (
     ("SOLVER.CLIP_GRAD_NORM", at_least(0)),
     ("SOLVER.REFERENCE_WORLD_SIZE", at_least(0)),
     ("SOLVER.AMP.DTYPE", one_of("bfloat16", "float16")),
+    ("TEST.AMP.DTYPE", one_of("bfloat16", "float16")),
     ("DISTRIBUTED.BACKEND", one_of("", "gloo", "nccl")),
     ("DISTRIBUTED.TIMEOUT", greater_than(0)),
     ("TEST.EVAL_PERIOD", at_least(0)),

@@ -24,6 +24,7 @@ from ..layers.norm import SyncBatchNorm
 from ..modeling import build_model
 from ..modeling.build import resolve_device
 from ..utils import comm, remove_orphaned_temporary_files
+from ..utils.malloc import keep_freed_memory
 from .checkpoint import Checkpointer, unwrap_model
 from .events import ConsoleWriter, JSONWriter
 from .hooks import EvalHook, IterationTimer, LRScheduler, PeriodicCheckpointer, PeriodicWriter
@@ -159,7 +160,11 @@ def run_tool(main: Callable[[list[str]], object], argv: Sequence[str]) -> int:
 
     In a distributed job the line names the rank, and the error also goes to the error file of torchrun's agent
     (TORCHELASTIC_ERROR_FILE, as `torch.distributed.elastic`'s `@record` writes it), so that torchrun's failure
-    summary shows it; the agent then stops the other ranks."""
+    summary shows it; the agent then stops the other ranks.
+
+    glibc's malloc is first set to keep freed memory for reuse (`utils.malloc.keep_freed_memory`): without it, the
+    large per-RoI buffers are page-faulted afresh at every step (docs/benchmarks.md)."""
+    keep_freed_memory()
     try:
         main(list(argv))
     except (ValueError, OSError, FloatingPointError, RuntimeError) as error:

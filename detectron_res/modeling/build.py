@@ -64,11 +64,19 @@ def build_rpn(cfg, *, in_channels: int, stride: int) -> RPN:
     )
 
 
+# outside training on the CPU, RoIs are pooled and run through res5 in chunks of pooled features up to this size
+INFERENCE_CHUNK_BYTES = 48 << 20
+
+
 def build_roi_heads(cfg, *, stride: int) -> Res5ROIHeads:
     b, h = cfg.MODEL.BACKBONE, cfg.MODEL.ROI_HEADS
     res5, res5_channels = build_res5(
         depth=b.DEPTH, width=b.WIDTH, norm_layer=get_norm(b.NORM, gn_groups=b.GN_GROUPS)
     )
+    chunk = 0  # on GPUs all RoIs at once
+    if resolve_device(cfg.MODEL.DEVICE).type == "cpu":
+        pooled_bytes = res5[0].conv1.in_channels * h.POOLER_RESOLUTION**2 * 4  # one RoI's float32 (C4, S, S)
+        chunk = max(1, INFERENCE_CHUNK_BYTES // pooled_bytes)
     predictor = FastRCNNOutputLayers(
         in_channels=2 * res5_channels if h.GLOBAL_CONTEXT else res5_channels,
         num_classes=cfg.MODEL.NUM_CLASSES,
@@ -93,6 +101,7 @@ def build_roi_heads(cfg, *, stride: int) -> Res5ROIHeads:
         bg_iou_thresh_lo=h.BG_IOU_THRESH_LO,
         proposal_append_gt=h.PROPOSAL_APPEND_GT,
         global_context=h.GLOBAL_CONTEXT,
+        inference_chunk=chunk,
     )
 
 
@@ -129,6 +138,7 @@ def build_model(cfg) -> FasterRCNN:
             f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE} is the localization system, not a detector: train "
             "it with tools/train_loc.py and run it with tools/localize.py (docs/localization.md)"
         )
+    device = resolve_device(cfg.MODEL.DEVICE)
     backbone = build_backbone(cfg)
     rpn = build_rpn(cfg, in_channels=backbone.out_channels, stride=backbone.stride)
     roi_heads = build_roi_heads(cfg, stride=backbone.stride)
@@ -144,8 +154,23 @@ def build_model(cfg) -> FasterRCNN:
         pixel_std=cfg.MODEL.PIXEL_STD,
         size_divisibility=cfg.INPUT.SIZE_DIVISIBILITY,
         test_time=build_test_time(cfg),
+        channels_last=device.type == "cpu",
+        inference_dtype=inference_dtype(cfg.TEST.AMP, device=device),
     )
-    return model.to(resolve_device(cfg.MODEL.DEVICE))
+    return model.to(device)
+
+
+def inference_dtype(amp_cfg, *, device: torch.device) -> torch.dtype | None:
+    """TEST.AMP -> the autocast dtype of inference, or None for float32.
+
+    Raises:
+        ValueError: float16 on the CPU (autocast there supports bfloat16).
+    """
+    if not amp_cfg.ENABLED:
+        return None
+    if device.type == "cpu" and amp_cfg.DTYPE == "float16":
+        raise ValueError("TEST.AMP.DTYPE=float16 needs CUDA; on the CPU use TEST.AMP.DTYPE=bfloat16")
+    return getattr(torch, amp_cfg.DTYPE)
 
 
 def count_parameters(module: nn.Module) -> int:

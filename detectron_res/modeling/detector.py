@@ -55,6 +55,8 @@ class FasterRCNN(nn.Module):
         pixel_std: Sequence[float],
         size_divisibility: int = 16,
         test_time: TestTimeAugmentation | None = None,
+        channels_last: bool = False,
+        inference_dtype: torch.dtype | None = None,
     ):
         """
         Args:
@@ -65,6 +67,12 @@ class FasterRCNN(nn.Module):
             size_divisibility: the padded batch's sides are multiples of this.
             test_time: the test-time add-ons (multi-scale, flip, refinement, voting); default none. An attribute
                 that may be changed between evaluations.
+            channels_last: outside training, give the trunk its images in channels-last (NHWC) memory format, so
+                that every convolution runs on NHWC tensors (oneDNN's fast layout on CPUs; no reordering between
+                layers) and the RoI pooler reads the res4 map's channel vectors without a copy. The same results
+                to float rounding.
+            inference_dtype: outside training, run under autocast to this dtype (bfloat16 or float16; None: float32).
+                The heads' outputs are float32, so box decoding, scores and NMS stay float32.
         """
         super().__init__()
         self.backbone = backbone
@@ -74,6 +82,8 @@ class FasterRCNN(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
         self.size_divisibility = size_divisibility
         self.test_time = test_time or TestTimeAugmentation()
+        self.channels_last = channels_last
+        self.inference_dtype = inference_dtype
 
     @property
     def device(self) -> torch.device:
@@ -85,8 +95,15 @@ class FasterRCNN(nn.Module):
 
     def preprocess_images(self, batched_inputs: list[dict]) -> tuple[Tensor, list[tuple[int, int]]]:
         """uint8 (3, h_i, w_i) images -> normalised, zero-padded (N, 3, H, W) batch and the (h_i, w_i)."""
-        images = [self.normalize(x["image"]) for x in batched_inputs]
-        return batch_images(images, size_divisibility=self.size_divisibility)
+        return self.batch_images([self.normalize(x["image"]) for x in batched_inputs])
+
+    def batch_images(self, images: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+        """Normalised (3, h_i, w_i) images -> the zero-padded (N, 3, H, W) batch for the trunk (channels-last
+        outside training when `channels_last`) and the (h_i, w_i)."""
+        batch, sizes = batch_images(images, size_divisibility=self.size_divisibility)
+        if self.channels_last and not self.training:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch, sizes
 
     def checkpoint_mismatch(self, state_dict: dict[str, Tensor]) -> str | None:
         """Why `state_dict` was trained with another setting of a model option that decides tensor shapes in a way
@@ -130,14 +147,21 @@ class FasterRCNN(nn.Module):
         candidates = self.detection_candidates(batched_inputs, prepared, proposals)
         return self.rescale(batched_inputs, prepared, self.select_detections(candidates))
 
+    def inference_precision(self) -> torch.autocast:
+        """The autocast context of the inference steps: to `inference_dtype` when set, else disabled."""
+        dtype = self.inference_dtype or torch.float32
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.inference_dtype is not None)
+
     def prepare(self, batched_inputs: list[dict]) -> PreparedBatch:
         """Normalise and pad the input images and run the trunk."""
         images, image_sizes = self.preprocess_images(batched_inputs)
-        return PreparedBatch(self.backbone(images), image_sizes)
+        with self.inference_precision():
+            return PreparedBatch(self.backbone(images), image_sizes)
 
     def propose(self, prepared: PreparedBatch) -> list[Tensor]:
         """The RPN's proposals (R_i, 4) per image, in input pixels (always at the input scale)."""
-        proposals, _ = self.rpn(prepared.features, prepared.image_sizes)
+        with self.inference_precision():
+            proposals, _ = self.rpn(prepared.features, prepared.image_sizes)
         return proposals
 
     def feature_pyramid(self, batched_inputs: list[dict], prepared: PreparedBatch) -> FeaturePyramid:
@@ -164,9 +188,7 @@ class FasterRCNN(nn.Module):
             if not flipped and scale_sizes[scale_index] == prepared.image_sizes:
                 return ScaledFeatures(prepared.features, prepared.image_sizes)
             images = [self.normalize(image) for image in scale_images[scale_index]]
-            batch, sizes = batch_images(
-                [image.flip(-1) for image in images] if flipped else images, size_divisibility=self.size_divisibility
-            )
+            batch, sizes = self.batch_images([image.flip(-1) for image in images] if flipped else images)
             return ScaledFeatures(self.backbone(batch), sizes)
 
         return FeaturePyramid(scale_sizes=scale_sizes, compute=compute)
@@ -177,7 +199,8 @@ class FasterRCNN(nn.Module):
         """Per image, every (RoI, class) pair above the score threshold, before the NMS, in input pixels
         ({"boxes", "scores", "labels"}; with box refinement, both passes')."""
         pyramid = self.feature_pyramid(batched_inputs, prepared)
-        return self.roi_heads.detection_candidates(pyramid, proposals, prepared.image_sizes, self.test_time)
+        with self.inference_precision():
+            return self.roi_heads.detection_candidates(pyramid, proposals, prepared.image_sizes, self.test_time)
 
     def select_detections(self, candidates: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
         """Per-class NMS, top-k and (when on) box voting of each image's candidates; input pixels."""

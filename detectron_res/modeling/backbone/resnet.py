@@ -4,16 +4,60 @@ The trunk and res5 keep torchvision's module names (`conv1`, `bn1`, `layer1`..`l
 res5), so a torchvision ResNet state_dict maps onto them by prefix alone (see `weights.py`). A `width` other than
 64 scales every stage (stem `width`, stage planes `width * (1, 2, 4, 8)`): the narrow trunks used to train from
 scratch on CPU keep the exact stage layout of the full network.
+
+Each convolution followed by a norm with fixed statistics (FrozenBN, in training too; BN in eval mode) runs as one
+convolution with the norm folded into its weights and bias (`conv_norm`): the same function, and one pass over the
+activations fewer, forward and backward. The folded weights are computed at each call (a few ms for R101), so
+nothing is cached and a model switched between training and evaluation stays consistent.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models import resnet as torchvision_resnet
 
-from ...layers import convert_frozen_batchnorm
+from ...layers import FrozenBatchNorm2d, convert_frozen_batchnorm
+
+
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
+    """`norm(conv(x))`; when the norm's statistics are fixed (FrozenBatchNorm2d always, BatchNorm2d outside
+    training), one convolution with the norm folded in: weight * scale and a bias (the same to float rounding, with
+    gradients to the convolution's weight as before)."""
+    frozen = isinstance(norm, FrozenBatchNorm2d)
+    evaluating = isinstance(norm, nn.BatchNorm2d) and not norm.training and norm.running_mean is not None
+    if not (frozen or (evaluating and norm.affine)):
+        return norm(conv(x))
+    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)  # FrozenBatchNorm2d's own arithmetic
+    shift = norm.bias - norm.running_mean * scale
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    return conv._conv_forward(x, conv.weight * scale.view(-1, 1, 1, 1), shift)
+
+
+class BasicBlock(torchvision_resnet.BasicBlock):
+    """torchvision's block (the same modules and state_dict keys) whose fixed norms fold into the convolutions
+    outside training."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = conv_norm(self.conv2, self.bn2, out)
+        out += x if self.downsample is None else conv_norm(self.downsample[0], self.downsample[1], x)
+        return self.relu(out)
+
+
+class Bottleneck(torchvision_resnet.Bottleneck):
+    """torchvision's block (v1.5: stride in the 3x3 conv; the same modules and state_dict keys) whose fixed norms
+    fold into the convolutions outside training."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = self.relu(conv_norm(self.conv2, self.bn2, out))
+        out = conv_norm(self.conv3, self.bn3, out)
+        out += x if self.downsample is None else conv_norm(self.downsample[0], self.downsample[1], x)
+        return self.relu(out)
 
 # depth -> (block type, blocks in res2, res3, res4, res5)
 RESNET_SPECS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
@@ -110,7 +154,7 @@ class ResNetTrunk(nn.Module):
                 p.requires_grad_(False)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (N, 3, H, W) -> (N, W0, H/4, W/4)
+        x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x)))  # (N, 3, H, W) -> (N, W0, H/4, W/4)
         x = self.layer1(x)
         x = self.layer2(x)  # -> (N, C3, H/8, W/8)
         return self.layer3(x)  # -> (N, C4, H/16, W/16)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.ops import box_area, box_iou
+from torchvision.ops._utils import convert_boxes_to_roi_format
 
 from ...layers import ROIPooler
 from ...postprocess import adjacent_scale_pairs, detection_candidates, select_detections
@@ -32,6 +33,7 @@ class Res5ROIHeads(nn.Module):
         bg_iou_thresh_lo: float,
         proposal_append_gt: bool,
         global_context: bool = False,
+        inference_chunk: int = 0,
     ):
         """
         Args:
@@ -46,6 +48,9 @@ class Res5ROIHeads(nn.Module):
                 (the paper's single-level spatial pyramid pooling of the full image) and run through the same res5;
                 its averaged feature is concatenated with each of the image's RoI features, so the predictor's
                 input is twice res5's width.
+            inference_chunk: outside training, pool and run res5 on this many RoIs at a time (0: all at once). On
+                the CPU, chunks whose buffers stay small are reused by the allocator instead of being mapped and
+                page-faulted afresh (R50-C4: 300 RoIs pool to 240 MB; docs/benchmarks.md); the results are the same.
         """
         super().__init__()
         self.pooler = pooler
@@ -56,6 +61,7 @@ class Res5ROIHeads(nn.Module):
         self.bg_iou_thresh_lo = bg_iou_thresh_lo
         self.proposal_append_gt = proposal_append_gt
         self.global_context = global_context
+        self.inference_chunk = inference_chunk
 
     @property
     def num_classes(self) -> int:
@@ -65,18 +71,24 @@ class Res5ROIHeads(nn.Module):
         """res4 features (N, C4, H, W) and per-image boxes in input pixels -> one feature per box: (sum R_i, C5), or
         (sum R_i, 2 C5) with global context, each row [the box's feature, its image's whole-image feature]."""
         if not self.global_context:
-            # (R, C4, 14, 14) -> (R, C5, 7, 7) -> (R, C5)
-            return self.res5(self.pooler(features, boxes)).mean(dim=(2, 3))
+            return self.res5_features(features, convert_boxes_to_roi_format(boxes))
         # one res5 pass over each image's RoIs followed by its whole-image RoI: (R + N, C4, 14, 14) -> (R + N, C5)
         with_images = [
             torch.cat([b, b.new_tensor([[0.0, 0.0, float(w), float(h)]])]) for b, (h, w) in zip(boxes, image_sizes)
         ]
-        x = self.res5(self.pooler(features, with_images)).mean(dim=(2, 3))
+        x = self.res5_features(features, convert_boxes_to_roi_format(with_images))
         counts = torch.tensor([len(b) for b in boxes], device=x.device)
         is_image = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         is_image[torch.cumsum(counts + 1, dim=0) - 1] = True  # the last row of each image
         box_features, image_features = x[~is_image], x[is_image]  # (R, C5), (N, C5)
         return torch.cat([box_features, image_features.repeat_interleave(counts, dim=0)], dim=1)
+
+    def res5_features(self, features: Tensor, rois: Tensor) -> Tensor:
+        """(R, 5) rows [image index, x1, y1, x2, y2] -> (R, C4, 14, 14) pooled -> res5 (R, C5, 7, 7) -> averaged
+        (R, C5); outside training `inference_chunk` RoIs at a time."""
+        chunk = len(rois) if self.training or self.inference_chunk <= 0 else self.inference_chunk
+        parts = rois.split(chunk) if len(rois) else [rois]
+        return torch.cat([self.res5(self.pooler(features, part)).mean(dim=(2, 3)) for part in parts])
 
     def forward(
         self,
