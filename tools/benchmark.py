@@ -3,13 +3,17 @@
 
     python tools/benchmark.py --cfg configs/coco_r50.yaml --device cpu --mode infer --json-out r50_infer.json
     python tools/benchmark.py --cfg configs/coco_r50.yaml --device cpu --mode train --runs 3 --warmup 1
+    python tools/benchmark.py --cfg configs/coco_r50.yaml --compare torchvision --json-out r50_vs_torchvision.json
 
 Inference: one random image of the config's test size (INPUT.MIN_SIZE_TEST x MAX_SIZE_TEST) with its test
 proposal count (MODEL.RPN.POST_NMS_TOPK_TEST); training: SOLVER.IMS_PER_BATCH random images of the training size
 (INPUT.MIN_SIZE_TRAIN[0] x MAX_SIZE_TRAIN) with 4 boxes each, one SGD step (at learning rate 0: the step does the
 same work, and the random weights, on which timing does not depend, never diverge). The model is built as the
 config says. The FLOP/s of a large 3x3 convolution is measured in the same
-run as the machine's reference. See docs/benchmarks.md. KEY=VALUE arguments override config keys.
+run as the machine's reference. `--compare torchvision` also builds the same detector from torchvision's
+FasterRCNN with the same weights (`engine.benchmark.torchvision_equivalent`) and times it in the same process, run
+for run in turn with ours; "speedup" is our images/s over torchvision's. See docs/benchmarks.md. KEY=VALUE
+arguments override config keys.
 """
 
 from __future__ import annotations
@@ -21,10 +25,19 @@ import sys
 import torch
 
 from detectron_res.config import load_config
-from detectron_res.engine.benchmark import benchmark_model, conv_reference, synthetic_inputs
+from detectron_res.engine.benchmark import (
+    STAGES,
+    TORCHVISION_STAGES,
+    Candidate,
+    benchmark_models,
+    conv_reference,
+    synthetic_inputs,
+    torchvision_equivalent,
+    torchvision_inputs,
+)
 from detectron_res.engine.runner import run_tool
 from detectron_res.engine.solver import build_optimizer
-from detectron_res.modeling import build_model
+from detectron_res.modeling import build_model, compile_for_inference
 from detectron_res.utils import atomic_write_text
 
 
@@ -35,54 +48,88 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mode", choices=("infer", "train"), default="infer")
     parser.add_argument("--runs", type=int, default=5, help="timed runs (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first")
+    parser.add_argument("--compare", choices=("torchvision",), default=None,
+                        help="also time the same detector built from torchvision, with the same weights")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count (a slow extra pass in train mode)")
     parser.add_argument("--json-out", default=None, help="write the results here as JSON")
     parser.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.cfg, [*args.opts, f"MODEL.DEVICE={args.device}"])
     torch.manual_seed(cfg.SEED)
     model = build_model(cfg)
+    if args.mode == "infer" and cfg.TEST.COMPILE:
+        compile_for_inference(model)
+    device = model.device
     if args.mode == "infer":
         inputs = synthetic_inputs(num_images=1, height=cfg.INPUT.MIN_SIZE_TEST, width=cfg.INPUT.MAX_SIZE_TEST)
-        optimizer = None
     else:
         inputs = synthetic_inputs(
             num_images=cfg.SOLVER.IMS_PER_BATCH, height=cfg.INPUT.MIN_SIZE_TRAIN[0], width=cfg.INPUT.MAX_SIZE_TRAIN,
             num_boxes=4, num_classes=cfg.MODEL.NUM_CLASSES,
         )  # fmt: skip
-        optimizer = build_optimizer(cfg, model)
-        for group in optimizer.param_groups:  # the same work per step, but random weights that never diverge
-            group["lr"] = 0.0
-    device = next(model.parameters()).device
-    ours = benchmark_model(model, mode=args.mode, inputs=inputs, warmup=args.warmup, runs=args.runs,
-                           optimizer=optimizer)  # fmt: skip
-    reference = conv_reference(device)
-    ours["fraction_of_conv_flops_per_s"] = ours["flops_per_s"] / reference["flops_per_s"]
+    candidates = {"ours": Candidate(model, lambda: model(inputs), len(inputs), STAGES, sgd_at_rate_0(cfg, model, args))}
+    if args.compare == "torchvision":
+        height, width = inputs[0]["height"], inputs[0]["width"]
+        theirs = torchvision_equivalent(model, min_size=min(height, width), max_size=max(height, width))
+        images, targets = torchvision_inputs(inputs, device)
+        call = (lambda: theirs(images)) if targets is None else (lambda: theirs(images, targets))
+        candidates["torchvision"] = Candidate(theirs, call, len(inputs), TORCHVISION_STAGES,
+                                              sgd_at_rate_0(cfg, theirs, args))  # fmt: skip
     results = {
         "config": args.cfg,
         "mode": args.mode,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "input": [len(inputs), 3, inputs[0]["height"], inputs[0]["width"]],
-        "ours": ours,
-        "conv_reference": reference,
-    }
+        **benchmark_models(candidates, mode=args.mode, warmup=args.warmup, runs=args.runs,
+                           count_flops=not args.no_flops),
+    }  # fmt: skip
+    reference = conv_reference(device)
+    results["conv_reference"] = reference
+    for name in candidates:
+        if "flops" in results[name]:
+            results[name]["fraction_of_conv_flops_per_s"] = results[name]["flops_per_s"] / reference["flops_per_s"]
+    if args.compare:
+        results["speedup"] = results["ours"]["images_per_s"] / results[args.compare]["images_per_s"]
     print(format_results(results))
     if args.json_out:
         atomic_write_text(args.json_out, json.dumps(results, indent=2) + "\n")
     return results
 
 
+def sgd_at_rate_0(cfg, model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer | None:
+    """Train mode: the config's optimizer at learning rate 0 (the same work per step, but random weights, on which
+    timing does not depend, never diverge); None for inference."""
+    if args.mode != "train":
+        return None
+    optimizer = build_optimizer(cfg, model)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    return optimizer
+
+
 def format_results(results: dict) -> str:
-    ours, flops = results["ours"], results["ours"]["flops"]
+    names = [name for name in ("ours", "torchvision") if name in results]
     lines = [
         f"{results['config']} {results['mode']} on {results['device']} ({results['threads']} threads), input "
-        f"{'x'.join(map(str, results['input']))}: median {ours['median_s']:.3f} s (min {ours['min_s']:.3f}, max "
-        f"{ours['max_s']:.3f}, {len(ours['seconds'])} runs), {ours['images_per_s']:.2f} images/s, peak memory "
-        f"{ours['peak_memory_mb']:.0f} MB",
-        "GFLOPs: " + ", ".join(f"{stage} {value / 1e9:.1f}" for stage, value in flops.items()),
-        f"{ours['flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * ours['fraction_of_conv_flops_per_s']:.0f}% of a 3x3 "
-        f"convolution's {results['conv_reference']['flops_per_s'] / 1e9:.1f} GFLOP/s in the same run",
+        f"{'x'.join(map(str, results['input']))}; a 3x3 convolution reaches "
+        f"{results['conv_reference']['flops_per_s'] / 1e9:.1f} GFLOP/s in the same run"
     ]
+    for name in names:
+        r = results[name]
+        memory = "n/a" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f} MB"
+        lines.append(
+            f"{name}: median {r['median_s']:.3f} s (min {r['min_s']:.3f}, max {r['max_s']:.3f}, {len(r['seconds'])} "
+            f"runs), {r['images_per_s']:.3f} images/s, peak memory {memory}"
+        )
+        if "flops" in r:
+            lines.append(
+                "  GFLOPs: " + ", ".join(f"{stage} {value / 1e9:.1f}" for stage, value in r["flops"].items())
+                + f"; {r['flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * r['fraction_of_conv_flops_per_s']:.0f}% of the "
+                "convolution's"
+            )
+    if "speedup" in results:
+        lines.append(f"speedup (our images/s over torchvision's): {results['speedup']:.2f}x")
     return "\n".join(lines)
 
 

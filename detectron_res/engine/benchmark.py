@@ -14,20 +14,27 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..evaluation.evaluator import synchronize_device
 from .events import peak_memory_mb
 
-# module paths of the stages inside FlopCounterMode's hierarchy (the model is FasterRCNN)
+# module paths of the stages inside FlopCounterMode's hierarchy (both detectors' classes are named FasterRCNN)
 STAGES = {
     "trunk": "FasterRCNN.backbone",
     "rpn": "FasterRCNN.rpn",
     "res5_head": "FasterRCNN.roi_heads.res5",
     "box_predictor": "FasterRCNN.roi_heads.predictor",
+}
+TORCHVISION_STAGES = {
+    "trunk": "FasterRCNN.backbone",
+    "rpn": "FasterRCNN.rpn",
+    "res5_head": "FasterRCNN.roi_heads.box_head",
+    "box_predictor": "FasterRCNN.roi_heads.box_predictor",
 }
 
 
@@ -82,13 +89,13 @@ def summary(seconds: list[float], *, images: int) -> dict:
     }
 
 
-def stage_flops(step: Callable[[], object]) -> dict[str, int]:
-    """FLOPs of one call of `step` (which runs a FasterRCNN) per stage of `STAGES`, "other" (the rest) and
-    "total"."""
+def stage_flops(step: Callable[[], object], stages: dict[str, str] = STAGES) -> dict[str, int]:
+    """FLOPs of one call of `step` (which runs a FasterRCNN) per stage of `stages` (name: module path), "other"
+    (the rest) and "total"."""
     with FlopCounterMode(depth=None, display=False) as counter:
         step()
     counts = {name: sum(per_op.values()) for name, per_op in counter.get_flop_counts().items()}
-    flops = {stage: int(counts.get(path, 0)) for stage, path in STAGES.items()}
+    flops = {stage: int(counts.get(path, 0)) for stage, path in stages.items()}
     total = int(counter.get_total_flops())
     flops["other"] = total - sum(flops.values())
     flops["total"] = total
@@ -109,45 +116,186 @@ def conv_reference(
     return {"shape": [1, channels, size, size], "flops": flops, "median_s": median, "flops_per_s": flops / median}
 
 
-def benchmark_model(
-    model: nn.Module,
-    *,
-    mode: str,
-    inputs: list[dict],
-    warmup: int,
-    runs: int,
-    optimizer: torch.optim.Optimizer | None = None,
-) -> dict:
-    """Times `model` on `inputs` ("infer": eval mode under inference_mode; "train": training steps with
-    `optimizer`) and counts its FLOPs per stage; the result holds the timing summary, "peak_memory_mb" (the
-    process's peak RSS on the CPU, the allocator's peak on CUDA), "flops" and "flops_per_s"."""
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    if mode == "infer":
-        model.eval()
+def training_step(call: Callable[[], dict[str, Tensor]], optimizer: torch.optim.Optimizer) -> Callable[[], object]:
+    """One SGD step of a model whose `call()` returns its losses."""
 
-        def step() -> object:
-            with torch.inference_mode():
-                return model(inputs)
+    def step() -> object:
+        losses = call()
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+        return losses
 
-    elif mode == "train":
-        if optimizer is None:
-            raise ValueError("mode 'train' needs an optimizer")
-        model.train()
+    return step
 
-        def step() -> object:
-            losses = model(inputs)
-            optimizer.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            optimizer.step()
-            return losses
 
-    else:
+class Candidate(NamedTuple):
+    """A model to time: `call()` runs `module` once on its inputs (`images` of them); `stages` maps stage names to
+    module paths for `stage_flops`; `optimizer` steps it in train mode."""
+
+    module: nn.Module
+    call: Callable[[], object]
+    images: int
+    stages: dict[str, str]
+    optimizer: torch.optim.Optimizer | None = None
+
+
+def benchmark_models(
+    candidates: dict[str, Candidate], *, mode: str, warmup: int, runs: int, count_flops: bool = True
+) -> dict[str, dict]:
+    """Times each candidate in "infer" mode (eval, under inference_mode) or "train" mode (`training_step`); with
+    several, their timed runs alternate (A, B, A, B, ...).
+
+    Returns per name the timing summary, "peak_memory_mb" and, with `count_flops`, "flops" (per stage) and
+    "flops_per_s". Peak memory: on CUDA the allocator's peak during that model's warm-up; on the CPU the process's
+    peak RSS, known for the first candidate only (after its warm-up, run before any other; None for the others,
+    which share its process).
+    """
+    if mode not in ("infer", "train"):
         raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
-    result = summary(time_runs(step, warmup=warmup, runs=runs, device=device), images=len(inputs))
-    result["peak_memory_mb"] = peak_memory_mb(device)
-    result["flops"] = stage_flops(step)
-    result["flops_per_s"] = result["flops"]["total"] / result["median_s"]
-    return result
+    steps = {}
+    for name, candidate in candidates.items():
+        if mode == "infer":
+            candidate.module.eval()
+            steps[name] = _in_inference_mode(candidate.call)
+        else:
+            if candidate.optimizer is None:
+                raise ValueError(f"mode 'train' needs an optimizer for {name!r}")
+            candidate.module.train()
+            steps[name] = training_step(candidate.call, candidate.optimizer)
+    device = next(next(iter(candidates.values())).module.parameters()).device
+    peaks: dict[str, float | None] = {}
+    for index, (name, step) in enumerate(steps.items()):  # warm-up, one model after the other
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(warmup):
+            step()
+        peaks[name] = peak_memory_mb(device) if device.type == "cuda" or index == 0 else None
+    seconds = time_alternating(steps, warmup=0, runs=runs, device=device)
+    if len(steps) == 1 and device.type == "cpu":
+        peaks[name] = peak_memory_mb(device)
+    results = {}
+    for name, candidate in candidates.items():
+        result = summary(seconds[name], images=candidate.images)
+        result["peak_memory_mb"] = peaks[name]
+        if count_flops:
+            result["flops"] = stage_flops(steps[name], candidate.stages)
+            result["flops_per_s"] = result["flops"]["total"] / result["median_s"]
+        results[name] = result
+    return results
 
+
+def _in_inference_mode(call: Callable[[], object]) -> Callable[[], object]:
+    def step() -> object:
+        with torch.inference_mode():
+            return call()
+
+    return step
+
+
+def torchvision_equivalent(model: nn.Module, *, min_size: int, max_size: int) -> nn.Module:
+    """The same C4 detector built from `torchvision.models.detection.FasterRCNN`, as a torchvision user would build
+    it, with `model`'s weights copied in: torchvision's ResNet (conv1..layer3 as the backbone, layer4 + average
+    pooling as the box head, FrozenBatchNorm2d, the same frozen stages), its RPNHead, a 14 x 14 `MultiScaleRoIAlign`
+    (adaptive sampling), FastRCNNPredictor, and `model`'s anchors (the same cell anchors on the same grid),
+    proposal counts, IoU thresholds, box coder weights, score and NMS thresholds. Its transform normalises 0-1
+    images with the same mean and std at the `min_size` / `max_size` of the config and pads to the same multiple.
+
+    Class order: ours has background last, torchvision first (its box regressor also predicts a box for
+    background, given zero weights here). Not identical to ours in the details torchvision does not expose:
+    RoIAlign's half-pixel alignment, the RPN's minimum proposal size (0.001) and its training-time sampling."""
+    from torchvision.models import resnet as torchvision_resnet
+    from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+    from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
+    from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+
+    trunk, rpn, heads = model.backbone, model.rpn, model.roi_heads
+    predictor = heads.predictor
+    depth = {6: 50, 23: 101, 36: 152}.get(len(trunk.layer3))
+    if depth is None or trunk.conv1.out_channels != 64 or heads.global_context:
+        raise ValueError("the torchvision comparison needs a standard-width ResNet-50/101/152 C4 model without "
+                         "global context")  # fmt: skip
+    resnet = getattr(torchvision_resnet, f"resnet{depth}")(weights=None, norm_layer=FrozenBatchNorm2d)
+    state = {k: v for k, v in trunk.state_dict().items()}
+    state.update({f"layer4.{k}": v for k, v in heads.res5.state_dict().items()})
+    missing, unexpected = resnet.load_state_dict(state, strict=False)
+    if unexpected or set(missing) != {"fc.weight", "fc.bias"}:
+        raise ValueError(f"torchvision ResNet-{depth} does not take the model's weights: missing {missing}, "
+                         f"unexpected {unexpected}")  # fmt: skip
+    for name, parameter in trunk.named_parameters():  # the same frozen stages
+        resnet.get_parameter(name).requires_grad_(parameter.requires_grad)
+    backbone = nn.Sequential(*[getattr(resnet, n) for n in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2",
+                                                            "layer3")])  # fmt: skip
+    backbone.out_channels = trunk.out_channels
+    anchor_generator = AnchorGenerator(sizes=((128,),), aspect_ratios=((1.0,),))
+    anchor_generator.cell_anchors = [rpn.anchor_generator.cell_anchors.clone()]  # ours, in our order
+    rpn_head = RPNHead(trunk.out_channels, rpn.anchor_generator.num_anchors)
+    rpn_head.conv[0][0].load_state_dict(rpn.head.conv.state_dict())
+    rpn_head.cls_logits.load_state_dict(rpn.head.objectness_logits.state_dict())
+    rpn_head.bbox_pred.load_state_dict(rpn.head.anchor_deltas.state_dict())
+    box_predictor = FastRCNNPredictor(predictor.cls_score.in_features, predictor.num_classes + 1)
+    with torch.no_grad():  # background: ours last, torchvision's first
+        order = torch.cat([torch.tensor([predictor.num_classes]), torch.arange(predictor.num_classes)])
+        box_predictor.cls_score.weight.copy_(predictor.cls_score.weight[order])
+        box_predictor.cls_score.bias.copy_(predictor.cls_score.bias[order])
+        box_predictor.bbox_pred.weight.zero_()
+        box_predictor.bbox_pred.bias.zero_()
+        box_predictor.bbox_pred.weight[4:].copy_(predictor.bbox_pred.weight)
+        box_predictor.bbox_pred.bias[4:].copy_(predictor.bbox_pred.bias)
+    detector = TorchvisionFasterRCNN(
+        backbone,
+        min_size=min_size,
+        max_size=max_size,
+        image_mean=(model.pixel_mean.flatten() / 255).tolist(),
+        image_std=(model.pixel_std.flatten() / 255).tolist(),
+        size_divisible=model.size_divisibility,
+        rpn_anchor_generator=anchor_generator,
+        rpn_head=rpn_head,
+        rpn_pre_nms_top_n_train=rpn.pre_nms_topk[0],
+        rpn_pre_nms_top_n_test=rpn.pre_nms_topk[1],
+        rpn_post_nms_top_n_train=rpn.post_nms_topk[0],
+        rpn_post_nms_top_n_test=rpn.post_nms_topk[1],
+        rpn_nms_thresh=rpn.nms_thresh,
+        rpn_fg_iou_thresh=rpn.matcher.high_threshold,
+        rpn_bg_iou_thresh=rpn.matcher.low_threshold,
+        rpn_batch_size_per_image=rpn.sampler.batch_size_per_image,
+        rpn_positive_fraction=rpn.sampler.positive_fraction,
+        box_roi_pool=MultiScaleRoIAlign(["0"], output_size=heads.pooler.output_size, sampling_ratio=heads.pooler.sampling_ratio),
+        box_head=nn.Sequential(resnet.layer4, nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+        box_predictor=box_predictor,
+        box_score_thresh=predictor.score_thresh,
+        box_nms_thresh=predictor.nms_thresh,
+        box_detections_per_img=predictor.detections_per_image,
+        box_fg_iou_thresh=heads.fg_iou_thresh,
+        box_bg_iou_thresh=heads.fg_iou_thresh,
+        box_batch_size_per_image=heads.sampler.batch_size_per_image,
+        box_positive_fraction=heads.sampler.positive_fraction,
+        bbox_reg_weights=predictor.box_coder.weights,
+    )
+    detector.rpn.box_coder = type(detector.rpn.box_coder)(rpn.box_coder.weights)
+    return detector.to(model.device)
+
+
+def torchvision_inputs(inputs: list[dict], device: torch.device) -> tuple[list[Tensor], list[dict] | None]:
+    """Our model inputs as torchvision's detector takes them: 0-1 float images, and in training targets whose
+    labels are 1..K (0 is background there)."""
+    images = [x["image"].to(device).float() / 255 for x in inputs]
+    if "gt_boxes" not in inputs[0]:
+        return images, None
+    targets = [{"boxes": x["gt_boxes"].to(device), "labels": x["gt_classes"].to(device) + 1} for x in inputs]
+    return images, targets
+
+
+def time_alternating(
+    steps: dict[str, Callable[[], object]], *, warmup: int, runs: int, device: torch.device
+) -> dict[str, list[float]]:
+    """`time_runs` of several steps in turn (A, B, A, B, ...), so that both see the same machine state."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(runs):
+        for name, step in steps.items():
+            seconds[name] += time_runs(step, warmup=0, runs=1, device=device)
+    return seconds

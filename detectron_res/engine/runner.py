@@ -22,7 +22,7 @@ from ..evaluation import InferenceTiming, inference_on_dataset, write_metrics_js
 from ..evaluation.build import build_evaluator
 from ..layers.norm import SyncBatchNorm
 from ..modeling import build_model
-from ..modeling.build import resolve_device
+from ..modeling.build import compile_for_inference, resolve_device
 from ..utils import comm, remove_orphaned_temporary_files
 from ..utils.malloc import keep_freed_memory
 from .checkpoint import Checkpointer, unwrap_model
@@ -433,7 +433,7 @@ def amp_settings(amp_cfg, *, device: torch.device) -> tuple[torch.dtype | None, 
 
 def load_for_inference(cfg, checkpoint: str | None = None) -> tuple[torch.nn.Module, dict]:
     """The config's model with the weights of `checkpoint` (default: MODEL.WEIGHTS, else the newest checkpoint in
-    OUTPUT_DIR, as detectron2 does), in eval mode, and the checkpoint's metadata (e.g. {"class_names": [...]}; {}
+    OUTPUT_DIR, as detectron2 does), in eval mode (compiled with TEST.COMPILE), and the checkpoint's metadata (e.g. {"class_names": [...]}; {}
     for a bare state_dict). The checkpoint must fit the model exactly."""
     model = build_model(cfg)
     checkpointer = Checkpointer(model=model, save_dir=cfg.OUTPUT_DIR)
@@ -444,4 +444,6 @@ def load_for_inference(cfg, checkpoint: str | None = None) -> tuple[torch.nn.Mod
         )
     logger.info("Evaluating the weights of %s", path)
     extra = checkpointer.load(path)
+    if cfg.TEST.COMPILE:
+        compile_for_inference(model)
     return model.eval(), dict(extra.get("metadata") or {})

@@ -6,6 +6,7 @@ from .build import (
     build_roi_heads,
     build_rpn,
     build_test_time,
+    compile_for_inference,
     count_parameters,
     resolve_device,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "build_roi_heads",
     "build_rpn",
     "build_test_time",
+    "compile_for_inference",
     "count_parameters",
     "resolve_device",
 ]

@@ -160,6 +160,15 @@ def build_model(cfg) -> FasterRCNN:
     return model.to(device)
 
 
+def compile_for_inference(model: FasterRCNN) -> FasterRCNN:
+    """TEST.COMPILE: `torch.compile` the trunk and the res5 head in place (the state_dict keys stay), with
+    inductor's freezing (the weights become constants of the compiled code: for a model that is not trained any
+    more). The first images of each size wait for the compilation. See docs/benchmarks.md for what it gains."""
+    for module in (model.backbone, model.roi_heads.res5):
+        module.compile(options={"freezing": True})
+    return model
+
+
 def inference_dtype(amp_cfg, *, device: torch.device) -> torch.dtype | None:
     """TEST.AMP -> the autocast dtype of inference, or None for float32.
 

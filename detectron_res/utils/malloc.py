@@ -11,7 +11,9 @@ tool needs no special environment.
 
 The cost: the process keeps its peak memory after it falls, and fragmentation adds to that peak (measured in
 docs/benchmarks.md). The tools call it at start (`engine.runner.run_tool`); a library user may call it too. It does
-nothing where the C library is not glibc, or where GLIBC_TUNABLES already sets malloc options (the user's choice).
+nothing where the C library is not glibc, where GLIBC_TUNABLES already sets malloc options (the user's choice), or
+where the environment variable DETECTRON_RES_MALLOC is "system" (glibc's defaults, e.g. to save memory or to
+measure without it).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def keep_freed_memory() -> bool:
     is harmless."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or os.environ.get("DETECTRON_RES_MALLOC") == "system":
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     done = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, NEVER) == 1
