@@ -9,7 +9,8 @@ Inference: one random image of the config's test size (INPUT.MIN_SIZE_TEST x MAX
 proposal count (MODEL.RPN.POST_NMS_TOPK_TEST); training: SOLVER.IMS_PER_BATCH random images of the training size
 (INPUT.MIN_SIZE_TRAIN[0] x MAX_SIZE_TRAIN) with 4 boxes each, one SGD step (at learning rate 0: the step does the
 same work, and the random weights, on which timing does not depend, never diverge). The model is built as the
-config says. The FLOP/s of a large 3x3 convolution is measured in the same
+config says; random weights start each residual block at its shortcut (`zero_init_residuals`), so that deep
+trunks keep finite activations. The FLOP/s of a large 3x3 convolution is measured in the same
 run as the machine's reference. `--compare torchvision` also builds the same detector from torchvision's
 FasterRCNN with the same weights (`engine.benchmark.torchvision_equivalent`) and times it in the same process, run
 for run in turn with ours; "speedup" is our images/s over torchvision's. See docs/benchmarks.md. KEY=VALUE
@@ -34,6 +35,7 @@ from detectron_res.engine.benchmark import (
     synthetic_inputs,
     torchvision_equivalent,
     torchvision_inputs,
+    zero_init_residuals,
 )
 from detectron_res.engine.runner import run_tool
 from detectron_res.engine.solver import build_optimizer
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(args.cfg, [*args.opts, f"MODEL.DEVICE={args.device}"])
     torch.manual_seed(cfg.SEED)
     model = build_model(cfg)
+    if not cfg.MODEL.BACKBONE.WEIGHTS:
+        zero_init_residuals(model)  # random weights that keep a deep trunk's activations finite
     if args.mode == "infer" and cfg.TEST.COMPILE:
         compile_for_inference(model)
     device = model.device

@@ -433,8 +433,8 @@ def amp_settings(amp_cfg, *, device: torch.device) -> tuple[torch.dtype | None, 
 
 def load_for_inference(cfg, checkpoint: str | None = None) -> tuple[torch.nn.Module, dict]:
     """The config's model with the weights of `checkpoint` (default: MODEL.WEIGHTS, else the newest checkpoint in
-    OUTPUT_DIR, as detectron2 does), in eval mode (compiled with TEST.COMPILE), and the checkpoint's metadata (e.g. {"class_names": [...]}; {}
-    for a bare state_dict). The checkpoint must fit the model exactly."""
+    OUTPUT_DIR, as detectron2 does), in eval mode (compiled with TEST.COMPILE), and the checkpoint's metadata (e.g.
+    {"class_names": [...]}; {} for a bare state_dict). The checkpoint must fit the model exactly."""
     model = build_model(cfg)
     checkpointer = Checkpointer(model=model, save_dir=cfg.OUTPUT_DIR)
     path = checkpoint or cfg.MODEL.WEIGHTS or checkpointer.last_checkpoint()

@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from detectron_res.config import load_config
-from detectron_res.engine.benchmark import conv_reference, stage_flops, summary, synthetic_inputs, time_runs
+from detectron_res.engine.benchmark import (
+    conv_reference,
+    stage_flops,
+    summary,
+    synthetic_inputs,
+    time_runs,
+    zero_init_residuals,
+)
 from detectron_res.modeling import build_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,3 +132,17 @@ def test_train_mode_without_flops():
                               "--warmup", "0", "--no-flops", *TINY])  # fmt: skip
     assert "flops" not in results["ours"] and "fraction_of_conv_flops_per_s" not in results["ours"]
     assert results["ours"]["peak_memory_mb"] > 0
+
+
+def test_zero_init_residuals_keeps_a_deep_random_trunk_finite():
+    cfg = load_config(REPO / "configs/coco_r101.yaml", ["MODEL.DEVICE=cpu", "MODEL.RPN.POST_NMS_TOPK_TEST=50",
+                                                        "INPUT.MIN_SIZE_TEST=128", "INPUT.MAX_SIZE_TEST=192"])  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    assert zero_init_residuals(model) == 3 + 4 + 23 + 3  # every block of the trunk and of res5
+    assert model.roi_heads.res5[2].bn3.weight.abs().sum() == 0 and model.backbone.layer3[5].bn3.weight.sum() == 0
+    inputs = synthetic_inputs(num_images=1, height=128, width=192)
+    with torch.inference_mode():
+        prepared = model.prepare(inputs)
+        assert prepared.features.abs().max() < 100  # without it: about 1e5
+        assert len(model.propose(prepared)[0]) == 50

@@ -38,8 +38,8 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
 
 
 class BasicBlock(torchvision_resnet.BasicBlock):
-    """torchvision's block (the same modules and state_dict keys) whose fixed norms fold into the convolutions
-    outside training."""
+    """torchvision's block (the same modules and state_dict keys) whose norms with fixed statistics are folded into
+    their convolutions (`conv_norm`)."""
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(conv_norm(self.conv1, self.bn1, x))
@@ -49,8 +49,8 @@ class BasicBlock(torchvision_resnet.BasicBlock):
 
 
 class Bottleneck(torchvision_resnet.Bottleneck):
-    """torchvision's block (v1.5: stride in the 3x3 conv; the same modules and state_dict keys) whose fixed norms
-    fold into the convolutions outside training."""
+    """torchvision's block (v1.5: stride in the 3x3 conv; the same modules and state_dict keys) whose norms with
+    fixed statistics are folded into their convolutions (`conv_norm`)."""
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(conv_norm(self.conv1, self.bn1, x))
