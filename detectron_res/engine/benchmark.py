@@ -274,7 +274,9 @@ def torchvision_equivalent(model: nn.Module, *, min_size: int, max_size: int) ->
         rpn_bg_iou_thresh=rpn.matcher.low_threshold,
         rpn_batch_size_per_image=rpn.sampler.batch_size_per_image,
         rpn_positive_fraction=rpn.sampler.positive_fraction,
-        box_roi_pool=MultiScaleRoIAlign(["0"], output_size=heads.pooler.output_size, sampling_ratio=heads.pooler.sampling_ratio),
+        box_roi_pool=MultiScaleRoIAlign(
+            ["0"], output_size=heads.pooler.output_size, sampling_ratio=heads.pooler.sampling_ratio
+        ),
         box_head=nn.Sequential(resnet.layer4, nn.AdaptiveAvgPool2d(1), nn.Flatten()),
         box_predictor=box_predictor,
         box_score_thresh=predictor.score_thresh,

@@ -56,9 +56,8 @@ class ROIPooler(nn.Module):
         if kernel == "auto":
             kernel = "torchvision" if features.device.type == "cuda" else "bag"
         if kernel == "torchvision":
-            return torchvision_roi_align(
-                features, rois.to(features.dtype), self.output_size, self.spatial_scale, self.sampling_ratio, aligned=True
-            )
+            rois = rois.to(features.dtype)
+            return torchvision_roi_align(features, rois, self.output_size, self.spatial_scale, self.sampling_ratio, True)
         return roi_align(  # the box coordinates keep their own precision (float32 beside bfloat16 features)
             features,
             rois,

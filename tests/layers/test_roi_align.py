@@ -32,7 +32,9 @@ def random_case(seed: int = 0, dtype=torch.float64):
 @pytest.mark.parametrize("sampling_ratio", [0, 1, 2, 3])
 def test_matches_torchvision_in_float64(aligned, sampling_ratio):
     features, rois = random_case()
-    ours = roi_align(features, rois, output_size=7, spatial_scale=1 / 16, sampling_ratio=sampling_ratio, aligned=aligned)
+    ours = roi_align(
+        features, rois, output_size=7, spatial_scale=1 / 16, sampling_ratio=sampling_ratio, aligned=aligned
+    )
     theirs = torchvision_roi_align(features, rois, 7, 1 / 16, sampling_ratio, aligned)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
     assert ours[1].abs().max() == 0  # outside the map

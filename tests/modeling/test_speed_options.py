@@ -120,6 +120,39 @@ def test_folding_frozen_norms_in_training_gives_the_plain_losses_and_gradients(m
         assert relative < 1e-3, name
 
 
+@pytest.mark.parametrize("depth", [18, 50])
+def test_blocks_compute_torchvisions_blocks(depth):
+    """Each block (with or without a downsampling shortcut) gives what torchvision's own forward computes with the
+    same modules, and the whole trunk (its folded stem too) gives the unfolded stem followed by those."""
+    from torchvision.models import resnet as torchvision_resnet
+
+    cfg = load_config(REPO / "configs/base_c4.yaml", ["MODEL.DEVICE=cpu", f"MODEL.BACKBONE.DEPTH={depth}",
+                                                      "MODEL.BACKBONE.WIDTH=8"])  # fmt: skip
+    torch.manual_seed(0)
+    trunk = build_model(cfg).backbone.eval()
+    randomise_norms(trunk)
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        stem = trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(x))))
+        expected = stem
+        for block in [*trunk.layer1, *trunk.layer2, *trunk.layer3]:
+            reference = getattr(torchvision_resnet, type(block).__name__).forward(block, expected)
+            got = block(expected)
+            torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+            expected = reference
+        torch.testing.assert_close(trunk(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    assert trunk.layer2[0].downsample is not None
+
+
+def test_only_inference_batches_are_channels_last():
+    model = small_model()
+    images = [torch.rand(3, 40, 50)]
+    assert model.batch_images(images)[0].is_contiguous(memory_format=torch.channels_last)
+    model.train()
+    batch = model.batch_images(images)[0]
+    assert batch.is_contiguous() and not batch.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_batchnorm_folds_only_in_eval_mode():
     conv, norm = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
     randomise_norms(norm)
@@ -183,6 +216,11 @@ def test_the_torchvision_equivalent_computes_our_function():
     assert not theirs.backbone[0].weight.requires_grad and theirs.backbone[6][0].conv1.weight.requires_grad
     assert list(theirs.roi_heads.box_roi_pool.output_size) == [14, 14]
     assert (theirs.rpn._post_nms_top_n["testing"], theirs.roi_heads.detections_per_img) == (300, 100)
+    # training: a RoI is foreground from IoU 0.5 and background below it (ours: [0, 0.5)); anchors at 0.7 / 0.3
+    matcher = theirs.roi_heads.proposal_matcher
+    assert (matcher.high_threshold, matcher.low_threshold) == (0.5, 0.5)
+    assert (theirs.rpn.proposal_matcher.high_threshold, theirs.rpn.proposal_matcher.low_threshold) == (0.7, 0.3)
+    assert theirs.roi_heads.fg_bg_sampler.batch_size_per_image == 512
 
 
 def test_the_torchvision_equivalent_needs_a_standard_resnet():

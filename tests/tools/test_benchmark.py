@@ -135,8 +135,9 @@ def test_train_mode_without_flops():
 
 
 def test_zero_init_residuals_keeps_a_deep_random_trunk_finite():
-    cfg = load_config(REPO / "configs/coco_r101.yaml", ["MODEL.DEVICE=cpu", "MODEL.RPN.POST_NMS_TOPK_TEST=50",
-                                                        "INPUT.MIN_SIZE_TEST=128", "INPUT.MAX_SIZE_TEST=192"])  # fmt: skip
+    overrides = ["MODEL.DEVICE=cpu", "MODEL.RPN.POST_NMS_TOPK_TEST=50", "INPUT.MIN_SIZE_TEST=128",
+                 "INPUT.MAX_SIZE_TEST=192"]  # fmt: skip
+    cfg = load_config(REPO / "configs/coco_r101.yaml", overrides)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     assert zero_init_residuals(model) == 3 + 4 + 23 + 3  # every block of the trunk and of res5
