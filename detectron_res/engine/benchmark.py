@@ -185,8 +185,9 @@ def benchmark_models(
             step()
         peaks[name] = peak_memory_mb(device) if device.type == "cuda" or index == 0 else None
     seconds = time_alternating(steps, warmup=0, runs=runs, device=device)
-    if len(steps) == 1 and device.type == "cpu":
-        peaks[name] = peak_memory_mb(device)
+    if len(steps) == 1 and device.type == "cpu":  # alone in the process: its peak includes the timed runs
+        (only,) = steps
+        peaks[only] = peak_memory_mb(device)
     results = {}
     for name, candidate in candidates.items():
         result = summary(seconds[name], images=candidate.images)

@@ -57,7 +57,8 @@ class ROIPooler(nn.Module):
             kernel = "torchvision" if features.device.type == "cuda" else "bag"
         if kernel == "torchvision":
             rois = rois.to(features.dtype)
-            return torchvision_roi_align(features, rois, self.output_size, self.spatial_scale, self.sampling_ratio, True)
+            scale, ratio = self.spatial_scale, self.sampling_ratio
+            return torchvision_roi_align(features, rois, self.output_size, scale, ratio, aligned=True)
         return roi_align(  # the box coordinates keep their own precision (float32 beside bfloat16 features)
             features,
             rois,
