@@ -197,6 +197,17 @@ def _gn_groups_divide_width(cfg: Mapping[str, Any]) -> ConfigProblem | None:
     )
 
 
+def _stride_in_1x1_needs_bottlenecks(cfg: Mapping[str, Any]) -> ConfigProblem | None:
+    depth = lookup(cfg, "MODEL.BACKBONE.DEPTH")
+    if not lookup(cfg, "MODEL.BACKBONE.STRIDE_IN_1X1") or depth >= 50:
+        return None
+    return ConfigProblem(
+        ("MODEL.BACKBONE.STRIDE_IN_1X1", "MODEL.BACKBONE.DEPTH"),
+        f"MODEL.BACKBONE.STRIDE_IN_1X1=true needs bottleneck blocks (MODEL.BACKBONE.DEPTH 50, 101 or 152); "
+        f"ResNet-{depth}'s basic blocks have no 1x1 conv to stride in",
+    )
+
+
 # -- the tables ----------------------------------------------------------------------------------------------
 _IOU = between(0.0, 1.0)
 _POSITIVE_LIST = all_of(non_empty(), each(greater_than(0)))
@@ -213,6 +224,7 @@ VALUE_RULES: tuple[tuple[str, Check], ...] = (
     ("MODEL.BACKBONE.NORM", one_of("FrozenBN", "BN", "SyncBN", "GN")),
     ("MODEL.BACKBONE.GN_GROUPS", at_least(1)),
     ("MODEL.BACKBONE.FREEZE_AT", between(0, 4)),
+    ("MODEL.RPN.ANCHOR_OFFSET", between(0.0, 1.0)),
     ("MODEL.RPN.ANCHOR_SIZES", _POSITIVE_LIST),
     ("MODEL.RPN.ASPECT_RATIOS", _POSITIVE_LIST),
     ("MODEL.RPN.HEAD_CHANNELS", at_least(0)),
@@ -248,6 +260,7 @@ VALUE_RULES: tuple[tuple[str, Check], ...] = (
     ("INPUT.MAX_SIZE_TEST", greater_than(0)),
     ("INPUT.HFLIP_PROB", between(0.0, 1.0)),
     ("INPUT.SIZE_DIVISIBILITY", at_least(1)),
+    ("INPUT.FORMAT", one_of("RGB", "BGR")),
     ("DATASETS.TRAIN", non_empty()),
     ("DATALOADER.NUM_WORKERS", at_least(0)),
     ("DATALOADER.ON_BAD_IMAGE", one_of("error", "skip")),
@@ -306,6 +319,7 @@ CROSS_KEY_RULES: tuple[CrossKeyRule, ...] = (
     key_at_most("INPUT.MIN_SIZE_TRAIN", "INPUT.MAX_SIZE_TRAIN"),
     key_at_most("INPUT.MIN_SIZE_TEST", "INPUT.MAX_SIZE_TEST"),
     _gn_groups_divide_width,
+    _stride_in_1x1_needs_bottlenecks,
 )
 
 

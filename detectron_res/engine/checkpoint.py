@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..modeling.weight_formats import detect_format, detectron2_to_detectron_res, read_weights_file
 from ..utils import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -204,19 +205,36 @@ class Checkpointer:
     def read(self, path: str | Path) -> dict[str, Any]:
         """The contents of a detectron_res checkpoint, or {"model": state_dict} for a bare state_dict file.
 
+        A detectron2 C4 detector (a model-zoo `.pkl` or a detectron2 `.pth` checkpoint) is converted to our names
+        (`modeling.weight_formats`): {"model", "format": "detectron2", "settings": the config values it needs}; its
+        optimizer and iteration are not taken.
+
         Raises:
             FileNotFoundError: no such file. ValueError: it cannot be read or holds no model state_dict.
         """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Checkpoint not found: {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"Could not read checkpoint {path}: {e}") from e
+        if path.suffix == ".pkl":
+            tensors, container = read_weights_file(path)
+            state = {**container, "model": tensors}
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ValueError(f"Could not read checkpoint {path}: {e}") from e
         model_state = state.get("model", state) if isinstance(state, dict) else None
         if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):
             raise ValueError(f"{path} holds no model state_dict")
+        found = detect_format(model_state)
+        if found == "detectron2":
+            converted = detectron2_to_detectron_res(model_state)
+            logger.info("%s is a detectron2 model: %d tensors renamed to ours", path, len(converted.state_dict))
+            return {"model": converted.state_dict, "format": "detectron2", "settings": converted.settings}
+        if found in ("msra", "torchvision"):
+            raise ValueError(
+                f"{path} holds ImageNet ResNet weights ({found}), not a detector: give it to MODEL.BACKBONE.WEIGHTS"
+            )
         return state if "model" in state else {"model": model_state}
 
     def load(

@@ -22,7 +22,7 @@ from ..evaluation import InferenceTiming, inference_on_dataset, write_metrics_js
 from ..evaluation.build import build_evaluator
 from ..layers.norm import SyncBatchNorm
 from ..modeling import build_model
-from ..modeling.build import compile_for_inference, resolve_device
+from ..modeling.build import check_weight_settings, compile_for_inference, resolve_device
 from ..utils import comm, remove_orphaned_temporary_files
 from ..utils.malloc import keep_freed_memory
 from .checkpoint import Checkpointer, unwrap_model
@@ -290,7 +290,8 @@ def starting_point(cfg, checkpointer: Checkpointer, *, resume: bool) -> tuple[in
     if resume:
         logger.info("--resume: no checkpoint in %s yet; starting from the beginning", checkpointer.save_dir)
     if cfg.MODEL.WEIGHTS:
-        checkpointer.load(cfg.MODEL.WEIGHTS, allow_shape_mismatch=True)
+        extra = checkpointer.load(cfg.MODEL.WEIGHTS, allow_shape_mismatch=True)
+        check_checkpoint_settings(cfg, extra, source=f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS}")
     elif not cfg.MODEL.BACKBONE.WEIGHTS:
         warn_about_random_frozen_trunk(cfg.MODEL.BACKBONE)
     return 0, None
@@ -431,6 +432,13 @@ def amp_settings(amp_cfg, *, device: torch.device) -> tuple[torch.dtype | None, 
     return dtype, torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
 
+def check_checkpoint_settings(cfg, extra: dict, *, source: str) -> None:
+    """A converted checkpoint's "settings" (the config values its weights need) against the config: a warning for a
+    detectron2 model (which may have been trained from other ImageNet weights than MSRA's), else an error."""
+    if isinstance(extra.get("settings"), dict):
+        check_weight_settings(cfg, extra["settings"], source=source, strict=extra.get("format") != "detectron2")
+
+
 def load_for_inference(cfg, checkpoint: str | None = None) -> tuple[torch.nn.Module, dict]:
     """The config's model with the weights of `checkpoint` (default: MODEL.WEIGHTS, else the newest checkpoint in
     OUTPUT_DIR, as detectron2 does), in eval mode (compiled with TEST.COMPILE), and the checkpoint's metadata (e.g.
@@ -444,6 +452,7 @@ def load_for_inference(cfg, checkpoint: str | None = None) -> tuple[torch.nn.Mod
         )
     logger.info("Evaluating the weights of %s", path)
     extra = checkpointer.load(path)
+    check_checkpoint_settings(cfg, extra, source=str(path))
     if cfg.TEST.COMPILE:
         compile_for_inference(model)
     return model.eval(), dict(extra.get("metadata") or {})

@@ -1,4 +1,4 @@
-"""RoI feature extraction from one feature map: RoIAlign (aligned, detectron2's ROIAlignV2) or RoIPool."""
+"""RoI feature extraction from one feature map: RoIAlign (aligned by default, detectron2's ROIAlignV2) or RoIPool."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ class ROIPooler(nn.Module):
         output_size: int,
         spatial_scale: float,
         sampling_ratio: int = 0,
+        aligned: bool = True,
         roi_align_kernel: str = "auto",
     ):
         """
@@ -29,6 +30,8 @@ class ROIPooler(nn.Module):
             output_size: side of the pooled feature (14 for the C4 head).
             spatial_scale: feature stride inverse (1/16 for res4).
             sampling_ratio: ROIAlign samples per bin side; 0 = adaptive.
+            aligned: ROIAlign's half-pixel shift of the box (detectron2's ROIAlignV2); False is the original
+                RoIAlign (Mask R-CNN, Detectron), whose box corners fall on pixel centres.
             roi_align_kernel: "bag" (`layers.roi_align`, vectorised over channels and threads), "torchvision"
                 (`torchvision.ops.roi_align`), or "auto": "bag" on the CPU, torchvision's kernel on GPUs. Both give
                 the same values to float rounding.
@@ -42,6 +45,7 @@ class ROIPooler(nn.Module):
         self.output_size = (output_size, output_size)
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
         self.roi_align_kernel = roi_align_kernel
 
     def forward(self, features: Tensor, boxes: list[Tensor] | Tensor) -> Tensor:
@@ -58,18 +62,18 @@ class ROIPooler(nn.Module):
         if kernel == "torchvision":
             rois = rois.to(features.dtype)
             scale, ratio = self.spatial_scale, self.sampling_ratio
-            return torchvision_roi_align(features, rois, self.output_size, scale, ratio, aligned=True)
+            return torchvision_roi_align(features, rois, self.output_size, scale, ratio, aligned=self.aligned)
         return roi_align(  # the box coordinates keep their own precision (float32 beside bfloat16 features)
             features,
             rois,
             output_size=self.output_size[0],
             spatial_scale=self.spatial_scale,
             sampling_ratio=self.sampling_ratio,
-            aligned=True,
+            aligned=self.aligned,
         )
 
     def extra_repr(self) -> str:
         return (
             f"kind={self.kind}, output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
-            f"roi_align_kernel={self.roi_align_kernel}"
+            f"aligned={self.aligned}, roi_align_kernel={self.roi_align_kernel}"
         )

@@ -12,8 +12,8 @@ from ..data.build import build_test_mapper, build_train_data_loader
 from ..data.datasets.base import DetectionDataset
 from ..data.loader import build_test_loader
 from ..layers import get_norm
-from ..modeling.backbone import ResNetTrunk, build_res5, load_resnet_weights, read_resnet_state_dict
-from ..modeling.build import build_backbone, resolve_device, rpn_settings
+from ..modeling.backbone import ResNetTrunk, build_res5
+from ..modeling.build import build_backbone, load_backbone_weights, resolve_device, rpn_settings
 from ..modeling.roi_heads import FastRCNNOutputLayers
 from ..modeling.rpn.class_specific_rpn import ClassSpecificRPN, ClassSpecificRPNHead
 from .class_predictions import TorchvisionClassifier
@@ -26,10 +26,8 @@ RCNN_FOLDER = "rcnn"
 
 
 def _load_backbone_weights(cfg, trunk: nn.Module, res5: nn.Module) -> None:
-    source = cfg.MODEL.BACKBONE.WEIGHTS
-    if source:
-        state = read_resnet_state_dict(source, depth=cfg.MODEL.BACKBONE.DEPTH)
-        load_resnet_weights(trunk=trunk, res5=res5, state_dict=state, source=source)
+    if cfg.MODEL.BACKBONE.WEIGHTS:
+        load_backbone_weights(cfg, trunk=trunk, res5=res5)
 
 
 def build_class_specific_rpn(cfg, *, in_channels: int, stride: int) -> ClassSpecificRPN:
@@ -56,6 +54,7 @@ def build_localization_rpn(cfg) -> LocalizationRPN:
         rpn=build_class_specific_rpn(cfg, in_channels=backbone.out_channels, stride=backbone.stride),
         pixel_mean=cfg.MODEL.PIXEL_MEAN,
         pixel_std=cfg.MODEL.PIXEL_STD,
+        input_format=cfg.INPUT.FORMAT,
         size_divisibility=cfg.INPUT.SIZE_DIVISIBILITY,
         candidate_classes=cfg.LOC.CANDIDATE_CLASSES,
     )
@@ -67,8 +66,10 @@ def build_rcnn_localizer(cfg) -> RCNNLocalizer:
     MODEL.BACKBONE.WEIGHTS loaded (their fc unused: the classifier here has C + 1 outputs)."""
     b, r = cfg.MODEL.BACKBONE, cfg.LOC.RCNN
     norm = get_norm(b.NORM, gn_groups=b.GN_GROUPS)
-    trunk = ResNetTrunk(depth=b.DEPTH, width=b.WIDTH, norm_layer=norm, freeze_at=b.FREEZE_AT)
-    res5, channels = build_res5(depth=b.DEPTH, width=b.WIDTH, norm_layer=norm)
+    trunk = ResNetTrunk(
+        depth=b.DEPTH, width=b.WIDTH, norm_layer=norm, freeze_at=b.FREEZE_AT, stride_in_1x1=b.STRIDE_IN_1X1
+    )
+    res5, channels = build_res5(depth=b.DEPTH, width=b.WIDTH, norm_layer=norm, stride_in_1x1=b.STRIDE_IN_1X1)
     _load_backbone_weights(cfg, trunk, res5)
     predictor = FastRCNNOutputLayers(
         in_channels=channels,
@@ -85,6 +86,7 @@ def build_rcnn_localizer(cfg) -> RCNNLocalizer:
         predictor=predictor,
         pixel_mean=cfg.MODEL.PIXEL_MEAN,
         pixel_std=cfg.MODEL.PIXEL_STD,
+        input_format=cfg.INPUT.FORMAT,
         crop_size=r.CROP_SIZE,
         sampling_ratio=r.SAMPLING_RATIO,
         fg_iou_thresh=r.FG_IOU_THRESH,

@@ -44,6 +44,7 @@ class RCNNLocalizer(nn.Module):
         predictor: FastRCNNOutputLayers,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
+        input_format: str = "RGB",
         crop_size: int,
         sampling_ratio: int,
         fg_iou_thresh: float,
@@ -53,7 +54,8 @@ class RCNNLocalizer(nn.Module):
         Args:
             trunk, res5: the ResNet (stem..res4, and res5) run on each warped crop, then global average pooling.
             predictor: (C+1)-way classifier and 4C box regressors on the pooled feature.
-            pixel_mean, pixel_std: per-channel RGB statistics on the 0-255 scale.
+            pixel_mean, pixel_std: per-channel statistics on the 0-255 scale, in `input_format`'s order.
+            input_format: the channel order the trunk takes, "RGB" or "BGR" (MSRA/Caffe weights); images are RGB.
             crop_size: side of the warped crops (the paper: 224).
             sampling_ratio: bilinear samples per crop pixel and axis (0 = adaptive), see `crop_and_warp`.
             fg_iou_thresh: a training RoI with IoU >= this with a ground-truth box is that box's class, else background.
@@ -65,6 +67,7 @@ class RCNNLocalizer(nn.Module):
         self.predictor = predictor
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, -1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, -1, 1, 1), False)
+        self.input_format = input_format
         self.crop_size = crop_size
         self.sampling_ratio = sampling_ratio
         self.fg_iou_thresh = fg_iou_thresh
@@ -92,6 +95,8 @@ class RCNNLocalizer(nn.Module):
             ]
         )
         warped = crop_and_warp(batch, [b.to(self.device) for b in boxes], size=self.crop_size, sampling_ratio=self.sampling_ratio)
+        if self.input_format == "BGR":
+            warped = warped.flip(1)  # (R, RGB, S, S) -> (R, BGR, S, S)
         return (warped - self.pixel_mean) / self.pixel_std
 
     def network(self, crops: Tensor) -> tuple[Tensor, Tensor]:

@@ -27,6 +27,7 @@ class LocalizationRPN(nn.Module):
         rpn: ClassSpecificRPN,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
+        input_format: str = "RGB",
         size_divisibility: int,
         candidate_classes: int,
     ):
@@ -34,7 +35,8 @@ class LocalizationRPN(nn.Module):
         Args:
             backbone: (N, 3, H, W) normalised images -> (N, C4, H/16, W/16) features.
             rpn: the class-specific RPN on those features.
-            pixel_mean, pixel_std: per-channel RGB statistics on the 0-255 scale.
+            pixel_mean, pixel_std: per-channel statistics on the 0-255 scale, in `input_format`'s order.
+            input_format: the channel order the trunk takes, "RGB" or "BGR" (MSRA/Caffe weights); images are RGB.
             size_divisibility: the padded batch's sides are multiples of this.
             candidate_classes: classes localised per image when the input names none (the RPN's best by image score).
         """
@@ -43,6 +45,7 @@ class LocalizationRPN(nn.Module):
         self.rpn = rpn
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+        self.input_format = input_format
         self.size_divisibility = size_divisibility
         self.candidate_classes = candidate_classes
 
@@ -52,6 +55,7 @@ class LocalizationRPN(nn.Module):
 
     def features(self, images: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
         """uint8 (3, h_i, w_i) images -> trunk features of the normalised, padded batch and the (h_i, w_i)."""
+        images = [im.flip(0) for im in images] if self.input_format == "BGR" else images  # (RGB) -> (BGR)
         normalised = [(im.to(self.device).float() - self.pixel_mean) / self.pixel_std for im in images]
         batch, sizes = batch_images(normalised, size_divisibility=self.size_divisibility)
         return self.backbone(batch), sizes

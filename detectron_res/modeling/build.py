@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,11 +12,12 @@ from torchvision.models.detection._utils import BoxCoder
 
 from ..layers import ROIPooler, get_norm
 from ..utils import comm
-from .backbone import ResNetTrunk, build_res5, load_resnet_weights, read_resnet_state_dict
+from .backbone import ResNetTrunk, WeightLoadReport, build_res5, load_resnet_weights, read_resnet_weights
 from .detector import FasterRCNN
 from .roi_heads import FastRCNNOutputLayers, Res5ROIHeads
 from .rpn import RPN, AnchorGenerator, RPNHead
 from .test_time import TestTimeAugmentation
+from .weight_formats import settings_problems
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +29,7 @@ def build_backbone(cfg) -> ResNetTrunk:
         width=b.WIDTH,
         norm_layer=get_norm(b.NORM, gn_groups=b.GN_GROUPS),
         freeze_at=b.FREEZE_AT,
+        stride_in_1x1=b.STRIDE_IN_1X1,
     )
 
 
@@ -34,7 +38,9 @@ def rpn_settings(cfg, *, stride: int) -> dict:
     box coding, anchor matching and sampling, NMS and the losses (not the head, not the top-k)."""
     r = cfg.MODEL.RPN
     return dict(
-        anchor_generator=AnchorGenerator(sizes=r.ANCHOR_SIZES, aspect_ratios=r.ASPECT_RATIOS, stride=stride),
+        anchor_generator=AnchorGenerator(
+            sizes=r.ANCHOR_SIZES, aspect_ratios=r.ASPECT_RATIOS, stride=stride, offset=r.ANCHOR_OFFSET
+        ),
         box_coder=BoxCoder(tuple(r.BBOX_REG_WEIGHTS)),
         positive_iou=r.POSITIVE_IOU,
         negative_iou=r.NEGATIVE_IOU,
@@ -71,7 +77,8 @@ INFERENCE_CHUNK_BYTES = 48 << 20
 def build_roi_heads(cfg, *, stride: int) -> Res5ROIHeads:
     b, h = cfg.MODEL.BACKBONE, cfg.MODEL.ROI_HEADS
     res5, res5_channels = build_res5(
-        depth=b.DEPTH, width=b.WIDTH, norm_layer=get_norm(b.NORM, gn_groups=b.GN_GROUPS)
+        depth=b.DEPTH, width=b.WIDTH, norm_layer=get_norm(b.NORM, gn_groups=b.GN_GROUPS),
+        stride_in_1x1=b.STRIDE_IN_1X1,
     )
     chunk = 0  # on GPUs all RoIs at once
     if resolve_device(cfg.MODEL.DEVICE).type == "cpu":
@@ -92,6 +99,7 @@ def build_roi_heads(cfg, *, stride: int) -> Res5ROIHeads:
             output_size=h.POOLER_RESOLUTION,
             spatial_scale=1.0 / stride,
             sampling_ratio=h.POOLER_SAMPLING_RATIO,
+            aligned=h.POOLER_ALIGNED,
         ),
         res5=res5,
         predictor=predictor,
@@ -143,21 +151,55 @@ def build_model(cfg) -> FasterRCNN:
     rpn = build_rpn(cfg, in_channels=backbone.out_channels, stride=backbone.stride)
     roi_heads = build_roi_heads(cfg, stride=backbone.stride)
     if cfg.MODEL.BACKBONE.WEIGHTS:
-        source = cfg.MODEL.BACKBONE.WEIGHTS
-        state = read_resnet_state_dict(source, depth=cfg.MODEL.BACKBONE.DEPTH)
-        load_resnet_weights(trunk=backbone, res5=roi_heads.res5, state_dict=state, source=source)
+        load_backbone_weights(cfg, trunk=backbone, res5=roi_heads.res5)
     model = FasterRCNN(
         backbone=backbone,
         rpn=rpn,
         roi_heads=roi_heads,
         pixel_mean=cfg.MODEL.PIXEL_MEAN,
         pixel_std=cfg.MODEL.PIXEL_STD,
+        input_format=cfg.INPUT.FORMAT,
         size_divisibility=cfg.INPUT.SIZE_DIVISIBILITY,
         test_time=build_test_time(cfg),
         channels_last=device.type == "cpu",
         inference_dtype=inference_dtype(cfg.TEST.AMP, device=device),
     )
     return model.to(device)
+
+
+def load_backbone_weights(cfg, *, trunk: nn.Module, res5: nn.Module) -> WeightLoadReport:
+    """MODEL.BACKBONE.WEIGHTS into the trunk and res5, after checking the config against the settings the weights
+    need (`check_weight_settings`); returns what was loaded, missing and unused."""
+    source = cfg.MODEL.BACKBONE.WEIGHTS
+    weights = read_resnet_weights(source, depth=cfg.MODEL.BACKBONE.DEPTH)
+    check_weight_settings(cfg, weights.settings, source=f"MODEL.BACKBONE.WEIGHTS={source} ({weights.format})")
+    return load_resnet_weights(trunk=trunk, res5=res5, state_dict=weights.state_dict, source=source)
+
+
+def check_weight_settings(cfg, settings: Mapping[str, Any], *, source: str, strict: bool = True) -> None:
+    """Compares the config with the settings weights were trained with (`weight_formats`: stride placement,
+    channel order, pixel mean and std). Another PIXEL_MEAN is a warning (the features shift a little); any other
+    difference makes the weights compute something else: a ValueError naming the keys, or with `strict=False` (the
+    file cannot be sure, e.g. a detectron2 checkpoint) a warning.
+    """
+    values = {key: _config_value(cfg, key) for key in settings}
+    mean = {k: v for k, v in settings.items() if k == "MODEL.PIXEL_MEAN"}
+    for problem in settings_problems(values, mean):
+        logger.warning("%s: %s", source, problem)
+    problems = settings_problems(values, {k: v for k, v in settings.items() if k not in mean})
+    if not problems:
+        return
+    message = f"{source} was trained with other settings than this config's: {'; '.join(problems)}"
+    if strict:
+        raise ValueError(f"{message}. Set those keys (e.g. on the command line) to use these weights")
+    logger.warning("%s. Unless the weights were trained with this config's values, set those keys", message)
+
+
+def _config_value(cfg, dotted_key: str) -> Any:
+    node = cfg
+    for part in dotted_key.split("."):
+        node = node[part]
+    return node
 
 
 def compile_for_inference(model: FasterRCNN) -> FasterRCNN:

@@ -53,6 +53,7 @@ class FasterRCNN(nn.Module):
         roi_heads: Res5ROIHeads,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
+        input_format: str = "RGB",
         size_divisibility: int = 16,
         test_time: TestTimeAugmentation | None = None,
         channels_last: bool = False,
@@ -63,7 +64,10 @@ class FasterRCNN(nn.Module):
             backbone: (N, 3, H, W) normalised images -> (N, C4, H/16, W/16) res4 features.
             rpn: proposals from the res4 features.
             roi_heads: res5 per RoI and the Fast R-CNN outputs.
-            pixel_mean, pixel_std: per-channel RGB statistics on the 0-255 scale, the pretrained weights' convention.
+            pixel_mean, pixel_std: per-channel statistics on the 0-255 scale in `input_format`'s order, the
+                pretrained weights' convention.
+            input_format: the channel order the trunk takes, "RGB" (torchvision's weights) or "BGR" (MSRA/Caffe
+                weights, detectron2's models); the inputs are always RGB and are reversed for "BGR".
             size_divisibility: the padded batch's sides are multiples of this.
             test_time: the test-time add-ons (multi-scale, flip, refinement, voting); default none. An attribute
                 that may be changed between evaluations.
@@ -80,6 +84,9 @@ class FasterRCNN(nn.Module):
         self.roi_heads = roi_heads
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+        if input_format not in ("RGB", "BGR"):
+            raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
+        self.input_format = input_format
         self.size_divisibility = size_divisibility
         self.test_time = test_time or TestTimeAugmentation()
         self.channels_last = channels_last
@@ -90,8 +97,12 @@ class FasterRCNN(nn.Module):
         return self.pixel_mean.device
 
     def normalize(self, image: Tensor) -> Tensor:
-        """uint8 (3, h, w) RGB image -> float (3, h, w) on the model's device, mean subtracted and divided by std."""
-        return (image.to(self.device, non_blocking=True).float() - self.pixel_mean) / self.pixel_std
+        """uint8 (3, h, w) RGB image -> float (3, h, w) on the model's device in `input_format`'s channel order,
+        mean subtracted and divided by std."""
+        image = image.to(self.device, non_blocking=True).float()
+        if self.input_format == "BGR":
+            image = image.flip(0)  # (R, G, B) -> (B, G, R)
+        return (image - self.pixel_mean) / self.pixel_std
 
     def preprocess_images(self, batched_inputs: list[dict]) -> tuple[Tensor, list[tuple[int, int]]]:
         """uint8 (3, h_i, w_i) images -> normalised, zero-padded (N, 3, H, W) batch and the (h_i, w_i)."""

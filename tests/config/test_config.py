@@ -366,6 +366,8 @@ def test_type_error_in_a_file_names_the_file(tmp_path: Path) -> None:
         ("TEST.MULTI_SCALE.REFERENCE_SIZE=0", "TEST.MULTI_SCALE.REFERENCE_SIZE=0 must be > 0"),
         ("TEST.BOX_REFINEMENT.NMS_THRESH=1.3", "TEST.BOX_REFINEMENT.NMS_THRESH=1.3 must be in [0.0, 1.0]"),
         ("TEST.BOX_VOTING.IOU_THRESH=-0.1", "TEST.BOX_VOTING.IOU_THRESH=-0.1 must be in [0.0, 1.0]"),
+        ("INPUT.FORMAT=YUV", "INPUT.FORMAT='YUV' must be one of 'RGB', 'BGR'"),
+        ("MODEL.RPN.ANCHOR_OFFSET=1.5", "MODEL.RPN.ANCHOR_OFFSET=1.5 must be in [0.0, 1.0]"),
         ("MODEL.BACKBONE.WIDTH=48", None),  # fine with FrozenBN ...
     ],
 )
@@ -387,6 +389,13 @@ def test_group_norm_needs_width_divisible_by_groups(small_config: Path) -> None:
         small_config, ["MODEL.BACKBONE.NORM=GN", "MODEL.BACKBONE.GN_GROUPS=16", "MODEL.BACKBONE.WIDTH=48"]
     )
     assert (cfg.MODEL.BACKBONE.WIDTH, cfg.MODEL.BACKBONE.GN_GROUPS) == (48, 16)
+
+
+def test_stride_in_1x1_needs_bottleneck_blocks(small_config: Path) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(small_config, ["MODEL.BACKBONE.DEPTH=34", "MODEL.BACKBONE.STRIDE_IN_1X1=true"])
+    assert "MODEL.BACKBONE.STRIDE_IN_1X1=true needs bottleneck blocks" in str(error.value)
+    assert load_config(small_config, ["MODEL.BACKBONE.DEPTH=50", "MODEL.BACKBONE.STRIDE_IN_1X1=true"])
 
 
 def test_validation_names_the_file_that_set_a_bad_value_and_lists_all_problems(tmp_path: Path) -> None:

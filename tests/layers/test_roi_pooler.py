@@ -30,6 +30,16 @@ def test_roi_align_is_half_pixel_aligned():
     torch.testing.assert_close(pooled[0, 1], torch.tensor([[1.0, 1.0], [2.0, 2.0]]))
 
 
+@pytest.mark.parametrize("kernel", ["bag", "torchvision"])
+def test_roi_align_without_the_half_pixel_shift(kernel):
+    # aligned=False (Detectron's RoIAlign): the box maps to x 1 .. 5 (two bins 2 wide, centres 2 and 4) and y 1 .. 3
+    # (centres 1.5 and 2.5)
+    pooler = ROIPooler(kind="ROIAlign", output_size=2, spatial_scale=1 / 16, aligned=False, roi_align_kernel=kernel)
+    pooled = pooler(coordinate_features(), [torch.tensor([[16.0, 16.0, 80.0, 48.0]]), torch.zeros((0, 4))])
+    torch.testing.assert_close(pooled[0, 0], torch.tensor([[2.0, 4.0], [2.0, 4.0]]))
+    torch.testing.assert_close(pooled[0, 1], torch.tensor([[1.5, 1.5], [2.5, 2.5]]))
+
+
 def test_roi_align_takes_each_box_from_its_own_image():
     pooler = ROIPooler(kind="ROIAlign", output_size=1, spatial_scale=0.5)
     boxes = [torch.tensor([[2.0, 2.0, 6.0, 4.0]]), torch.tensor([[2.0, 2.0, 6.0, 4.0], [4.0, 6.0, 12.0, 10.0]])]
@@ -83,7 +93,7 @@ def test_unknown_kind_and_repr():
     pooler = ROIPooler(kind="ROIPool", output_size=7, spatial_scale=0.0625)
     assert pooler.kind == "ROIPool" and pooler.output_size == (7, 7) and pooler.sampling_ratio == 0
     assert repr(pooler) == (
-        "ROIPooler(kind=ROIPool, output_size=(7, 7), spatial_scale=0.0625, roi_align_kernel=auto)"
+        "ROIPooler(kind=ROIPool, output_size=(7, 7), spatial_scale=0.0625, aligned=True, roi_align_kernel=auto)"
     )
     with pytest.raises(ValueError, match="Unknown RoIAlign kernel 'fast'; expected one of"):
         ROIPooler(kind="ROIAlign", output_size=7, spatial_scale=1 / 16, roi_align_kernel="fast")

@@ -123,3 +123,10 @@ def test_inference_rescores_each_box_for_its_own_class_in_chunks():
     assert out["labels"].tolist() == [2, 0, 1]
     (empty,) = model([{"image": image, "proposals": torch.zeros(0, 4), "proposal_labels": torch.zeros(0)}])
     assert empty["boxes"].shape == (0, 4) and empty["scores"].shape == (0,)
+
+
+def test_a_bgr_trunk_gets_crops_with_the_channels_reversed():
+    image = torch.stack([torch.full((8, 8), v, dtype=torch.uint8) for v in (10, 20, 30)])  # R, G, B
+    crops = make_localizer(input_format="BGR").crops([image], [torch.tensor([[0.0, 0.0, 8.0, 8.0]])])
+    # B, G, R = 30, 20, 10 against mean (100, 110, 120) and std (50, 55, 60), both in BGR order
+    torch.testing.assert_close(crops[0, :, 0, 0], torch.tensor([-1.4, -90 / 55, -110 / 60]))

@@ -97,3 +97,13 @@ def test_the_trunk_sees_the_image_minus_the_mean_over_the_std_zero_padded():
     expected = (im.float() - torch.tensor([100.0, 110.0, 120.0]).view(3, 1, 1)) / torch.tensor([50.0, 55.0, 60.0]).view(3, 1, 1)
     assert torch.allclose(batch[0, :, :20, :30], expected)
     assert batch[0, :, 20:].abs().sum() == 0 and batch[0, :, :, 30:].abs().sum() == 0
+
+
+def test_a_bgr_trunk_sees_the_channels_reversed():
+    model = tiny_rpn(**{"MODEL.PIXEL_MEAN": "[100.0,110.0,120.0]", "MODEL.PIXEL_STD": "[50.0,55.0,60.0]",
+                        "INPUT.FORMAT": "BGR"})
+    model.backbone = torch.nn.Identity()
+    im = torch.stack([torch.full((4, 5), v, dtype=torch.uint8) for v in (10, 20, 30)])  # R, G, B
+    batch, _ = model.features([im])
+    # B, G, R = 30, 20, 10: (30 - 100) / 50, (20 - 110) / 55, (10 - 120) / 60
+    torch.testing.assert_close(batch[0, :, 0, 0], torch.tensor([-1.4, -90 / 55, -110 / 60]))

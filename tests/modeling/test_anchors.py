@@ -86,3 +86,15 @@ def test_anchors_are_float32_whatever_the_default_dtype():
     finally:
         torch.set_default_dtype(default)
     assert generator.cell_anchors.dtype == torch.float32 and anchors.dtype == torch.float32
+
+
+def test_anchor_offset_comes_from_the_config():
+    from detectron_res.config import get_default_config
+    from detectron_res.modeling.build import build_rpn
+
+    cfg = get_default_config()
+    cfg.MODEL.RPN.ANCHOR_SIZES = [16]
+    cfg.MODEL.RPN.ASPECT_RATIOS = [1.0]
+    cfg.MODEL.RPN.ANCHOR_OFFSET = 0.5
+    anchors = build_rpn(cfg, in_channels=4, stride=16).anchor_generator((1, 2))
+    torch.testing.assert_close(anchors, torch.tensor([[0.0, 0.0, 16.0, 16.0], [16.0, 0.0, 32.0, 16.0]]))

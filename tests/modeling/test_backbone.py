@@ -34,6 +34,20 @@ def test_trunk_is_stride_16_and_res5_halves_the_pooled_roi(depth, channels):
     assert res5(torch.zeros(2, channels, 14, 14)).shape == (2, res5_channels, 7, 7)
 
 
+@pytest.mark.parametrize("stride_in_1x1", [False, True])
+def test_stride_placement_of_each_stages_first_block(stride_in_1x1):
+    trunk = ResNetTrunk(depth=50, width=8, norm_layer=get_norm("FrozenBN"), stride_in_1x1=stride_in_1x1)
+    res5, _ = build_res5(depth=50, width=8, norm_layer=get_norm("FrozenBN"), stride_in_1x1=stride_in_1x1)
+    one_by_one, three_by_three = ((2, 2), (1, 1)) if stride_in_1x1 else ((1, 1), (2, 2))
+    for stage in (trunk.layer2, trunk.layer3, res5):
+        assert (stage[0].conv1.stride, stage[0].conv2.stride) == (one_by_one, three_by_three)
+        assert stage[0].downsample[0].stride == (2, 2) and stage[1].conv1.stride == stage[1].conv2.stride == (1, 1)
+    assert trunk.layer1[0].conv1.stride == trunk.layer1[0].conv2.stride == (1, 1)  # res2 does not stride
+    assert trunk(torch.zeros(1, 3, 64, 96)).shape == (1, 128, 4, 6)
+    with pytest.raises(ValueError, match="stride_in_1x1 needs bottleneck blocks; BasicBlock has no 1x1 conv"):
+        ResNetTrunk(depth=18, norm_layer=get_norm("FrozenBN"), stride_in_1x1=True)
+
+
 def test_freeze_at_freezes_stem_and_res2_only():
     trunk = ResNetTrunk(depth=18, width=8, norm_layer=get_norm("BN"), freeze_at=2)
     trainable = {name.split(".")[0] for name, p in trunk.named_parameters() if p.requires_grad}

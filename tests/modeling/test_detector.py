@@ -137,6 +137,16 @@ def test_preprocess_normalises_per_channel_and_zero_pads_to_a_multiple_of_16():
     assert images.shape == (1, 3, 32, 32)
 
 
+def test_bgr_input_format_reverses_the_channels_before_the_statistics():
+    # pixel (R, G, B) = (14, 28, 45); BGR order -> (45, 28, 14); with mean (10, 20, 30) and std (2, 4, 5) in BGR order:
+    # (45 - 10) / 2 = 17.5, (28 - 20) / 4 = 2, (14 - 30) / 5 = -3.2
+    image = torch.stack([torch.full((2, 3), v, dtype=torch.uint8) for v in (14, 28, 45)])
+    normalised = stub_detector(input_format="BGR").normalize(image)
+    torch.testing.assert_close(normalised[:, 0, 0], torch.tensor([17.5, 2.0, -3.2]))
+    with pytest.raises(ValueError, match="input_format must be 'RGB' or 'BGR', got 'bgr'"):
+        stub_detector(input_format="bgr")
+
+
 def test_batch_images_without_divisibility_pads_to_the_largest_image_only():
     images, sizes = batch_images([torch.ones(1, 5, 7), torch.ones(1, 6, 2)], size_divisibility=1)
     assert images.shape == (2, 1, 6, 7) and sizes == [(5, 7), (6, 2)]

@@ -180,3 +180,18 @@ def test_sampled_rois_and_targets_carry_no_gradient():
     gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]], requires_grad=True)
     rois, _, matched = make_heads().label_and_sample_proposals([proposals], [gt], [torch.tensor([1])])
     assert not rois[0].requires_grad and not matched[0].requires_grad
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_pooler_alignment_comes_from_the_config(aligned):
+    from detectron_res.modeling.build import build_roi_heads
+
+    cfg = get_default_config()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.BACKBONE.DEPTH = 18
+    cfg.MODEL.ROI_HEADS.POOLER_ALIGNED = aligned
+    pooler = build_roi_heads(cfg, stride=16).pooler
+    # a 32-px box at 1/16 covers feature x 1..3 unaligned (centre 2), 0.5..2.5 aligned (centre 1.5)
+    features = torch.arange(8.0).expand(1, 1, 4, 8).contiguous()
+    pooled = pooler(features, [torch.tensor([[16.0, 16.0, 48.0, 48.0]])])
+    assert pooled.mean().item() == pytest.approx(1.5 if aligned else 2.0)

@@ -1,7 +1,7 @@
-"""The ResNet trunk (stem..res4) and res5, and torchvision weight loading."""
+"""The ResNet trunk (stem..res4) and res5, and ImageNet weight loading."""
 
 from .resnet import RESNET_SPECS, ResNetTrunk, build_res5
-from .weights import WeightLoadReport, load_resnet_weights, read_resnet_state_dict
+from .weights import WeightLoadReport, load_resnet_weights, read_resnet_state_dict, read_resnet_weights
 
 __all__ = [
     "RESNET_SPECS",
@@ -10,4 +10,5 @@ __all__ = [
     "build_res5",
     "load_resnet_weights",
     "read_resnet_state_dict",
+    "read_resnet_weights",
 ]

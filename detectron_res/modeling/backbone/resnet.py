@@ -77,8 +77,11 @@ def make_stage(
     num_blocks: int,
     stride: int,
     norm_layer: Callable[[int], nn.Module],
+    stride_in_1x1: bool = False,
 ) -> nn.Sequential:
-    """One ResNet stage exactly as torchvision's `ResNet._make_layer` builds it (stride in the first block)."""
+    """One ResNet stage exactly as torchvision's `ResNet._make_layer` builds it (stride in the first block). With
+    `stride_in_1x1` the first bottleneck strides in its 1x1 `conv1` instead of its 3x3 `conv2`: the MSRA/Caffe
+    ResNet (the paper's own, and detectron2's `STRIDE_IN_1X1`); the modules and their shapes are the same."""
     out_channels = planes * block.expansion
     downsample = None
     if stride != 1 or in_channels != out_channels:
@@ -87,6 +90,10 @@ def make_stage(
             norm_layer(out_channels),
         )
     blocks = [block(in_channels, planes, stride, downsample, norm_layer=norm_layer)]
+    if stride_in_1x1:
+        if not hasattr(blocks[0], "conv3"):
+            raise ValueError(f"stride_in_1x1 needs bottleneck blocks; {block.__name__} has no 1x1 conv to stride in")
+        blocks[0].conv1.stride, blocks[0].conv2.stride = blocks[0].conv2.stride, blocks[0].conv1.stride
     blocks += [block(out_channels, planes, norm_layer=norm_layer) for _ in range(1, num_blocks)]
     return nn.Sequential(*blocks)
 
@@ -113,6 +120,7 @@ class ResNetTrunk(nn.Module):
         width: int = 64,
         norm_layer: Callable[[int], nn.Module],
         freeze_at: int = 2,
+        stride_in_1x1: bool = False,
     ):
         """
         Args:
@@ -120,6 +128,8 @@ class ResNetTrunk(nn.Module):
             width: stem channels; stage planes are width * (1, 2, 4).
             norm_layer: factory `channels -> normalisation module` (see `layers.get_norm`).
             freeze_at: 0 trains everything; 1 freezes the stem; k >= 2 also freezes res2..res(k).
+            stride_in_1x1: res3 and res4 stride in their first block's 1x1 conv (MSRA/Caffe ResNets), not in
+                its 3x3 conv (torchvision's); bottlenecks only (see `make_stage`).
         """
         super().__init__()
         if depth not in RESNET_SPECS:
@@ -133,7 +143,8 @@ class ResNetTrunk(nn.Module):
         for index, (blocks, stride) in enumerate(zip(num_blocks[:3], (1, 2, 2))):
             planes = width * 2**index
             stage = make_stage(
-                block, in_channels=in_channels, planes=planes, num_blocks=blocks, stride=stride, norm_layer=norm_layer
+                block, in_channels=in_channels, planes=planes, num_blocks=blocks, stride=stride,
+                norm_layer=norm_layer, stride_in_1x1=stride_in_1x1,
             )
             self.add_module(f"layer{index + 1}", stage)
             in_channels = planes * block.expansion
@@ -161,15 +172,17 @@ class ResNetTrunk(nn.Module):
 
 
 def build_res5(
-    *, depth: int, width: int = 64, norm_layer: Callable[[int], nn.Module]
+    *, depth: int, width: int = 64, norm_layer: Callable[[int], nn.Module], stride_in_1x1: bool = False
 ) -> tuple[nn.Sequential, int]:
-    """res5 (torchvision's `layer4`, first block stride 2), run per RoI. Returns (module, output channels)."""
+    """res5 (torchvision's `layer4`, first block stride 2, in its 1x1 conv with `stride_in_1x1`), run per RoI.
+    Returns (module, output channels)."""
     if depth not in RESNET_SPECS:
         raise ValueError(f"Unknown ResNet depth {depth}; expected one of {sorted(RESNET_SPECS)}")
     block, num_blocks = RESNET_SPECS[depth]
     in_channels = width * 4 * block.expansion
     res5 = make_stage(
-        block, in_channels=in_channels, planes=width * 8, num_blocks=num_blocks[3], stride=2, norm_layer=norm_layer
+        block, in_channels=in_channels, planes=width * 8, num_blocks=num_blocks[3], stride=2, norm_layer=norm_layer,
+        stride_in_1x1=stride_in_1x1,
     )
     init_resnet_weights(res5)
     return res5, width * 8 * block.expansion

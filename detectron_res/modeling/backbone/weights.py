@@ -1,7 +1,9 @@
-"""Loading ImageNet ResNet weights in torchvision's state_dict format into the trunk and res5.
+"""Loading ImageNet ResNet weights into the trunk and res5.
 
-torchvision names map by prefix: `conv1.*`, `bn1.*`, `layer1..3.*` -> the trunk; `layer4.*` -> res5;
-`fc.*` (the ImageNet classifier) is not used. Shapes must agree exactly; every missing and unused key is reported.
+The weights are read in torchvision's state_dict format, or converted to it (MSRA's Caffe2 `R-50.pkl` /
+`R-101.pkl`, `tools/convert_weights.py` outputs; see `modeling/weight_formats.py`). torchvision names map by
+prefix: `conv1.*`, `bn1.*`, `layer1..3.*` -> the trunk; `layer4.*` -> res5; `fc.*` (the ImageNet classifier) is not
+used. Shapes must agree exactly; every missing and unused key is reported.
 """
 
 from __future__ import annotations
@@ -11,8 +13,16 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
+
+from ..weight_formats import (
+    TORCHVISION_SETTINGS,
+    ConvertedWeights,
+    detect_format,
+    msra_to_torchvision,
+    read_weights_file,
+    torchvision_resnet,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +41,18 @@ class WeightLoadReport:
     unexpected: list[str] = field(default_factory=list)
 
 
-def read_resnet_state_dict(source: str, *, depth: int) -> dict[str, Tensor]:
-    """Reads a torchvision-format ResNet state_dict.
+def read_resnet_weights(source: str, *, depth: int) -> ConvertedWeights:
+    """Reads ImageNet ResNet weights as a torchvision-format state_dict, with the config settings they need.
 
     Args:
-        source: a local file (`torch.save` of a state_dict, or of a dict holding it under "state_dict" or
-            "model"), or "torchvision://WEIGHTS" (e.g. "torchvision://IMAGENET1K_V2") to go through torchvision's
-            weights API, which uses its download cache and needs the network only when the cache is empty.
+        source: a local file: a torchvision state_dict (`torch.save` of it, bare or under "state_dict" or "model"),
+            MSRA's Caffe2 blobs (`R-50.pkl`, `R-101.pkl`; converted here), or a `tools/convert_weights.py` output;
+            or "torchvision://WEIGHTS" (e.g. "torchvision://IMAGENET1K_V2") to go through torchvision's weights
+            API, which uses its download cache and needs the network only when the cache is empty.
         depth: the ResNet depth, to pick torchvision's weights enum.
+    Returns:
+        `ConvertedWeights`; its `settings` are the config values the weights need (empty for a bare torchvision
+        state_dict file, whose preprocessing the file does not say).
     """
     if source.startswith(TORCHVISION_SCHEME):
         from torchvision.models import get_weight
@@ -48,19 +62,31 @@ def read_resnet_state_dict(source: str, *, depth: int) -> dict[str, Tensor]:
             weights = get_weight(weights_name)
         except (ValueError, KeyError) as e:
             raise ValueError(f"Unknown torchvision weights {weights_name!r} (from {source!r})") from e
-        return weights.get_state_dict(progress=False)
+        return ConvertedWeights("torchvision", weights.get_state_dict(progress=False), dict(TORCHVISION_SETTINGS), [])
     if not os.path.isfile(source):
         raise FileNotFoundError(f"ResNet weights file not found: {source}")
-    try:
-        state = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated files, ...
-        raise ValueError(f"Could not read ResNet weights from {source}: {e}") from e
-    for key in ("state_dict", "model"):
-        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
-            state = state[key]
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{source} does not hold a state_dict of tensors")
-    return dict(state)
+    state, container = read_weights_file(source)
+    found = detect_format(state)
+    if found == "msra":
+        return msra_to_torchvision(state)
+    if found in ("detectron2", "detectron_res"):
+        raise ValueError(
+            f"{source} holds a whole {found} detector, not ImageNet ResNet weights: give it to MODEL.WEIGHTS, "
+            "not MODEL.BACKBONE.WEIGHTS"
+        )
+    if found != "torchvision":
+        raise ValueError(
+            f"{source} is not a ResNet state_dict in torchvision's names, nor MSRA's Caffe2 blobs (its keys start "
+            f"{', '.join(list(state)[:5])}); see tools/convert_weights.py"
+        )
+    converted = torchvision_resnet(state)
+    settings = container.get("settings") if isinstance(container.get("settings"), Mapping) else {}
+    return converted._replace(format=container.get("format", "torchvision"), settings=dict(settings))
+
+
+def read_resnet_state_dict(source: str, *, depth: int) -> dict[str, Tensor]:
+    """The torchvision-format state_dict of `read_resnet_weights`."""
+    return read_resnet_weights(source, depth=depth).state_dict
 
 
 def split_torchvision_keys(state_dict: Mapping[str, Tensor]) -> tuple[dict, dict, list[str]]:
