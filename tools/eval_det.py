@@ -9,8 +9,9 @@ COCO: prints the COCOeval summary and a per-category AP table; the json gets ``{
 VOC: RESULTS_DIR holds the devkit's ``comp4_det_test_<class>.txt`` files (lines ``image_id score x1 y1 x2 y2`` in
 the devkit's 1-based pixels, like the XML); prints per-class AP and mAP for the VOC2007 11-point and the
 VOC2010+ area metrics; the json gets ``{"voc": {"mAP_07", "mAP_area", "per_class"}}`` as fractions.
-``--json-out`` merges into an existing json file. Each format is one ``_evaluate_<format>`` function registered
-in ``EVALUATORS``.
+``--json-out`` merges into an existing json file; with matplotlib installed the per-class precision-recall curves
+and AP bars are drawn beside it (``coco_pr_curves.png`` and ``coco_ap_per_class.png``, or ``voc_*.png``). Each
+format is one ``_evaluate_<format>`` function registered in ``EVALUATORS``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from detectron_res.engine.logger import setup_logging
 from detectron_res.evaluation.coco import evaluate_coco_results
@@ -29,7 +31,7 @@ def _evaluate_coco(args: argparse.Namespace) -> dict:
     """COCO: ``--gt`` a COCO instances json, ``--dets`` a COCO results json."""
     if not args.gt:
         raise ValueError("--format coco needs --gt, the COCO instances json")
-    metrics = evaluate_coco_results(args.gt, args.dets)
+    metrics = evaluate_coco_results(args.gt, args.dets, plot_dir=_plot_dir(args))
     print(format_per_category_table(per_category_values(metrics["bbox"])))
     return metrics
 
@@ -39,9 +41,16 @@ def _evaluate_voc(args: argparse.Namespace) -> dict:
     devkit result files."""
     if not args.voc_root:
         raise ValueError("--format voc needs --voc-root, the VOC year folder (e.g. VOCdevkit/VOC2007)")
-    metrics = evaluate_voc_devkit_results(voc_root=args.voc_root, split=args.split, dets_dir=args.dets)
+    metrics = evaluate_voc_devkit_results(
+        voc_root=args.voc_root, split=args.split, dets_dir=args.dets, plot_dir=_plot_dir(args)
+    )
     print(format_voc_table(metrics))
     return metrics
+
+
+def _plot_dir(args: argparse.Namespace) -> Path | None:
+    """The folder of ``--json-out``, where the evaluation plots go; None (no plots) without ``--json-out``."""
+    return Path(args.json_out).parent if args.json_out else None
 
 
 EVALUATORS: dict[str, Callable[[argparse.Namespace], dict]] = {"coco": _evaluate_coco, "voc": _evaluate_voc}

@@ -1,4 +1,5 @@
-"""Training metrics: a per-run store of scalar histories, and writers to the console and a JSON-lines file."""
+"""Training metrics: a per-run store of scalar histories, and writers to the console, a JSON-lines file and
+TensorBoard event files."""
 
 from __future__ import annotations
 
@@ -128,13 +129,68 @@ class JSONWriter:
                         dropped, iteration, self.path)
 
     def write(self, storage: MetricsStorage) -> None:
-        record: dict[str, float | int] = {"iteration": storage.iter + 1}
-        for name, values in storage.history.items():
-            if values and values[-1][0] > self._written_until.get(name, self.start_iter - 1):
-                smooth = name.startswith(("loss", "total_loss")) or name in ("time", "data_time")
-                record[name] = storage.median(name, self.window) if smooth else values[-1][1]
-                self._written_until[name] = values[-1][0]
-        if len(record) == 1:  # nothing new since the last write
+        values = new_scalars(storage, self._written_until, start_iter=self.start_iter, window=self.window)
+        if not values:  # nothing new since the last write
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({"iteration": storage.iter + 1, **values}) + "\n")
+
+
+def new_scalars(
+    storage: MetricsStorage, written_until: dict[str, int], *, start_iter: int, window: int
+) -> dict[str, float]:
+    """The scalars of `storage` recorded since the last call (per name, at an iteration after
+    `written_until[name]`, else after `start_iter - 1`): losses, time and data_time as medians over the last
+    `window` values, the others as their latest value. Updates `written_until`."""
+    values: dict[str, float] = {}
+    for name, history in storage.history.items():
+        if history and history[-1][0] > written_until.get(name, start_iter - 1):
+            smooth = name.startswith(("loss", "total_loss")) or name in ("time", "data_time")
+            values[name] = storage.median(name, window) if smooth else history[-1][1]
+            written_until[name] = history[-1][0]
+    return values
+
+
+class TensorboardMissingError(ImportError, RuntimeError):
+    """TENSORBOARD is on but the tensorboard package is not installed (also a RuntimeError, so that the tools
+    report it as a one-line error)."""
+
+
+class TensorboardWriter:
+    """TensorBoard event files in `log_dir`: at each write the scalars new since the last one, the same values and
+    iteration number (`storage.iter + 1`) as `JSONWriter`'s record, under the same names ("total_loss", "lr",
+    "bbox/AP", ...). Events are flushed at every write, so TensorBoard shows a running job.
+
+    A run starting at `start_iter` > 0 (resumed) opens its event file with `purge_step=start_iter + 1`: TensorBoard
+    then discards the events of later iterations that a killed run wrote before it, as `JSONWriter` drops its
+    records. torch's `SummaryWriter` (from the `tensorboard` package, `pip install detectron_res[viz]`) is imported
+    here, not with the module.
+
+    Raises:
+        TensorboardMissingError: tensorboard is not installed.
+    """
+
+    def __init__(self, *, log_dir: str | Path, window: int = 20, start_iter: int = 0):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise TensorboardMissingError(
+                f"TENSORBOARD: true needs the tensorboard package, which is not installed ({error}); "
+                "pip install detectron_res[viz], or set TENSORBOARD=false"
+            ) from error
+        self.log_dir = Path(log_dir)
+        self.window = window
+        self.start_iter = start_iter
+        self._written_until: dict[str, int] = {}
+        self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=start_iter + 1 if start_iter > 0 else None)
+
+    def write(self, storage: MetricsStorage) -> None:
+        values = new_scalars(storage, self._written_until, start_iter=self.start_iter, window=self.window)
+        for name, value in values.items():
+            self._writer.add_scalar(name, value, global_step=storage.iter + 1)
+        if values:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flushes and closes the event file (later writes are lost)."""
+        self._writer.close()

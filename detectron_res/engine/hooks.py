@@ -111,7 +111,8 @@ class EvalHook(HookBase):
 
 
 class PeriodicWriter(HookBase):
-    """Calls each writer's `write(storage)` every `period` iterations and at the end."""
+    """Calls each writer's `write(storage)` every `period` iterations and at the end, then the `close()` of those
+    that have one (TensorBoard's event files), whether training completed or failed."""
 
     def __init__(self, writers: Sequence, *, period: int):
         self.writers = list(writers)
@@ -127,3 +128,6 @@ class PeriodicWriter(HookBase):
         if self.trainer.completed:  # the evaluation results arrive after the last step
             for writer in self.writers:
                 writer.write(self.trainer.storage)
+        for writer in self.writers:
+            if callable(getattr(writer, "close", None)):
+                writer.close()

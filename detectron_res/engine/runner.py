@@ -26,7 +26,7 @@ from ..modeling.build import check_weight_settings, compile_for_inference, resol
 from ..utils import comm, remove_orphaned_temporary_files
 from ..utils.malloc import keep_freed_memory
 from .checkpoint import Checkpointer, unwrap_model
-from .events import ConsoleWriter, JSONWriter
+from .events import ConsoleWriter, JSONWriter, TensorboardWriter
 from .hooks import EvalHook, IterationTimer, LRScheduler, PeriodicCheckpointer, PeriodicWriter
 from .launch import launch
 from .logger import setup_logging
@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 TRAIN_LOG_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files (TENSORBOARD: true): tensorboard --logdir OUTPUT_DIR
 CONFIG_FILE = "config.yaml"
 EVAL_CONFIG_FILE = "inference/config.yaml"  # evaluation tools keep a training run's config.yaml as it is
 
@@ -371,6 +372,8 @@ def train(
             ConsoleWriter(max_iter=cfg.SOLVER.MAX_ITER),
             JSONWriter(path=output_dir / TRAIN_LOG_FILE, start_iter=start_iter),
         ]
+        if cfg.TENSORBOARD:
+            writers.append(TensorboardWriter(log_dir=output_dir / TENSORBOARD_DIR, start_iter=start_iter))
         hooks.append(PeriodicWriter(writers, period=cfg.LOG_PERIOD))
     trainer = Trainer(
         model=trained,

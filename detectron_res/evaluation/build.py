@@ -35,8 +35,12 @@ class EvaluatorGroup(DatasetEvaluator):
 
 def build_evaluator(dataset: DetectionDataset, *, output_dir: str | Path) -> DatasetEvaluator:
     """COCO-style evaluation always (results json in `output_dir`); for a VOC data set also the VOC devkit
-    metric, whose devkit result files (comp4_det_test_<class>.txt) go to `output_dir/voc_results`."""
+    metric, whose devkit result files (comp4_det_test_<class>.txt) go to `output_dir/voc_results`. With matplotlib
+    installed each also draws its per-class precision-recall curves and AP bars into `output_dir`
+    (coco_pr_curves.png, coco_ap_per_class.png, voc_pr_curves.png, voc_ap_per_class.png)."""
     evaluators: list[DatasetEvaluator] = [COCOEvaluator(dataset=dataset, output_dir=output_dir)]
     if "voc_root" in dataset.extra:
-        evaluators.append(VOCDetectionEvaluator(dataset=dataset, output_dir=Path(output_dir) / "voc_results"))
+        evaluators.append(
+            VOCDetectionEvaluator(dataset=dataset, output_dir=Path(output_dir) / "voc_results", plot_dir=output_dir)
+        )
     return evaluators[0] if len(evaluators) == 1 else EvaluatorGroup(evaluators)

@@ -31,6 +31,7 @@ from detectron_res.structures.boxes import usable_ground_truth, xywh_to_xyxy
 
 from .evaluator import DatasetEvaluator
 from .metrics import format_per_category_table, per_category_values
+from .pr_curves import ClassCurves, write_evaluation_plots
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +259,7 @@ def evaluate_coco_results(
     results: list[dict] | str | os.PathLike,
     *,
     img_ids: Sequence[int | str] | None = None,
+    plot_dir: str | os.PathLike | None = None,
 ) -> dict[str, dict[str, float | None]]:
     """Run COCOeval (bbox) of ``results`` against ``gt``, log its standard summary and return the metrics.
 
@@ -266,6 +268,9 @@ def evaluate_coco_results(
         results: COCO result dicts (not modified) or the path of a COCO results json.
         img_ids: evaluate only these images (for example the ones a model actually ran on); default all
             images of the ground truth. Detections on other images are ignored.
+        plot_dir: when given, the per-class precision-recall curves (:func:`coco_pr_curves`) and AP bars are drawn
+            there as ``coco_pr_curves.png`` and ``coco_ap_per_class.png`` if matplotlib is installed (a failure to
+            draw is logged, never raised; see :mod:`.pr_curves`).
 
     Returns:
         ``{"bbox": {...}}`` in percent: ``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl`` (``None`` where
@@ -312,6 +317,10 @@ def evaluate_coco_results(
     else:
         metrics = {name: 0.0 for name in SUMMARY_METRICS}
     metrics.update(_per_category_ap(coco_gt, coco_eval))
+    if plot_dir is not None:
+        write_evaluation_plots(
+            coco_pr_curves(coco_eval), plot_dir, prefix="coco", title="COCO bbox, area all, 100 detections per image"
+        )
     return {"bbox": metrics}
 
 
@@ -364,7 +373,9 @@ class COCOEvaluator(DatasetEvaluator):
             logger.info("Wrote %d COCO detections to %s", len(self._results), path)
         if not self._image_ids:
             logger.warning("COCOEvaluator: no images were processed for data set %r", self.dataset.name)
-        metrics = evaluate_coco_results(self.coco_gt, self._results, img_ids=list(self._image_ids))
+        metrics = evaluate_coco_results(
+            self.coco_gt, self._results, img_ids=list(self._image_ids), plot_dir=self.output_dir
+        )
         logger.info(
             "Per-category bbox AP on %s:\n%s",
             self.dataset.name, format_per_category_table(per_category_values(metrics["bbox"])),
@@ -408,6 +419,35 @@ def detections_to_coco_results(
         {"image_id": image_id, "category_id": int(category_ids[label]), "bbox": box, "score": score}
         for box, score, label in zip(xywh, rounded_scores, labels.tolist())
     ]
+
+
+def coco_pr_curves(coco_eval: COCOeval) -> list[ClassCurves]:
+    """Per-class precision-recall curves of an accumulated ``COCOeval`` (area "all", the last ``maxDets``, 100 by
+    default), in the order of ``params.catIds``: COCOeval's interpolated precision at its recall thresholds
+    (``params.recThrs``, 0 to 1 by 0.01) at IoU 0.5 (``"IoU 0.50"``) and averaged over all IoU thresholds
+    (``"IoU 0.50:0.95"``, whose mean over the recall thresholds is the class's COCO AP). APs in percent: ``"AP50"``
+    and ``"AP"`` (the ``AP-<class>`` of the metrics). A class without ground truth in the evaluated images has no
+    curves and ``None`` APs.
+    """
+    params = coco_eval.params
+    precision = coco_eval.eval["precision"]  # (IoU thresholds, recall thresholds, classes, areas, max dets)
+    recall = np.asarray(params.recThrs, dtype=np.float64)
+    iou_50 = int(np.argmin(np.abs(np.asarray(params.iouThrs) - 0.5)))
+    area_all = list(params.areaRngLbl).index("all") if "all" in params.areaRngLbl else 0
+    names = [category["name"] for category in coco_eval.cocoGt.loadCats(params.catIds)]
+    classes = []
+    for index, name in enumerate(names):
+        class_precision = np.asarray(precision[:, :, index, area_all, -1], dtype=np.float64)  # (IoUs, recalls)
+        if (class_precision < 0).any():  # -1: no ground truth of the class
+            classes.append(ClassCurves(name=name, curves={}, ap={"AP50": None, "AP": None}))
+            continue
+        at_50, mean = class_precision[iou_50], class_precision.mean(axis=0)
+        classes.append(ClassCurves(
+            name=name,
+            curves={"IoU 0.50": (recall.copy(), at_50), "IoU 0.50:0.95": (recall.copy(), mean)},
+            ap={"AP50": float(at_50.mean() * 100), "AP": float(class_precision.mean() * 100)},
+        ))
+    return classes
 
 
 def _per_category_ap(coco_gt: COCO, coco_eval: COCOeval) -> dict[str, float | None]:

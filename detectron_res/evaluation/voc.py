@@ -43,6 +43,8 @@ import torch
 from detectron_res.data.datasets.base import DetectionDataset
 from detectron_res.data.datasets.voc import VOC_CLASSES, load_voc
 
+from .pr_curves import ClassCurves, write_evaluation_plots
+
 __all__ = [
     "voc_ap",
     "eval_class",
@@ -50,6 +52,7 @@ __all__ = [
     "evaluate_voc_devkit_results",
     "format_voc_table",
     "devkit_result_file_name",
+    "voc_pr_curves",
 ]
 
 logger = logging.getLogger(__name__)
@@ -207,17 +210,48 @@ def _mean_ignoring_nan(values: list[float]) -> float:
     return sum(defined) / len(defined) if defined else math.nan
 
 
+def voc_pr_curves(ranked: Mapping[str, tuple[np.ndarray, np.ndarray] | None]) -> list[ClassCurves]:
+    """Per-class precision-recall curves from each class's ranked ``(recall, precision)`` (one value per detection
+    in rank order, as :func:`eval_class` returns them; None for a class without non-difficult ground truth): the
+    curve ``"precision"`` itself and ``"envelope"``, the precision made monotone from the right (the highest
+    precision at this or any later rank), whose area is the area AP. APs in percent: ``"AP"`` (area) and
+    ``"AP07"`` (11-point); None when undefined. A class with ground truth but no detection has empty curves and AP 0.
+    """
+    classes = []
+    for name, curve in ranked.items():
+        if curve is None:
+            classes.append(ClassCurves(name=name, curves={}, ap={"AP": None, "AP07": None}))
+            continue
+        recall = np.asarray(curve[0], dtype=np.float64).reshape(-1)
+        precision = np.asarray(curve[1], dtype=np.float64).reshape(-1)
+        envelope = np.maximum.accumulate(precision[::-1])[::-1] if precision.size else precision.copy()
+        classes.append(ClassCurves(
+            name=name,
+            curves={"precision": (recall, precision), "envelope": (recall.copy(), envelope)},
+            ap={
+                "AP": 100.0 * voc_ap(recall, precision, use_07_metric=False),
+                "AP07": 100.0 * voc_ap(recall, precision, use_07_metric=True),
+            },
+        ))
+    return classes
+
+
 def _evaluate_classes(
     detections: Sequence[_ClassDetections],
     ground_truth: Sequence[Mapping],
     class_names: Sequence[str],
     iou_thresh: float = 0.5,
+    *,
+    plot_dir: str | Path | None = None,
 ) -> dict:
-    """The one code path for the evaluator and devkit files: per-class APs, mAPs, logged table."""
+    """The one code path for the evaluator and devkit files: per-class APs, mAPs, logged table; with `plot_dir`,
+    the per-class precision-recall curves and AP bars drawn there (when matplotlib is installed)."""
     per_class = {}
+    ranked = {}
     for class_name, class_detections, class_ground_truth in zip(class_names, detections, ground_truth, strict=True):
         tp, fp, npos = _match(class_detections, class_ground_truth, iou_thresh)
         recall, precision = _recall_precision(tp, fp, npos)
+        ranked[class_name] = (recall, precision) if npos > 0 else None
         if npos > 0:
             per_class[class_name] = {
                 "AP_07": voc_ap(recall, precision, use_07_metric=True),
@@ -233,6 +267,8 @@ def _evaluate_classes(
         }
     }
     logger.info("PASCAL VOC detection results (IoU > %g):\n%s", iou_thresh, format_voc_table(result))
+    if plot_dir is not None:
+        write_evaluation_plots(voc_pr_curves(ranked), plot_dir, prefix="voc", title=f"PASCAL VOC (IoU > {iou_thresh:g})")
     return result
 
 
@@ -287,12 +323,21 @@ class VOCDetectionEvaluator:
     detections (a warning says how many). Predicted boxes go through the same conversion; with
     ``output_dir`` one devkit result file per class is written (:func:`devkit_result_file_name`, lines
     ``image_id score xmin ymin xmax ymax`` with round-trip exact numbers, so
-    :func:`evaluate_voc_devkit_results` on them gives the same APs).
+    :func:`evaluate_voc_devkit_results` on them gives the same APs). With ``plot_dir`` (default: ``output_dir``)
+    the per-class precision-recall curves and AP bars are drawn there as ``voc_pr_curves.png`` and
+    ``voc_ap_per_class.png`` when matplotlib is installed (:func:`voc_pr_curves`).
     """
 
-    def __init__(self, *, dataset: DetectionDataset, output_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        dataset: DetectionDataset,
+        output_dir: str | Path | None = None,
+        plot_dir: str | Path | None = None,
+    ) -> None:
         self.dataset = dataset
         self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.plot_dir = Path(plot_dir) if plot_dir is not None else self.output_dir
         self._image_ids = {record["image_id"] for record in dataset.records}
         self.reset()
 
@@ -378,7 +423,7 @@ class VOCDetectionEvaluator:
         detections = self._detections()
         if self.output_dir is not None:
             self._write_result_files(detections)
-        return _evaluate_classes(detections, self._ground_truth(), self.dataset.class_names)
+        return _evaluate_classes(detections, self._ground_truth(), self.dataset.class_names, plot_dir=self.plot_dir)
 
 
 def _read_result_file(path: Path, split_ids: set[str]) -> _ClassDetections:
@@ -423,6 +468,7 @@ def evaluate_voc_devkit_results(
     split: str,
     dets_dir: str | Path,
     class_names: Sequence[str] = VOC_CLASSES,
+    plot_dir: str | Path | None = None,
 ) -> dict:
     """Evaluate devkit result files ``dets_dir/comp4_det_test_<class>.txt`` against ``voc_root/Annotations``.
 
@@ -430,7 +476,8 @@ def evaluate_voc_devkit_results(
     ``voc_root/ImageSets/Main/{split}.txt``; the ground truth is read by :func:`load_voc`, so it goes through the
     rule training applies (boxes clipped to the image, degenerate ones dropped, both counted in its log line);
     for valid VOC annotations that changes nothing. A missing class file means no detections for that class
-    (warning). Same result as the evaluator.
+    (warning). Same result as the evaluator. With ``plot_dir``, the per-class precision-recall curves and AP bars
+    are drawn there as the evaluator does.
 
     Raises:
         FileNotFoundError: ``dets_dir``, the split file or an annotation file is missing.
@@ -453,4 +500,4 @@ def evaluate_voc_devkit_results(
         else:
             logger.warning("no result file %s: class %r has no detections", path, class_name)
             detections.append(_ClassDetections.empty())
-    return _evaluate_classes(detections, ground_truth, class_names)
+    return _evaluate_classes(detections, ground_truth, class_names, plot_dir=plot_dir)

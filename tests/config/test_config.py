@@ -85,7 +85,7 @@ def test_default_config_values_types_and_validity() -> None:
     assert cfg.MODEL.ROI_HEADS.PROPOSAL_APPEND_GT is True
     top_level = [
         "MODEL", "INPUT", "DATASETS", "DATALOADER", "SOLVER", "TEST", "LOC", "DISTRIBUTED", "SEED", "OUTPUT_DIR",
-        "LOG_PERIOD",
+        "LOG_PERIOD", "TENSORBOARD",
     ]  # fmt: skip
     assert list(cfg) == top_level
     validate_config(cfg)

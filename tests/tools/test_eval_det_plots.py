@@ -1,0 +1,62 @@
+"""`tools/eval_det.py --json-out`: the per-class precision-recall curves and AP bars drawn beside the metrics file."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+VOC_SAMPLE = REPO.parent / "shared" / "data" / "voc2012_sample"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("eval_det", REPO / "tools" / "eval_det.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+eval_det = _load_tool()
+
+
+def read_png(path: Path) -> np.ndarray:
+    """The decoded image of a valid, non-blank PNG file."""
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert image is not None and image.ndim == 3 and min(image.shape[:2]) >= 100, path
+    assert len(np.unique(image.reshape(-1, image.shape[2]), axis=0)) > 2, f"{path} is blank"
+    return image
+
+
+def test_coco_plots_go_beside_json_out_and_nowhere_without_it(tmp_path):
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps({
+        "images": [{"id": 1, "height": 100, "width": 100}],
+        "categories": [{"id": 4, "name": "ball"}, {"id": 5, "name": "cube"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 4, "bbox": [10, 10, 20, 20], "area": 400, "iscrowd": 0}],
+    }))
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps([{"image_id": 1, "category_id": 4, "bbox": [10, 10, 20, 20], "score": 0.5}]))
+    assert eval_det.main(["--gt", str(gt), "--dets", str(dets)]) == 0
+    assert list(tmp_path.rglob("*.png")) == []
+    assert eval_det.main(["--gt", str(gt), "--dets", str(dets), "--json-out", str(tmp_path / "out" / "metrics.json")]) == 0
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
+        "coco_ap_per_class.png", "coco_pr_curves.png", "metrics.json"
+    ]
+    assert read_png(tmp_path / "out" / "coco_pr_curves.png").shape[:2] == (350, 640)  # ball and cube, 3.2 x 2.9 in
+    read_png(tmp_path / "out" / "coco_ap_per_class.png")
+
+
+def test_voc_plots_of_the_real_sample(voc_sample_devkit_dir, tmp_path):
+    out = tmp_path / "metrics.json"
+    args = ["--format", "voc", "--voc-root", str(VOC_SAMPLE / "VOC2012"), "--split", "val"]
+    assert eval_det.main([*args, "--dets", str(voc_sample_devkit_dir), "--json-out", str(out)]) == 0
+    assert json.loads(out.read_text())["voc"]["mAP_area"] > 0
+    # 20 classes: 5 rows of 4 axes of 3.2 x 2.9 in, + 0.6 in for the title, at 100 dpi
+    assert read_png(tmp_path / "voc_pr_curves.png").shape[:2] == (1510, 1280)
+    read_png(tmp_path / "voc_ap_per_class.png")

@@ -1,0 +1,108 @@
+"""Tests of `tools/plot_log.py`: training curves as PNGs from a run's metrics.jsonl, and its one-line errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from detectron_res.engine.events import JSONWriter, MetricsStorage
+from detectron_res.engine.runner import TRAIN_LOG_FILE
+
+REPO = Path(__file__).resolve().parents[2]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("plot_log", REPO / "tools" / "plot_log.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+plot_log = _load_tool()
+
+
+def read_png(path: Path) -> np.ndarray:
+    """The decoded image of a valid, non-blank PNG file."""
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert image is not None and image.ndim == 3 and min(image.shape[:2]) >= 100, path
+    assert len(np.unique(image.reshape(-1, image.shape[2]), axis=0)) > 2, f"{path} is blank"
+    return image
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    """A run folder whose metrics.jsonl the real JSONWriter wrote: 6 iterations logged every 2, then evaluation."""
+    writer = JSONWriter(path=tmp_path / "run" / TRAIN_LOG_FILE)
+    storage = MetricsStorage()
+    for iteration in range(6):
+        storage.iter = iteration
+        storage.put_scalars(total_loss=2.0 - 0.25 * iteration, loss_cls=1.0 - 0.125 * iteration, loss_rpn_cls=0.5,
+                            lr=0.01 * (iteration + 1), time=0.2, data_time=0.01, memory_mb=300.0 + iteration)
+        if iteration % 2 == 1:
+            writer.write(storage)
+    storage.put_scalars(**{"bbox/AP": 40.0, "bbox/AP50": 70.0, "bbox/AP-circle": 35.0})
+    writer.write(storage)
+    return tmp_path / "run"
+
+
+def test_log_file_name_is_the_runners():
+    assert plot_log.TRAIN_LOG_FILE == TRAIN_LOG_FILE
+
+
+def test_plots_every_group_of_a_training_log(run_dir, capsys):
+    assert plot_log.main([str(run_dir)]) == 0
+    names = ["losses", "lr", "time", "memory", "eval_bbox", "eval_bbox_per_class"]
+    assert sorted(path.name for path in (run_dir / "plots").iterdir()) == sorted(f"{name}.png" for name in names)
+    assert read_png(run_dir / "plots" / "losses.png").shape[:2] == (360, 1260)  # total + 2 terms, one panel each
+    for name in names[1:]:
+        assert read_png(run_dir / "plots" / f"{name}.png").shape[:2] == (360, 700)
+    out = capsys.readouterr().out
+    assert f"4 records of {run_dir / TRAIN_LOG_FILE}, iterations 2 to 6" in out
+    assert f"wrote {run_dir / 'plots' / 'eval_bbox.png'}" in out
+
+    # --out, and the log file itself as the argument
+    assert plot_log.main([str(run_dir / TRAIN_LOG_FILE), "--out", str(run_dir / "elsewhere")]) == 0
+    assert len(list((run_dir / "elsewhere").glob("*.png"))) == len(names)
+
+
+def test_errors_are_one_line_naming_the_file_and_line(run_dir, tmp_path, capsys):
+    assert plot_log.main([str(tmp_path / "nowhere")]) == 1
+    assert f"plot_log.py: error: training log not found: {tmp_path / 'nowhere' / TRAIN_LOG_FILE}" in capsys.readouterr().err
+    log = run_dir / TRAIN_LOG_FILE
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], "{'iteration': 4}", *lines[1:]]) + "\n")
+    assert plot_log.main([str(run_dir)]) == 1
+    assert f"plot_log.py: error: {log}, line 2: not valid JSON" in capsys.readouterr().err
+    log.write_text("")
+    assert plot_log.main([str(run_dir)]) == 1
+    assert f"plot_log.py: error: {log}: empty training log, no records to plot" in capsys.readouterr().err
+    assert not (run_dir / "plots").exists()
+
+
+def test_without_matplotlib_it_says_how_to_install_it(run_dir, monkeypatch, capsys):
+    for name in [name for name in sys.modules if name == "matplotlib" or name.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert plot_log.main([str(run_dir)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "plot_log.py: error: plotting needs matplotlib, which is not installed: pip install detectron_res[viz]"
+    )
+    assert not (run_dir / "plots").exists()
+
+
+def test_command_line(run_dir):
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "plot_log.py"), str(run_dir), "--out", str(run_dir / "p")],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert len(list((run_dir / "p").glob("*.png"))) == 6
+    bad = subprocess.run([sys.executable, str(REPO / "tools" / "plot_log.py"), str(run_dir / "missing")],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode == 1 and bad.stderr.startswith("plot_log.py: error: training log not found")
