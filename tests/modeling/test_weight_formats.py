@@ -281,23 +281,30 @@ def test_torchvision_conversion_and_settings(tmp_path):
     torch.testing.assert_close(model.roi_heads.res5[2].conv3.weight, reference.layer4[2].conv3.weight)
 
 
-@pytest.mark.parametrize("source_format", ["msra", "detectron2"])
+@pytest.mark.parametrize("source_format", ["msra", "detectron2", "torchvision"])
 def test_convert_weights_tool_writes_a_file_that_loads_strictly(tmp_path, capsys, source_format):
     from tools.convert_weights import main
 
-    data = msra_blobs(50) if source_format == "msra" else {"model": detectron2_c4_state(50), "__author__": "d2"}
-    source = write_pickle(tmp_path / "in.pkl", data)
+    if source_format == "torchvision":
+        source = str(tmp_path / "resnet50.pth")
+        torch.save(torchvision.models.resnet50().state_dict(), source)
+    else:
+        data = msra_blobs(50) if source_format == "msra" else {"model": detectron2_c4_state(50), "__author__": "d2"}
+        source = write_pickle(tmp_path / "in.pkl", data)
+    config = "configs/coco_r50.yaml" if source_format == "torchvision" else "configs/d2_r50_c4.yaml"
     out = tmp_path / "out.pth"
-    summary = main(["--from", source_format, source, str(out), "--check-cfg", "configs/d2_r50_c4.yaml",
-                    f"OUTPUT_DIR={tmp_path}"])
+    summary = main(["--from", source_format, source, str(out), "--check-cfg", config, f"OUTPUT_DIR={tmp_path}"])
     printed = capsys.readouterr().out
-    assert summary["checked"] == "configs/d2_r50_c4.yaml" and "every key matched" in printed
-    assert summary["tensors"] == 53 * 5 + (2 if source_format == "msra" else 10)  # 53 convs with their norms
+    # loaded with nothing of ours missing and nothing of theirs left over but the ImageNet classifier
+    assert summary["checked"] == config and "every key matched" in printed
+    assert summary["tensors"] == 53 * 5 + (10 if source_format == "detectron2" else 2)  # 53 convs with their norms
     saved = torch.load(out, weights_only=True)
-    assert saved["format"] == source_format and saved["settings"]["INPUT.FORMAT"] == "BGR"
+    assert saved["format"] == source_format
+    assert saved["settings"]["INPUT.FORMAT"] == ("RGB" if source_format == "torchvision" else "BGR")
     # the wrong --from is named
-    with pytest.raises(ValueError, match=f"holds {source_format} names, not torchvision's: pass --from {source_format}"):
-        main(["--from", "torchvision", source, str(tmp_path / "x.pth")])
+    wrong = "msra" if source_format == "torchvision" else "torchvision"
+    with pytest.raises(ValueError, match=f"holds {source_format} names, not {wrong}'s: pass --from {source_format}"):
+        main(["--from", wrong, source, str(tmp_path / "x.pth")])
 
 
 def test_pickles_that_would_run_code_are_refused(tmp_path):
