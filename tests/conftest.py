@@ -25,6 +25,22 @@ def require_shared_data(path: Path) -> Path:
     return path
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_png(path: Path):
+    """The decoded image of a valid, non-blank PNG file (the plot tests): the PNG signature, decodable by OpenCV,
+    at least 100 px a side, more than two colours."""
+    import cv2
+    import numpy as np
+
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert image is not None and image.ndim == 3 and min(image.shape[:2]) >= 100, path
+    assert len(np.unique(image.reshape(-1, image.shape[2]), axis=0)) > 2, f"{path} is blank"
+    return image
+
+
 @pytest.fixture
 def shared_data():
     """`shared_data("coco128")` -> ../shared/data/coco128, or a skip (a failure under CI) when it is missing."""

@@ -10,10 +10,10 @@ import logging
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import read_png
 from pycocotools.cocoeval import COCOeval
 
 from detectron_res.config import load_config
@@ -32,18 +32,8 @@ from detectron_res.evaluation.voc import VOCDetectionEvaluator, eval_class, voc_
 from detectron_res.utils import plots
 
 REPO = Path(__file__).resolve().parents[2]
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COCO_PNGS = {"coco_pr_curves.png", "coco_ap_per_class.png"}
 VOC_PNGS = {"voc_pr_curves.png", "voc_ap_per_class.png"}
-
-
-def read_png(path: Path) -> np.ndarray:
-    """The decoded image of a valid, non-blank PNG file."""
-    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    assert image is not None and image.ndim == 3 and min(image.shape[:2]) >= 100, path
-    assert len(np.unique(image.reshape(-1, image.shape[2]), axis=0)) > 2, f"{path} is blank"
-    return image
 
 
 def hide_matplotlib(monkeypatch) -> None:

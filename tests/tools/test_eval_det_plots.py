@@ -6,12 +6,9 @@ import importlib.util
 import json
 from pathlib import Path
 
-import cv2
-import numpy as np
+from conftest import VOC_SAMPLE, read_png
 
 REPO = Path(__file__).resolve().parents[2]
-VOC_SAMPLE = REPO.parent / "shared" / "data" / "voc2012_sample"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _load_tool():
@@ -22,15 +19,6 @@ def _load_tool():
 
 
 eval_det = _load_tool()
-
-
-def read_png(path: Path) -> np.ndarray:
-    """The decoded image of a valid, non-blank PNG file."""
-    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    assert image is not None and image.ndim == 3 and min(image.shape[:2]) >= 100, path
-    assert len(np.unique(image.reshape(-1, image.shape[2]), axis=0)) > 2, f"{path} is blank"
-    return image
 
 
 def test_coco_plots_go_beside_json_out_and_nowhere_without_it(tmp_path):

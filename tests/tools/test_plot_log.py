@@ -7,15 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
+from conftest import read_png
 
 from detectron_res.engine.events import JSONWriter, MetricsStorage
 from detectron_res.engine.runner import TRAIN_LOG_FILE
 
 REPO = Path(__file__).resolve().parents[2]
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _load_tool():
@@ -26,15 +24,6 @@ def _load_tool():
 
 
 plot_log = _load_tool()
-
-
-def read_png(path: Path) -> np.ndarray:
-    """The decoded image of a valid, non-blank PNG file."""
-    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    assert image is not None and image.ndim == 3 and min(image.shape[:2]) >= 100, path
-    assert len(np.unique(image.reshape(-1, image.shape[2]), axis=0)) > 2, f"{path} is blank"
-    return image
 
 
 @pytest.fixture
