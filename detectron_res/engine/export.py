@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import nms
 
 from ..modeling.detector import FasterRCNN
-from ..postprocess import nonempty_boxes, per_class_nms
+from ..modeling.rpn.rpn import select_proposals
+from ..postprocess import per_class_nms
 
 FORMATS = ("torchscript", "onnx")
 ONNX_OPSET = 17  # RoiAlign's half-pixel mode (ROIAlignV2) needs 16; torchvision's NonMaxSuppression 11
@@ -125,14 +125,12 @@ class ExportableDetector(nn.Module):
         scores = objectness[0].permute(1, 2, 0).reshape(-1)  # (A, Hf, Wf) -> (Hf, Wf, A) -> (Hf*Wf*A,)
         # (4A, Hf, Wf) -> (A, 4, Hf, Wf) -> (Hf, Wf, A, 4) -> (Hf*Wf*A, 4)
         deltas = deltas[0].unflatten(0, (-1, 4)).permute(2, 3, 0, 1).reshape(-1, 4)
-        scores, index = scores.topk(_topk_count(scores, rpn.pre_nms_topk[1]))
-        boxes = rpn.box_coder.decode_single(deltas[index], anchors[index])
-        finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
-        boxes = _clip(boxes, limits)
-        keep = nonempty_boxes(boxes, rpn.min_size) & finite
-        boxes, scores = boxes[keep], scores[keep]
-        keep = nms(boxes, scores, rpn.nms_thresh)[: rpn.post_nms_topk[1]]
-        return boxes[keep]
+        proposals, _ = select_proposals(
+            scores, deltas, anchors, clip=lambda boxes: _clip(boxes, limits), box_coder=rpn.box_coder,
+            pre_nms_topk=rpn.pre_nms_topk[1], post_nms_topk=rpn.post_nms_topk[1], nms_thresh=rpn.nms_thresh,
+            min_size=rpn.min_size,
+        )
+        return proposals
 
     def detect(self, features: Tensor, proposals: Tensor, limits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """`Res5ROIHeads` at inference for one image: res5 on each proposal's pooled res4 features (and the whole
@@ -156,14 +154,6 @@ class ExportableDetector(nn.Module):
             nms_thresh=predictor.nms_thresh,
             max_detections=predictor.detections_per_image,
         )
-
-
-def _topk_count(values: Tensor, k: int) -> int | Tensor:
-    """min(k, len(values)); under tracing a tensor computed in the graph, so that the trace of a large image still
-    runs on a small one (fewer anchors than k)."""
-    if not torch.jit.is_tracing():
-        return min(k, values.shape[0])
-    return torch._shape_as_tensor(values)[0].clamp(max=k)
 
 
 def _clip(boxes: Tensor, limits: Tensor) -> Tensor:

@@ -7,6 +7,9 @@ objectness, decoded, clipped, NMS at 0.7, top-k again. Proposals carry no gradie
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -47,6 +50,44 @@ def sample_anchors(
     sampled[positive[0].bool()] = 1.0
     sampled[negative[0].bool()] = 0.0
     return sampled
+
+
+def topk_count(values: Tensor, k: int) -> int | Tensor:
+    """min(k, len(values)); while tracing (export), computed in the graph, so that a trace made on a large image
+    still runs on one with fewer than k values."""
+    if not torch.jit.is_tracing():
+        return min(k, values.shape[0])
+    return torch._shape_as_tensor(values)[0].clamp(max=k)
+
+
+def select_proposals(
+    scores: Tensor,
+    deltas: Tensor,
+    anchors: Tensor,
+    *,
+    clip: Callable[[Tensor], Tensor],
+    box_coder: BoxCoder,
+    pre_nms_topk: int,
+    post_nms_topk: int,
+    nms_thresh: float,
+    min_size: float,
+) -> tuple[Tensor, Tensor]:
+    """One image's proposals: its top `pre_nms_topk` anchors by objectness, decoded, clipped by `clip`, without
+    empty or non-finite boxes, NMS, the top `post_nms_topk`.
+
+    Args:
+        scores (R,), deltas (R, 4), anchors (R, 4): objectness and regression of every anchor.
+    Returns:
+        proposals (P, 4) by descending objectness, and which of the top-k decoded boxes and scores were finite (K,).
+    """
+    scores, index = scores.topk(topk_count(scores, pre_nms_topk))
+    boxes = box_coder.decode_single(deltas[index], anchors[index])
+    finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
+    boxes = clip(boxes)
+    keep = nonempty_boxes(boxes, min_size) & finite
+    boxes, scores = boxes[keep], scores[keep]
+    keep = nms(boxes, scores, nms_thresh)[:post_nms_topk]
+    return boxes[keep], finite
 
 
 class RPNHead(nn.Module):
@@ -197,18 +238,16 @@ class RPN(nn.Module):
         post_nms_topk = self.post_nms_topk[0 if self.training else 1]
         proposals = []
         for image_index, (scores, image_deltas, image_size) in enumerate(zip(objectness, deltas, image_sizes)):
-            scores, index = scores.topk(min(pre_nms_topk, len(scores)))
-            boxes = self.box_coder.decode_single(image_deltas[index], anchors[index])
-            finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
+            boxes, finite = select_proposals(
+                scores, image_deltas, anchors, clip=partial(clip_boxes_to_image, size=image_size),
+                box_coder=self.box_coder, pre_nms_topk=pre_nms_topk, post_nms_topk=post_nms_topk,
+                nms_thresh=self.nms_thresh, min_size=self.min_size,
+            )
             if self.training and not finite.all():
                 raise NonFiniteProposalsError(
                     f"The RPN predicted {int((~finite).sum())} non-finite proposal boxes or scores for image "
                     f"{image_index} of the batch: training has diverged.",
                     image_index=image_index,
                 )
-            boxes = clip_boxes_to_image(boxes, image_size)
-            keep = nonempty_boxes(boxes, self.min_size) & finite
-            boxes, scores = boxes[keep], scores[keep]
-            keep = nms(boxes, scores, self.nms_thresh)[:post_nms_topk]
-            proposals.append(boxes[keep])
+            proposals.append(boxes)
         return proposals
