@@ -29,8 +29,9 @@ from detectron_res.modeling import build_model, compile_for_inference
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs/shapes_r18.yaml")
 BOX_TOL = 1e-3  # pixels
 SCORE_TOL = 1e-5
-# (height, width): the export example, then other sizes; 40 x 56 pads to 48 x 64, a 3 x 4 res4 map with
-# 3 * 4 * 9 = 108 anchors, fewer than PRE_NMS_TOPK_TEST (1000), so the top-k count must follow the image
+# (height, width): the export example, then other sizes. With PRE_NMS_TOPK_TEST = 500 the example (an 8 x 10 res4
+# map, 720 anchors) and 96 x 200 (6 x 13, 702) keep 500 anchors, but 40 x 56 pads to 48 x 64, a 3 x 4 map with
+# 3 * 4 * 9 = 108 anchors: the top-k count must follow the image, not stay the example's
 EXAMPLE_SIZE = (128, 160)
 OTHER_SIZES = [(96, 200), (40, 56)]
 
@@ -39,7 +40,9 @@ def tiny_detector(*overrides: str) -> torch.nn.Module:
     """shapes_r18 (ResNet-18 of width 16) with random weights whose RPN and box predictor outputs are spread out
     (the default initialisation makes them all nearly equal, so that their order would be decided by rounding):
     about 100 detections per image, scores from 0.05 to 0.55, all three classes."""
-    cfg = load_config(CONFIG, ["MODEL.DEVICE=cpu", "MODEL.RPN.POST_NMS_TOPK_TEST=50", *overrides])
+    cfg = load_config(
+        CONFIG, ["MODEL.DEVICE=cpu", "MODEL.RPN.PRE_NMS_TOPK_TEST=500", "MODEL.RPN.POST_NMS_TOPK_TEST=50", *overrides]
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     generator = torch.Generator().manual_seed(0)
