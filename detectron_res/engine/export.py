@@ -1,9 +1,9 @@
 """Export of the detector's plain inference path to TorchScript and ONNX (`tools/export.py`, docs/tools.md).
 
 `ExportableDetector` wraps a `FasterRCNN` as a module of one image in, (boxes, scores, labels) out, and runs the
-steps of `FasterRCNN.inference` with the model's own modules (`normalize`, the trunk, the RPN's head, anchors and
-box coder, the RoI pooler, res5 and the box predictor, `postprocess.per_class_nms`), written so that a trace keeps
-every size that depends on the image or on the data: the padding to `size_divisibility`, the anchors, the RPN's
+steps of `FasterRCNN.inference` with the model's own modules (`normalize`, the trunk, the RPN's head and anchors,
+`rpn.select_proposals`, the RoI pooler, res5 and the box predictor, `postprocess.per_class_nms`), written so that a
+trace keeps every size that depends on the image or on the data: the padding to `size_divisibility`, the anchors, the RPN's
 top-k count, the clipping limits and the RoI, proposal and detection counts are computed in the graph, not taken
 from the example image. Its input is one uint8 (or float) (3, h, w) RGB image already resized to the network's
 input size, as the test mapper (`DatasetMapper.map_image`) produces it; the model does not resize (the mapper's
