@@ -3,9 +3,9 @@
 `ExportableDetector` wraps a `FasterRCNN` as a module of one image in, (boxes, scores, labels) out, and runs the
 steps of `FasterRCNN.inference` with the model's own modules (`normalize`, the trunk, the RPN's head and anchors,
 `rpn.select_proposals`, the RoI pooler, res5 and the box predictor, `postprocess.per_class_nms`), written so that a
-trace keeps every size that depends on the image or on the data: the padding to `size_divisibility`, the anchors, the RPN's
-top-k count, the clipping limits and the RoI, proposal and detection counts are computed in the graph, not taken
-from the example image. Its input is one uint8 (or float) (3, h, w) RGB image already resized to the network's
+trace keeps every size that depends on the image or on the data: the padding to `size_divisibility`, the anchors,
+the RPN's top-k count, the clipping limits and the RoI, proposal and detection counts are computed in the graph,
+not taken from the example image. Its input is one uint8 (or float) (3, h, w) RGB image already resized to the network's
 input size, as the test mapper (`DatasetMapper.map_image`) produces it; the model does not resize (the mapper's
 OpenCV resize is not a torch operation), so its boxes are in that image's pixels: multiplied by (W / w, H / h),
 clipped and without the boxes that become empty, they are `FasterRCNN.inference`'s in the original image's. The
