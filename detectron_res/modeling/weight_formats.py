@@ -190,7 +190,8 @@ def msra_to_torchvision(blobs: Mapping[str, Tensor], *, eps: float = FROZEN_BN_E
     Raises:
         ValueError: a blob that belongs nowhere, or a convolution without its affine (or the reverse).
     """
-    convs: dict[str, dict[str, Tensor]] = {}
+    convs: dict[str, dict[str, Tensor]] = {}  # conv name -> its blobs by kind ("w", "b", "bn_s", ...)
+    norm_of: dict[str, str] = {}  # conv name -> the name of the norm after it
     state: dict[str, Tensor] = {}
     dropped, unknown = [], []
     for key, value in blobs.items():
@@ -205,11 +206,13 @@ def msra_to_torchvision(blobs: Mapping[str, Tensor], *, eps: float = FROZEN_BN_E
             unknown.append(key)
             continue
         conv, norm, which = places
-        convs.setdefault(conv, {"norm": norm})[which] = value.float()  # type: ignore[assignment]
+        convs.setdefault(conv, {})[which] = value.float()
+        norm_of[conv] = norm
     if unknown:
-        raise ValueError(f"MSRA weights: {len(unknown)} blobs have no place in a ResNet: {', '.join(sorted(unknown)[:10])}")
+        names = ", ".join(sorted(unknown)[:10])
+        raise ValueError(f"MSRA weights: {len(unknown)} blobs have no place in a ResNet: {names}")
     for conv, parts in sorted(convs.items()):
-        norm = parts.pop("norm")
+        norm = norm_of[conv]
         missing = [which for which in ("w", "bn_s", "bn_b") if which not in parts]
         if missing:
             raise ValueError(f"MSRA weights: {conv} ({norm}) lacks its {', '.join(missing)} blob")
