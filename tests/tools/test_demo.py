@@ -180,6 +180,11 @@ def test_score_threshold_lowers_the_models_own(tiny, tmp_path):
     (record,) = run_demo(checkpoint, image, tmp_path / "high", "--score-thr", str(threshold))
     np.testing.assert_allclose(record["detections"]["scores"], scores[scores >= threshold], rtol=1e-5)
     assert "lowered" not in (tmp_path / "high" / "log.txt").read_text()
+    # "at least": a detection scoring exactly --score-thr is drawn
+    exact = float(scores[1])
+    assert exact > 0.05
+    (record,) = run_demo(checkpoint, image, tmp_path / "exact", "--score-thr", repr(exact))
+    assert exact in record["detections"]["scores"].tolist()
 
 
 def test_the_checkpoint_defaults_to_the_newest_in_the_configs_output_dir(tiny, tmp_path):

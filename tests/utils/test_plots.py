@@ -95,6 +95,10 @@ def test_read_training_log_errors_name_the_file_and_line(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="detectron_res.utils.plots"):
         assert plots.read_training_log(live) == RECORDS[:2]
     assert "live.jsonl, line 3: half-written last record left out" in caplog.text
+    # only the last line may be half-written: a broken line before it is an error, newline at the end or not
+    write_log(bad, RECORDS[:1], tail='{"iteration": 2, "loss": }\n' + json.dumps(RECORDS[1]))
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 2: not valid JSON"):
+        plots.read_training_log(bad)
 
 
 def test_plot_training_log_writes_one_valid_png_per_group(tmp_path):
