@@ -26,6 +26,31 @@ def require_shared_data(path: Path) -> Path:
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module (the tools are scripts, not a package), for tests that call its `main`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def spread_detector_outputs(model) -> None:
+    """Re-draws, seeded, the weights of a randomly initialised detector's RPN objectness and deltas and its box
+    predictor with a larger spread: with the default initialisation all their outputs are nearly equal, so their
+    order would be decided by rounding (the export tests compare detections one by one)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in (model.rpn.head.objectness_logits, model.rpn.head.anchor_deltas):
+            layer.weight.normal_(0, 0.1, generator=generator)
+        model.roi_heads.predictor.cls_score.weight.normal_(0, 0.02, generator=generator)
+        model.roi_heads.predictor.bbox_pred.weight.normal_(0, 0.02, generator=generator)
 
 
 def read_png(path: Path):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import spread_detector_outputs
 
 from detectron_res.config import load_config
 from detectron_res.engine.export import (
@@ -45,12 +46,7 @@ def tiny_detector(*overrides: str) -> torch.nn.Module:
     )
     torch.manual_seed(0)
     model = build_model(cfg)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in (model.rpn.head.objectness_logits, model.rpn.head.anchor_deltas):
-            layer.weight.normal_(0, 0.1, generator=generator)
-        model.roi_heads.predictor.cls_score.weight.normal_(0, 0.02, generator=generator)
-        model.roi_heads.predictor.bbox_pred.weight.normal_(0, 0.02, generator=generator)
+    spread_detector_outputs(model)
     return model.eval()
 
 
@@ -80,6 +76,14 @@ def exported(tmp_path_factory):
     export_torchscript(detector, folder / "model.ts", example=images[0])
     export_onnx(detector, folder / "model.onnx", example=images[0])
     return model, images, folder / "model.ts", folder / "model.onnx"
+
+
+def export_both(model, example, folder):
+    """(the traced TorchScript module, an onnxruntime runner) of `model` exported on `example` into `folder`."""
+    detector = ExportableDetector(model=model)
+    traced = export_torchscript(detector, folder / "model.ts", example=example)
+    export_onnx(detector, folder / "model.onnx", example=example)
+    return traced, onnx_runner(folder / "model.onnx")
 
 
 def load_torchscript(path):
@@ -137,10 +141,7 @@ def test_onnx_in_onnxruntime_gives_the_eager_detections_on_other_sizes(exported)
 def test_model_options_carry_over(option, tmp_path):
     model = tiny_detector(option)
     example, other = random_image(EXAMPLE_SIZE, 0), random_image(OTHER_SIZES[0], 1)
-    detector = ExportableDetector(model=model)
-    traced = export_torchscript(detector, tmp_path / "model.ts", example=example)
-    export_onnx(detector, tmp_path / "model.onnx", example=example)
-    run = onnx_runner(tmp_path / "model.onnx")
+    traced, run = export_both(model, example, tmp_path)
     for image in (example, other):
         reference = eager_detections(model, image)
         assert_same_detections(reference, traced(image))
@@ -150,10 +151,7 @@ def test_model_options_carry_over(option, tmp_path):
 def test_no_detections_give_empty_outputs(tmp_path):
     model = tiny_detector("MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.99")
     example, other = random_image(EXAMPLE_SIZE, 0), random_image(OTHER_SIZES[0], 1)
-    detector = ExportableDetector(model=model)
-    traced = export_torchscript(detector, tmp_path / "model.ts", example=example)
-    export_onnx(detector, tmp_path / "model.onnx", example=example)
-    run = onnx_runner(tmp_path / "model.onnx")
+    traced, run = export_both(model, example, tmp_path)
     for image in (example, other):
         for boxes, scores, labels in (traced(image), run(image)):
             assert boxes.shape == (0, 4) and scores.shape == (0,) and labels.shape == (0,)

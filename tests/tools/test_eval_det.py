@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import re
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -17,14 +17,7 @@ COCO_FIRST100 = SHARED_DATA / "coco_val2014_first100"
 SUMMARY = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("eval_det", REPO_ROOT / "tools" / "eval_det.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-eval_det = _load_tool()
+eval_det = load_tool("eval_det")
 
 
 @pytest.fixture

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-from conftest import VOC_SAMPLE, read_png
+from conftest import VOC_SAMPLE, load_tool, read_png
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("eval_det", REPO / "tools" / "eval_det.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-eval_det = _load_tool()
+eval_det = load_tool("eval_det")
 
 
 def test_coco_plots_go_beside_json_out_and_nowhere_without_it(tmp_path):

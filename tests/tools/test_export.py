@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import spread_detector_outputs
 
 from detectron_res.config import load_config
 from detectron_res.engine.checkpoint import Checkpointer
@@ -31,17 +32,12 @@ OVERRIDES = ["INPUT.MIN_SIZE_TEST=128", "INPUT.MAX_SIZE_TEST=128", "MODEL.RPN.PO
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """(checkpoint, output folder, sample image): shapes_r18 with random weights whose RPN and box predictor
-    outputs are spread out (tests/engine/test_exportable_detector.py), and a 150 x 100 PNG with two filled shapes."""
+    outputs are spread out (conftest.spread_detector_outputs), and a 150 x 100 PNG with two filled shapes."""
     root = tmp_path_factory.mktemp("export_tool")
     cfg = load_config(CONFIG, ["MODEL.DEVICE=cpu", *OVERRIDES])
     torch.manual_seed(0)
     model = build_model(cfg)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in (model.rpn.head.objectness_logits, model.rpn.head.anchor_deltas):
-            layer.weight.normal_(0, 0.1, generator=generator)
-        model.roi_heads.predictor.cls_score.weight.normal_(0, 0.02, generator=generator)
-        model.roi_heads.predictor.bbox_pred.weight.normal_(0, 0.02, generator=generator)
+    spread_detector_outputs(model)
     Checkpointer(model=model, save_dir=root / "run", metadata={"class_names": ["a", "b", "c"]}).save("model_final")
     image = np.random.default_rng(0).integers(0, 256, size=(100, 150, 3), dtype=np.uint8)
     cv2.rectangle(image, (20, 10), (80, 70), (250, 20, 20), thickness=-1)

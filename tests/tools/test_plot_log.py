@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import read_png
+from conftest import load_tool, read_png
 
 from detectron_res.engine.events import JSONWriter, MetricsStorage
 from detectron_res.engine.runner import TRAIN_LOG_FILE
@@ -16,14 +15,7 @@ from detectron_res.engine.runner import TRAIN_LOG_FILE
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("plot_log", REPO / "tools" / "plot_log.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-plot_log = _load_tool()
+plot_log = load_tool("plot_log")
 
 
 @pytest.fixture
