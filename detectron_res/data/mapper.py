@@ -82,7 +82,8 @@ def resize_shortest_edge_shape(height: int, width: int, *, short_side: int, max_
     """Output (height, width) that scales the shorter side to ``short_side``, capping the longer at ``max_size``.
 
     Same arithmetic as detectron2's ``ResizeShortestEdge``: the scale in float, sides rounded with
-    ``int(x + 0.5)``.
+    ``int(x + 0.5)``, but never below 1 pixel: an image of extreme aspect ratio (4x6000) keeps a 1-pixel side where
+    detectron2's arithmetic gives 0 and the resize fails.
     """
     scale = short_side / min(height, width)
     if height < width:
@@ -92,7 +93,7 @@ def resize_shortest_edge_shape(height: int, width: int, *, short_side: int, max_
     if max(new_height, new_width) > max_size:
         cap = max_size / max(new_height, new_width)
         new_height, new_width = new_height * cap, new_width * cap
-    return int(new_height + 0.5), int(new_width + 0.5)
+    return max(1, int(new_height + 0.5)), max(1, int(new_width + 0.5))
 
 
 class DatasetMapper:

@@ -25,6 +25,11 @@ def test_resize_shortest_edge_shape() -> None:
     assert resize_shortest_edge_shape(640, 480, short_side=600, max_size=1000) == (800, 600)
     assert resize_shortest_edge_shape(333, 500, short_side=600, max_size=1000) == (600, 901)  # 900.9 rounds up
     assert resize_shortest_edge_shape(100, 100, short_side=64, max_size=1000) == (64, 64)
+    # extreme aspect ratios: 4 * 1000/6000 = 0.67 and 3 * 1000/6000 = 0.5 px round to 1 and 0; both sides stay >= 1
+    assert resize_shortest_edge_shape(4, 6000, short_side=600, max_size=1000) == (1, 1000)
+    assert resize_shortest_edge_shape(6000, 3, short_side=600, max_size=1000) == (1000, 1)
+    assert resize_shortest_edge_shape(6000, 2, short_side=600, max_size=1000) == (1000, 1)
+    assert resize_shortest_edge_shape(4, 6000, short_side=128, max_size=213) == (1, 213)  # 0.14 px before the clamp
 
 
 @pytest.fixture
