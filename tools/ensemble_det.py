@@ -81,7 +81,11 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = [*DEFAULT_OVERRIDES, *args.opts]
     first = load_config(members[0][0], overrides)
     output = args.output or str(Path(first.OUTPUT_DIR) / "ensemble")
-    cfg = setup(argparse.Namespace(cfg=members[0][0], opts=overrides, output=output), config_file=EVAL_CONFIG_FILE)
+    cfg = setup(
+        argparse.Namespace(cfg=members[0][0], opts=overrides, output=output),
+        config_file=EVAL_CONFIG_FILE,
+        inputs={"--model": [path for member in members for path in member if path]},
+    )
     configs = [cfg] + [load_config(config, overrides) for config, _ in members[1:]]
     check_num_classes(members, configs)
     models, metadata = [], []

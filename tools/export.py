@@ -70,7 +70,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.format == "onnx":
         import_onnx_packages()  # before any work: say what to install
     cfg = setup(
-        argparse.Namespace(cfg=args.cfg, output=None, opts=["MODEL.DEVICE=cpu", *args.opts]), config_file=None
+        argparse.Namespace(cfg=args.cfg, output=None, opts=["MODEL.DEVICE=cpu", *args.opts]),
+        config_file=None,
+        inputs={"--ckpt": args.ckpt, "--sample-image": args.sample_image},
+        lock=False,  # it only logs to OUTPUT_DIR (often a training's folder, which may still be training)
     )
     if cfg.TEST.COMPILE:
         logger.info("TEST.COMPILE ignored: the export traces the uncompiled modules")

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     launched, result = launch_processes(main, sys.argv[1:] if argv is None else argv, args.num_gpus)
     if launched:
         return result
-    cfg = setup(args, config_file=EVAL_CONFIG_FILE)
+    cfg = setup(args, config_file=EVAL_CONFIG_FILE, inputs={"--ckpt": args.ckpt})
     model, _ = load_for_inference(cfg, args.ckpt)
     if args.ablation:
         return run_ablation(cfg, model, evaluate)

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rpn-ckpt", default=None, help="stage 2: the RPN (default: newest in OUTPUT_DIR/rpn)")
     parser.add_argument("--resume", action="store_true", help="continue each stage from its newest checkpoint")
     args = parse_args(parser, argv)
-    cfg = setup(args, config_file="config.yaml")
+    cfg = setup(args, config_file="config.yaml", inputs={"--rpn-ckpt": args.rpn_ckpt})
     if cfg.MODEL.META_ARCHITECTURE != "LocalizationRPN":
         raise ValueError(
             f"{args.cfg} has MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE}: tools/train_loc.py trains the "

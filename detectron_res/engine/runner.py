@@ -7,7 +7,7 @@ import logging
 import os
 import random
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from ..modeling import build_model
 from ..modeling.build import check_weight_settings, compile_for_inference, resolve_device
 from ..utils import comm, remove_orphaned_temporary_files
 from ..utils.malloc import keep_freed_memory
+from ..utils.paths import RunFolderLock, check_tool_paths
 from .checkpoint import Checkpointer, unwrap_model
 from .events import ConsoleWriter, JSONWriter, TensorboardWriter
 from .hooks import EvalHook, IterationTimer, LRScheduler, PeriodicCheckpointer, PeriodicWriter
@@ -80,16 +81,38 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     return parser.parse_intermixed_args(argv)
 
 
-def setup(args: argparse.Namespace, *, config_file: str | None = CONFIG_FILE):
+def setup(
+    args: argparse.Namespace,
+    *,
+    config_file: str | None = CONFIG_FILE,
+    inputs: Mapping[str, str | os.PathLike | Sequence[str | os.PathLike] | None] | None = None,
+    lock: bool = True,
+):
     """Loads the config (file, overrides, --output), joins the distributed job when torchrun started this process
     (rescaling batch, LR and schedule when SOLVER.REFERENCE_WORLD_SIZE asks), prepares the output folder and
     logging, saves the resolved config as `OUTPUT_DIR/<config_file>` (None: not here; training writes it once its
     checks passed), seeds every random generator. Only rank 0 writes files and logs below warnings. Returns the
-    frozen config."""
+    frozen config.
+
+    Before anything is written, OUTPUT_DIR is checked against the tool's inputs (`utils.paths.check_tool_paths`:
+    --cfg, MODEL.WEIGHTS, MODEL.BACKBONE.WEIGHTS and the tool's own `inputs`, e.g. {"--ckpt": path}); it is a run
+    folder, so a config or checkpoint inside it may be read. With `lock`, rank 0 then holds OUTPUT_DIR's run-folder
+    lock until the process ends, so a second run on the same folder is refused with this one's process id.
+    """
     overrides = list(args.opts)
     if args.output is not None:
         overrides.append(f"OUTPUT_DIR={args.output}")
     cfg = load_config(args.cfg, overrides)
+    check_tool_paths(
+        inputs={
+            "--cfg": args.cfg,
+            "MODEL.WEIGHTS": cfg.MODEL.WEIGHTS,
+            "MODEL.BACKBONE.WEIGHTS": cfg.MODEL.BACKBONE.WEIGHTS,
+            **(inputs or {}),
+        },
+        outputs={"--output" if args.output is not None else "OUTPUT_DIR": cfg.OUTPUT_DIR},
+        run_folders=["--output", "OUTPUT_DIR"],
+    )
     comm.init_distributed(
         backend=cfg.DISTRIBUTED.BACKEND,
         timeout_s=cfg.DISTRIBUTED.TIMEOUT,
@@ -99,6 +122,8 @@ def setup(args: argparse.Namespace, *, config_file: str | None = CONFIG_FILE):
     if rescaled:
         cfg = merge_overrides(cfg, rescaled)
     output_dir = Path(cfg.OUTPUT_DIR)
+    if lock and comm.is_main_process():
+        lock_run_folder(output_dir)
     setup_logging(output_dir, rank=comm.get_rank())
     if comm.is_main_process():
         remove_orphaned_temporary_files(output_dir)
@@ -111,6 +136,21 @@ def setup(args: argparse.Namespace, *, config_file: str | None = CONFIG_FILE):
         logger.info("Resolved config saved to %s", output_dir / config_file)
     seed_everything(cfg.SEED)
     return cfg
+
+
+_RUN_FOLDER_LOCKS: dict[Path, RunFolderLock] = {}  # held until the process ends (the kernel then frees them)
+
+
+def lock_run_folder(folder: str | os.PathLike) -> RunFolderLock:
+    """Takes `folder`'s run-folder lock for the rest of this process (again: the lock already held).
+
+    Raises:
+        RunFolderInUseError: another live process writes `folder`; the message names its process id.
+    """
+    folder = Path(os.path.realpath(folder))
+    if folder not in _RUN_FOLDER_LOCKS:
+        _RUN_FOLDER_LOCKS[folder] = RunFolderLock(folder).acquire()
+    return _RUN_FOLDER_LOCKS[folder]
 
 
 def world_size_overrides(solver, world_size: int) -> list[str]:
