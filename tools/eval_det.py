@@ -12,19 +12,34 @@ VOC2010+ area metrics; the json gets ``{"voc": {"mAP_07", "mAP_area", "per_class
 ``--json-out`` merges into an existing json file; with matplotlib installed the per-class precision-recall curves
 and AP bars are drawn beside it (``coco_pr_curves.png`` and ``coco_ap_per_class.png``, or ``voc_*.png``). Each
 format is one ``_evaluate_<format>`` function registered in ``EVALUATORS``.
+
+``--as-devkit`` (VOC) scores every numeric box as the official devkit and py-faster-rcnn's ``voc_eval`` do, with
+no check on the box, and says how many lines looked 0-based (xmin or ymin below 1) and which was the first; without
+it such a file is refused, naming the line. Before anything is evaluated or written, ``--json-out`` and the plots
+beside it are checked: none may be (or, through ``..`` or a symlink, alias) ``--gt``, ``--dets`` or ``--voc-root``
+or lie inside them, an existing ``--json-out`` must hold a JSON object, and its folder must be writable; each
+refusal is one line naming the path.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from detectron_res.engine.logger import setup_logging
 from detectron_res.evaluation.coco import evaluate_coco_results
-from detectron_res.evaluation.metrics import format_per_category_table, per_category_values, write_metrics_json
+from detectron_res.evaluation.metrics import (
+    format_per_category_table,
+    per_category_values,
+    read_metrics_json,
+    write_metrics_json,
+)
+from detectron_res.evaluation.pr_curves import AP_BARS_FILE, PR_CURVES_FILE
 from detectron_res.evaluation.voc import evaluate_voc_devkit_results, format_voc_table
+from detectron_res.utils.paths import check_tool_paths
 
 
 def _evaluate_coco(args: argparse.Namespace) -> dict:
@@ -42,7 +57,7 @@ def _evaluate_voc(args: argparse.Namespace) -> dict:
     if not args.voc_root:
         raise ValueError("--format voc needs --voc-root, the VOC year folder (e.g. VOCdevkit/VOC2007)")
     metrics = evaluate_voc_devkit_results(
-        voc_root=args.voc_root, split=args.split, dets_dir=args.dets, plot_dir=_plot_dir(args)
+        voc_root=args.voc_root, split=args.split, dets_dir=args.dets, plot_dir=_plot_dir(args), as_devkit=args.as_devkit
     )
     print(format_voc_table(metrics))
     return metrics
@@ -53,17 +68,61 @@ def _plot_dir(args: argparse.Namespace) -> Path | None:
     return Path(args.json_out).parent if args.json_out else None
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuses, before anything is evaluated or written, a ``--json-out`` (or a plot beside it) that is or lies inside
+    an input, a ``--json-out`` that is a folder, lies under a file or in a folder this user cannot write, or is an
+    existing file that is not a metrics json (the metrics are merged into it)."""
+    if not args.json_out:
+        return
+    json_out = Path(args.json_out)
+    plots = [json_out.parent / name.format(prefix=args.format) for name in (PR_CURVES_FILE, AP_BARS_FILE)]
+    check_tool_paths(
+        inputs={"--gt": args.gt, "--dets": args.dets, "--voc-root": args.voc_root},
+        outputs={"--json-out": json_out, "the plot beside --json-out": plots},
+    )
+    if json_out.is_dir():
+        raise IsADirectoryError(f"--json-out {json_out} is a folder: give the json file to write (e.g. "
+                                f"{json_out / 'metrics.json'})")
+    folder = json_out.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"--json-out {json_out} cannot be written: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"--json-out {json_out} cannot be written: no permission to write in {folder}")
+    read_metrics_json(json_out)  # an existing file must hold a JSON object to merge into
+
+
+def write_json_out(path: str, metrics: dict) -> None:
+    """``write_metrics_json``, its failure named after ``--json-out``."""
+    try:
+        write_metrics_json(path, metrics)
+    except OSError as error:
+        message = str(error)
+        raise OSError(message if path in message else f"could not write --json-out {path}: {message}") from error
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
 EVALUATORS: dict[str, Callable[[argparse.Namespace], dict]] = {"coco": _evaluate_coco, "voc": _evaluate_voc}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0])
     parser.add_argument("--format", choices=sorted(EVALUATORS), default="coco", help="ground-truth/detections format")
     parser.add_argument("--gt", default=None, help="COCO: the ground-truth instances json")
     parser.add_argument("--voc-root", default=None, help="VOC: the year folder holding Annotations/ and ImageSets/")
     parser.add_argument("--split", default="test", help="VOC: the image set, ImageSets/Main/<split>.txt (default: test)")
     parser.add_argument("--dets", required=True, help="detections: COCO results json, or VOC devkit results folder")
     parser.add_argument("--json-out", default=None, help="merge the metrics into this json file")
+    parser.add_argument(
+        "--as-devkit", action="store_true",
+        help="VOC: score every numeric box as the official devkit and py-faster-rcnn's voc_eval do (no check on the "
+        "box; says how many lines looked 0-based) instead of refusing a file with 0-based lines",
+    )
     return parser
 
 
@@ -72,13 +131,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging()  # the package's log lines, the COCOeval summary among them, on stdout
+    if args.as_devkit and args.format != "voc":
+        parser.error("--as-devkit is for --format voc (the devkit's result files)")
     try:
+        check_outputs(args)
         metrics = EVALUATORS[args.format](args)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        if args.json_out:
+            write_json_out(args.json_out, metrics)
+    except (OSError, ValueError) as error:
+        print(f"{parser.prog}: error: {one_line(error)}", file=sys.stderr)
         return 1
     if args.json_out:
-        write_metrics_json(args.json_out, metrics)
         print(f"metrics written to {args.json_out}")
     return 0
 

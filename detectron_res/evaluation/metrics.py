@@ -22,6 +22,30 @@ def json_safe(value: object) -> object:
     return value
 
 
+def read_metrics_json(path: str | os.PathLike) -> dict[str, object]:
+    """The JSON object of an existing metrics file, {} when there is no file at ``path``.
+
+    Raises:
+        ValueError: ``path`` is not UTF-8 text, not valid JSON, or not a JSON object (the message names the file).
+        IsADirectoryError: ``path`` is a folder.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        existing = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: existing metrics file is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+            f"{error.start}), so not a metrics json"
+        ) from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: existing metrics file is not valid JSON ({error})") from None
+    if not isinstance(existing, dict):
+        raise ValueError(f"{path}: existing metrics file must hold a JSON object, got {type(existing).__name__}")
+    return existing
+
+
 def write_metrics_json(path: str | os.PathLike, metrics: Mapping[str, object]) -> None:
     """Merge ``metrics`` into the JSON object at ``path`` (created if absent) and write it atomically.
 
@@ -31,21 +55,12 @@ def write_metrics_json(path: str | os.PathLike, metrics: Mapping[str, object]) -
     half-written file.
 
     Raises:
-        ValueError: ``path`` exists but does not hold a JSON object.
+        ValueError: ``path`` exists but does not hold a JSON object (see `read_metrics_json`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    merged: dict[str, object] = {}
-    if path.exists():
-        try:
-            existing = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: existing metrics file is not valid JSON ({error})") from error
-        if not isinstance(existing, dict):
-            raise ValueError(f"{path}: existing metrics file must hold a JSON object, got {type(existing).__name__}")
-        merged.update(existing)
+    merged: dict[str, object] = dict(read_metrics_json(path))
     merged.update(metrics)
-
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(json_safe(merged), indent=2, allow_nan=False) + "\n")
 
 

@@ -426,9 +426,15 @@ class VOCDetectionEvaluator:
         return _evaluate_classes(detections, self._ground_truth(), self.dataset.class_names, plot_dir=self.plot_dir)
 
 
-def _read_result_file(path: Path, split_ids: set[str]) -> _ClassDetections:
+def _read_result_file(
+    path: Path, split_ids: set[str], *, as_devkit: bool = False
+) -> tuple[_ClassDetections, list[str]]:
+    """The detections of one devkit result file, and where its lines look 0-based (``"<file>, line <n>: '<line>'"``,
+    collected with ``as_devkit`` only: otherwise such a line is an error). With ``as_devkit`` every numeric box is
+    kept as written, as the devkit and py-faster-rcnn's ``voc_eval`` read them (floats, no check on the box)."""
     image_ids, values = [], []
     unknown: list[str] = []
+    zero_based: list[str] = []
     for line_number, line in enumerate(path.read_text().splitlines(), start=1):
         fields = line.split()
         if not fields:
@@ -439,15 +445,19 @@ def _read_result_file(path: Path, split_ids: set[str]) -> _ClassDetections:
             numbers = [float(field) for field in fields[1:]]
         except ValueError:
             raise ValueError(f"{path}, line {line_number}: not a number in {line!r}") from None
-        if not all(math.isfinite(number) for number in numbers):
-            raise ValueError(f"{path}, line {line_number}: non-finite number in {line!r}")
         _, xmin, ymin, xmax, ymax = numbers
-        if xmax < xmin or ymax < ymin:
+        if as_devkit:
+            if xmin < 1 or ymin < 1:
+                zero_based.append(f"{path}, line {line_number}: {line!r}")
+        elif not all(math.isfinite(number) for number in numbers):
+            raise ValueError(f"{path}, line {line_number}: non-finite number in {line!r}")
+        elif xmax < xmin or ymax < ymin:
             raise ValueError(f"{path}, line {line_number}: xmax < xmin or ymax < ymin in {line!r}")
-        if xmin < 1 or ymin < 1:
+        elif xmin < 1 or ymin < 1:
             raise ValueError(
                 f"{path}, line {line_number}: xmin or ymin below 1 in {line!r}; devkit boxes are 1-based pixel indices "
-                "(the first pixel is 1), so these look like 0-based boxes: write x1 + 1, y1 + 1, x2, y2"
+                "(the first pixel is 1), so these look like 0-based boxes: write x1 + 1, y1 + 1, x2, y2 (or score the "
+                "file as the devkit does, unshifted: tools/eval_det.py --as-devkit)"
             )
         if fields[0] not in split_ids and fields[0] not in unknown:
             unknown.append(fields[0])
@@ -457,9 +467,9 @@ def _read_result_file(path: Path, split_ids: set[str]) -> _ClassDetections:
         shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
         raise ValueError(f"{path}: {len(unknown)} image ids are not in the split: {shown}")
     if not values:
-        return _ClassDetections.empty()
+        return _ClassDetections.empty(), zero_based
     array = np.asarray(values, dtype=np.float64)
-    return _ClassDetections(image_ids, array[:, 0].copy(), array[:, 1:].copy())
+    return _ClassDetections(image_ids, array[:, 0].copy(), array[:, 1:].copy()), zero_based
 
 
 def evaluate_voc_devkit_results(
@@ -469,6 +479,7 @@ def evaluate_voc_devkit_results(
     dets_dir: str | Path,
     class_names: Sequence[str] = VOC_CLASSES,
     plot_dir: str | Path | None = None,
+    as_devkit: bool = False,
 ) -> dict:
     """Evaluate devkit result files ``dets_dir/comp4_det_test_<class>.txt`` against ``voc_root/Annotations``.
 
@@ -479,11 +490,17 @@ def evaluate_voc_devkit_results(
     (warning). Same result as the evaluator. With ``plot_dir``, the per-class precision-recall curves and AP bars
     are drawn there as the evaluator does.
 
+    ``as_devkit`` scores every numeric box as the official devkit and py-faster-rcnn's ``voc_eval`` do: read as
+    floats and used unshifted with the +1 pixel convention, with none of the checks below on the box (a 0-based box,
+    xmin = 0, then overlaps its object a little less than the 1-based one would); a warning gives how many lines
+    looked 0-based (xmin or ymin below 1) and the first of them.
+
     Raises:
         FileNotFoundError: ``dets_dir``, the split file or an annotation file is missing.
-        ValueError: a malformed result line (file and line named: not 6 fields, a non-finite number, xmax < xmin
-            or ymax < ymin, or xmin or ymin below 1, i.e. 0-based boxes), an image id not in the split, an
-            object whose class is not in ``class_names``, or malformed XML.
+        ValueError: a malformed result line (file and line named: not 6 fields or not numbers; without
+            ``as_devkit`` also a non-finite number, xmax < xmin or ymax < ymin, or xmin or ymin below 1, i.e.
+            0-based boxes), an image id not in the split, an object whose class is not in ``class_names``, or
+            malformed XML.
     """
     voc_root, dets_dir = Path(voc_root), Path(dets_dir)
     if not dets_dir.is_dir():
@@ -493,11 +510,21 @@ def evaluate_voc_devkit_results(
     ground_truth = devkit_ground_truth(dataset.records, len(class_names))
     split_id_set = {record["image_id"] for record in dataset.records}
     detections = []
+    zero_based: list[str] = []
     for class_name in class_names:
         path = dets_dir / devkit_result_file_name(class_name)
         if path.is_file():
-            detections.append(_read_result_file(path, split_id_set))
+            class_detections, class_zero_based = _read_result_file(path, split_id_set, as_devkit=as_devkit)
+            detections.append(class_detections)
+            zero_based += class_zero_based
         else:
             logger.warning("no result file %s: class %r has no detections", path, class_name)
             detections.append(_ClassDetections.empty())
+    if zero_based:
+        logger.warning(
+            "%d line%s looked 0-based (xmin or ymin below 1), scored unshifted as the devkit scores them; the first: %s",
+            len(zero_based), "" if len(zero_based) == 1 else "s", zero_based[0],
+        )
+    elif as_devkit:
+        logger.info("No line looked 0-based (xmin or ymin below 1)")
     return _evaluate_classes(detections, ground_truth, class_names, plot_dir=plot_dir)

@@ -332,3 +332,34 @@ def test_real_voc2012_sample_devkit_files_and_evaluator(voc_sample_detections, v
     assert from_evaluator["mAP_area"] == pytest.approx(from_files["mAP_area"], abs=1e-12)
     for name in class_names:
         assert from_evaluator["per_class"][name] == pytest.approx(from_files["per_class"][name], abs=1e-12)
+
+
+def test_devkit_files_as_devkit_score_every_numeric_box(tiny_dataset, tmp_path, caplog) -> None:
+    """`as_devkit`: the boxes the default refuses are scored as py-faster-rcnn's voc_eval scores them (issue 21 item
+    12). Against b's cat (1, 1, 10, 10), area 100, with the +1 convention:
+    an inverted box (9, 1, 1, 9): overlap width max(1 - 9 + 1, 0) = 0 -> IoU 0 -> FP; a NaN corner: IoU NaN, not
+    > 0.5 -> FP. Ranked TP (a), FP, FP, TP (b): recall 1/2, 1/2, 1/2, 1, precision 1, 1/2, 1/3, 1/2: area AP
+    1/2 * 1 + 1/2 * 1/2 = 3/4, 11-point (6 * 1 + 5 * 1/2) / 11 = 17/22."""
+    voc_root, _ = tiny_dataset
+    dets = tmp_path / "devkit"
+    dets.mkdir()
+    (dets / "comp4_det_test_cat.txt").write_text("a 0.9 1 1 10 10\nb 0.8 9 1 1 9\nb 0.7 1 1 nan 9\nb 0.6 1 1 10 10\n")
+    with pytest.raises(ValueError, match=r"comp4_det_test_cat\.txt, line 2: xmax < xmin"):
+        evaluate_voc_devkit_results(voc_root=voc_root, split="test", dets_dir=dets, class_names=CLASSES)
+    with caplog.at_level(logging.INFO, logger="detectron_res.evaluation.voc"):
+        result = evaluate_voc_devkit_results(
+            voc_root=voc_root, split="test", dets_dir=dets, class_names=CLASSES, as_devkit=True
+        )
+    assert result["voc"]["per_class"]["cat"] == pytest.approx({"AP_07": 17 / 22, "AP_area": 0.75}, abs=1e-12)
+    assert "No line looked 0-based (xmin or ymin below 1)" in caplog.text
+
+    # a 0-based line: counted, and scored unshifted: (0, 0, 10, 10) against (1, 1, 10, 10): IoU 100/121 -> TP
+    (dets / "comp4_det_test_cat.txt").write_text("a 0.9 0 0 10 10\nb 0.6 1 0 10 10\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="detectron_res.evaluation.voc"):
+        result = evaluate_voc_devkit_results(
+            voc_root=voc_root, split="test", dets_dir=dets, class_names=CLASSES, as_devkit=True
+        )
+    assert result["voc"]["per_class"]["cat"] == {"AP_07": 1.0, "AP_area": 1.0}
+    assert (f"2 lines looked 0-based (xmin or ymin below 1), scored unshifted as the devkit scores them; the first: "
+            f"{dets / 'comp4_det_test_cat.txt'}, line 1: 'a 0.9 0 0 10 10'") in caplog.text

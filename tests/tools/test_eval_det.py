@@ -136,3 +136,150 @@ def test_voc_needs_its_arguments(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert eval_det.main(["--format", "coco", "--dets", str(tmp_path / "d.json")]) == 1
     assert "--gt" in capsys.readouterr().err
+
+
+# -- --json-out: checked before anything is evaluated or written, one line per refusal (issue 21 item 14) ----------
+def run_eval_det(argv, capsys) -> tuple[int, list[str]]:
+    """eval_det's exit status and its stderr lines."""
+    capsys.readouterr()
+    status = eval_det.main(argv)
+    return status, capsys.readouterr().err.splitlines()
+
+
+def test_json_out_on_the_detections_file_is_refused(tiny_gt, tmp_path, capsys):
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps([{"image_id": 1, "category_id": 4, "bbox": [10, 10, 20, 20], "score": 0.5}]))
+    before = dets.read_bytes()
+    status, err = run_eval_det(["--gt", str(tiny_gt), "--dets", str(dets), "--json-out", str(dets)], capsys)
+    assert status == 1 and err == [
+        f"eval_det.py: error: --json-out {dets} is the same path as the input --dets {dets}: refusing to overwrite it"
+    ]
+    assert dets.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dets.json", "gt.json"]  # no plot beside it either
+
+
+def test_json_out_holding_broken_json_is_refused_before_anything_is_written(tiny_gt, tmp_path, capsys):
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps([{"image_id": 1, "category_id": 4, "bbox": [10, 10, 20, 20], "score": 0.5}]))
+    out = tmp_path / "out" / "metrics.json"
+    out.parent.mkdir()
+    for content, message in [
+        (b'{"bbox": ', f"{out}: existing metrics file is not valid JSON (Expecting value: line 1 column 10 (char 9))"),
+        (b"[1, 2]", f"{out}: existing metrics file must hold a JSON object, got list"),
+        (b"\x89PNG\r\n", f"{out}: existing metrics file is not UTF-8 text (byte 0x89 at offset 0), so not a metrics json"),
+    ]:
+        out.write_bytes(content)
+        status, err = run_eval_det(["--gt", str(tiny_gt), "--dets", str(dets), "--json-out", str(out)], capsys)
+        assert status == 1 and err == [f"eval_det.py: error: {message}"]
+        assert out.read_bytes() == content
+        assert [p.name for p in out.parent.iterdir()] == ["metrics.json"]  # the plots are not drawn first
+
+
+def test_json_out_that_cannot_be_written_is_one_line(tiny_gt, tmp_path, capsys):
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps([{"image_id": 1, "category_id": 4, "bbox": [10, 10, 20, 20], "score": 0.5}]))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    argv = ["--gt", str(tiny_gt), "--dets", str(dets), "--json-out"]
+    status, err = run_eval_det([*argv, str(blocker / "sub" / "metrics.json")], capsys)
+    assert status == 1 and err == [
+        f"eval_det.py: error: --json-out {blocker / 'sub' / 'metrics.json'} cannot be written: {blocker} is a file, "
+        "not a folder"
+    ]
+    (tmp_path / "folder.json").mkdir()
+    status, err = run_eval_det([*argv, str(tmp_path / "folder.json")], capsys)
+    assert status == 1 and err == [
+        f"eval_det.py: error: --json-out {tmp_path / 'folder.json'} is a folder: give the json file to write (e.g. "
+        f"{tmp_path / 'folder.json' / 'metrics.json'})"
+    ]
+    assert blocker.read_text() == "x" and list((tmp_path / "folder.json").iterdir()) == []
+
+
+def test_json_out_write_failure_names_the_flag(tiny_gt, tmp_path, capsys, monkeypatch):
+    """A failure of the write itself (after the checks passed: say the disk went read-only) is one line too."""
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps([{"image_id": 1, "category_id": 4, "bbox": [10, 10, 20, 20], "score": 0.5}]))
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(eval_det, "write_metrics_json", read_only)
+    out = tmp_path / "metrics.json"
+    status, err = run_eval_det(["--gt", str(tiny_gt), "--dets", str(dets), "--json-out", str(out)], capsys)
+    assert status == 1 and err == [f"eval_det.py: error: could not write --json-out {out}: [Errno 30] Read-only file system"]
+
+
+# -- --as-devkit: a devkit file with 0-based lines scored as the devkit scores it (issue 21 item 12) -----------------
+def write_tiny_voc(voc_root: Path) -> None:
+    """Images a and b (100 x 100), each with one cat at the XML box (1, 1, 10, 10); a also a difficult cat, b a
+    bird."""
+    objects = {"a": [("cat", (1, 1, 10, 10), 0), ("cat", (21, 21, 30, 30), 1)],
+               "b": [("cat", (1, 1, 10, 10), 0), ("bird", (50, 50, 60, 60), 0)]}
+    (voc_root / "Annotations").mkdir(parents=True)
+    (voc_root / "ImageSets" / "Main").mkdir(parents=True)
+    (voc_root / "ImageSets" / "Main" / "test.txt").write_text("a\nb\n")
+    for image_id, objs in objects.items():
+        body = "".join(
+            f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{box[0]}</xmin>"
+            f"<ymin>{box[1]}</ymin><xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object>"
+            for name, box, difficult in objs
+        )
+        (voc_root / "Annotations" / f"{image_id}.xml").write_text(
+            f"<annotation><size><width>100</width><height>100</height></size>{body}</annotation>"
+        )
+
+
+def test_as_devkit_scores_zero_based_lines_unshifted(tmp_path, capsys):
+    """Hand-computed with the devkit's +1 areas against the cat (1, 1, 10, 10) of area 100:
+    a 0.9 (0, 0, 10, 10): area 121, overlap 100, IoU 100/121 = 0.83 -> TP (0-based looking);
+    b 0.8 (0, 0, 7.5, 7.5): area 8.5^2 = 72.25, overlap 7.5^2 = 56.25, IoU 56.25/116 = 0.485 -> FP (0-based looking;
+    shifted by one, (1, 1, 7.5, 7.5), it would be IoU 0.5625, a TP, and the AP 1);
+    b 0.7 (1, 1, 10, 10): IoU 1 -> TP.
+    Recall 1/2, 1/2, 1; precision 1, 1/2, 2/3: area AP 1/2 * 1 + 1/2 * 2/3 = 5/6; 11-point (6 * 1 + 5 * 2/3) / 11 =
+    28/33. The bird has ground truth and no file: AP 0; every other VOC class has none: left out of the mAP."""
+    voc_root = tmp_path / "VOC2007"
+    write_tiny_voc(voc_root)
+    dets = tmp_path / "results"
+    dets.mkdir()
+    cat = dets / "comp4_det_test_cat.txt"
+    cat.write_text("a 0.9 0 0 10 10\nb 0.8 0 0 7.5 7.5\nb 0.7 1 1 10 10\n")
+    out = tmp_path / "metrics.json"
+    argv = ["--format", "voc", "--voc-root", str(voc_root), "--dets", str(dets), "--json-out", str(out)]
+
+    status, err = run_eval_det(argv, capsys)  # the default still refuses the file, naming the first such line
+    assert status == 1 and len(err) == 1
+    assert err[0].startswith(f"eval_det.py: error: {cat}, line 1: xmin or ymin below 1 in 'a 0.9 0 0 10 10'; ")
+    assert err[0].endswith("(or score the file as the devkit does, unshifted: tools/eval_det.py --as-devkit)")
+    assert not out.exists()
+
+    status, err = run_eval_det([*argv, "--as-devkit"], capsys)
+    assert status == 0 and err == []
+    voc = json.loads(out.read_text())["voc"]
+    assert voc["per_class"]["cat"]["AP_area"] == pytest.approx(5 / 6, abs=1e-12)
+    assert voc["per_class"]["cat"]["AP_07"] == pytest.approx(28 / 33, abs=1e-12)
+    assert voc["per_class"]["bird"] == {"AP_07": 0.0, "AP_area": 0.0}
+    assert voc["mAP_area"] == pytest.approx(5 / 12, abs=1e-12) and voc["mAP_07"] == pytest.approx(14 / 33, abs=1e-12)
+    assert cat.read_text() == "a 0.9 0 0 10 10\nb 0.8 0 0 7.5 7.5\nb 0.7 1 1 10 10\n"
+
+
+def test_as_devkit_says_how_many_lines_looked_zero_based(tmp_path, capsys):
+    voc_root = tmp_path / "VOC2007"
+    write_tiny_voc(voc_root)
+    dets = tmp_path / "results"
+    dets.mkdir()
+    cat = dets / "comp4_det_test_cat.txt"
+    cat.write_text("a 0.9 0 0 10 10\nb 0.8 0 0 7.5 7.5\nb 0.7 1 1 10 10\n")
+    (dets / "comp4_det_test_bird.txt").write_text("b 0.5 50 0.5 60 60\n")
+    capsys.readouterr()
+    assert eval_det.main(["--format", "voc", "--voc-root", str(voc_root), "--dets", str(dets), "--as-devkit"]) == 0
+    printed = capsys.readouterr().out
+    assert (f"3 lines looked 0-based (xmin or ymin below 1), scored unshifted as the devkit scores them; the first: "
+            f"{dets / 'comp4_det_test_bird.txt'}, line 1: 'b 0.5 50 0.5 60 60'") in printed  # bird comes before cat
+    assert re.search(r"^cat\s+84\.85\s+83\.33$", printed, re.MULTILINE), printed
+    # bird (50, 0.5, 60, 60) against (50, 50, 60, 60): area 11 * 60.5 = 665.5, overlap 121, IoU 0.18 -> FP: AP 0
+    assert re.search(r"^bird\s+0\.00\s+0\.00$", printed, re.MULTILINE)
+
+    cat.write_text("b 0.7 1 1 10 10\n")
+    (dets / "comp4_det_test_bird.txt").unlink()
+    assert eval_det.main(["--format", "voc", "--voc-root", str(voc_root), "--dets", str(dets), "--as-devkit"]) == 0
+    assert "No line looked 0-based (xmin or ymin below 1)" in capsys.readouterr().out
