@@ -78,13 +78,21 @@ def read_training_log(path: str | Path) -> list[dict[str, float]]:
 
     Raises:
         FileNotFoundError: no file at `path`.
-        ValueError: the log holds no record, or a line is not a JSON object with an int "iteration" and numbers
-            (the message names the file and the line number).
+        ValueError: the file is not UTF-8 text (a binary file), the log holds no record, or a line is not a JSON
+            object with an int "iteration" and numbers (the message names the file and the line number).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training log not found: {path} (training writes it as OUTPUT_DIR/metrics.jsonl)")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"{path}, line {line}: not UTF-8 text (byte {data[error.start]:#04x} at offset {error.start}), so not a "
+            "training log (training writes OUTPUT_DIR/metrics.jsonl, JSON lines)"
+        ) from None
     lines = text.splitlines()
     records = []
     for number, line in enumerate(lines, start=1):
@@ -245,8 +253,14 @@ def plot_training_log(log: str | Path | Sequence[Mapping[str, Any]], out_dir: st
     """
     records = read_training_log(log) if isinstance(log, (str, Path)) else list(log)
     _new_figure(1, 1)  # fail early, before any file is written, without matplotlib
-    return [plot_curve_group(group, Path(out_dir) / f"{file_stem(stem)}.png")
-            for stem, group in training_curve_groups(records).items()]
+    paths = training_plot_paths(records, out_dir)
+    return [plot_curve_group(group, paths[stem]) for stem, group in training_curve_groups(records).items()]
+
+
+def training_plot_paths(records: Iterable[Mapping[str, Any]], out_dir: str | Path) -> dict[str, Path]:
+    """Where `plot_training_log` writes each group of `training_curve_groups(records)`: file stem -> PNG path in
+    `out_dir` (for checking them against the tool's inputs before anything is drawn)."""
+    return {stem: Path(out_dir) / f"{file_stem(stem)}.png" for stem in training_curve_groups(records)}
 
 
 # -- evaluation ---------------------------------------------------------------------------------------------------

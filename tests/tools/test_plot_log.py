@@ -87,3 +87,66 @@ def test_command_line(run_dir):
     bad = subprocess.run([sys.executable, str(REPO / "tools" / "plot_log.py"), str(run_dir / "missing")],
                          capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode == 1 and bad.stderr.startswith("plot_log.py: error: training log not found")
+
+
+# -- outputs checked before any PNG is written, one line per refusal (issue 21 items 5, 14, 18) ---------------------
+def run_plot_log(argv, capsys) -> tuple[int, list[str]]:
+    """plot_log's exit status and its stderr lines."""
+    capsys.readouterr()
+    status = plot_log.main(argv)
+    return status, capsys.readouterr().err.splitlines()
+
+
+def test_a_binary_file_is_named(tmp_path, capsys):
+    binary = tmp_path / "metrics.jsonl"
+    binary.write_bytes(b'{"iteration": 1}\n\x89PNG\r\n')
+    status, err = run_plot_log([str(tmp_path)], capsys)
+    assert status == 1 and err == [
+        f"plot_log.py: error: {binary}, line 2: not UTF-8 text (byte 0x89 at offset 17), so not a training log "
+        "(training writes OUTPUT_DIR/metrics.jsonl, JSON lines)"
+    ]
+    assert not (tmp_path / "plots").exists()
+
+
+def test_out_that_is_or_lies_under_a_file_is_one_line(run_dir, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    status, err = run_plot_log([str(run_dir), "--out", str(blocker)], capsys)
+    assert status == 1 and err == [f"plot_log.py: error: --out {blocker} is a file, not a folder: give the folder the "
+                                   "PNGs go to"]
+    status, err = run_plot_log([str(run_dir), "--out", str(blocker / "plots")], capsys)
+    assert status == 1 and err == [f"plot_log.py: error: --out {blocker / 'plots'} cannot be created: {blocker} is a "
+                                   "file, not a folder"]
+    assert blocker.read_text() == "x"
+
+
+def test_a_failed_write_names_out(run_dir, tmp_path, capsys, monkeypatch):
+    def disk_full(records, out_dir):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plot_log, "plot_training_log", disk_full)
+    status, err = run_plot_log([str(run_dir), "--out", str(tmp_path / "p")], capsys)
+    assert status == 1 and err == [
+        f"plot_log.py: error: could not write the plots to --out {tmp_path / 'p'}: [Errno 28] No space left on device"
+    ]
+
+
+def test_out_on_the_log_is_refused_and_the_run_folder_is_fine(run_dir, tmp_path, capsys):
+    log = run_dir / TRAIN_LOG_FILE
+    before = log.read_bytes()
+    status, err = run_plot_log([str(run_dir), "--out", str(log)], capsys)
+    assert status == 1 and err == [
+        f"plot_log.py: error: --out {log} is the same path as the input training log {log}: refusing to overwrite it"
+    ]
+    # a PNG that resolves to the log: --out holds a losses.png symlinked to it
+    (tmp_path / "trap").mkdir()
+    (tmp_path / "trap" / "losses.png").symlink_to(log)
+    status, err = run_plot_log([str(run_dir), "--out", str(tmp_path / "trap")], capsys)
+    assert status == 1 and err == [
+        f"plot_log.py: error: plot {tmp_path / 'trap' / 'losses.png'} (= {log}) is the same path as the input "
+        f"training log {log}: refusing to overwrite it"
+    ]
+    assert log.read_bytes() == before and sorted(p.name for p in (tmp_path / "trap").iterdir()) == ["losses.png"]
+    # the run folder itself holds the log, and gets the PNGs beside it
+    assert plot_log.main([str(run_dir), "--out", str(run_dir)]) == 0
+    assert (run_dir / "losses.png").is_file() and log.read_bytes() == before
