@@ -17,19 +17,27 @@ and per video goes to stdout, with a tqdm bar over folders, globs and video fram
 in an OpenCV window (any key: next image; q or Esc: stop showing) where OpenCV has a GUI and there is a display;
 elsewhere it says why and only writes the files.
 Flags may come before or after KEY=VALUE overrides.
+
+Nothing the demo reads is overwritten: before anything is written, `--output`, every annotated file and log.txt
+are resolved (`..` and symlinks followed) and refused, in one line naming both paths, when one is an input image
+or video, lies inside the `--input` folder (or the glob's common folder), holds an input, is `--cfg` or `--ckpt`,
+or is another output (two inputs that would be written to one file). A file that cannot be read or decoded, or
+that the model fails on, stops the demo with one line naming it (the files before it are written).
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
 import os
 import re
 import sys
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import cv2
@@ -41,6 +49,7 @@ from detectron_res.data.build import build_test_mapper, load_dataset
 from detectron_res.data.mapper import read_image_rgb
 from detectron_res.engine.predictor import Predictor
 from detectron_res.engine.runner import default_argument_parser, load_for_inference, parse_args, run_tool, setup
+from detectron_res.utils.paths import check_tool_paths
 from detectron_res.utils.visualize import draw_detections
 
 logger = logging.getLogger("detectron_res.demo")
@@ -85,6 +94,25 @@ def collect_inputs(spec: str) -> tuple[list[Path], Path]:
             raise FileNotFoundError(f"the glob pattern {spec} matches {what}")
         return files, Path(os.path.commonpath([str(p.parent.absolute()) for p in files]))
     raise FileNotFoundError(f"input not found: {spec} (expected an image, a video, a folder or a glob pattern)")
+
+
+def check_paths(
+    *, spec: str, files: Sequence[Path], base: Path, output_dir: Path, targets: Sequence[Path], cfg: str,
+    ckpt: str | None,
+) -> None:
+    """Refuses, before anything is written, an output (the --output folder, an annotated file, log.txt) that is or
+    lies inside an input (an input file; the --input folder or the glob's common folder; --cfg, --ckpt), an
+    --output folder that holds an input image or video, and two outputs on one path (`utils.paths`: resolved, so
+    `..` and symlinks count). --cfg and --ckpt may lie in --output (a training's folder), as long as no annotated
+    file lands on them.
+
+    Raises:
+        PathConflictError: the first conflict, naming both paths.
+    """
+    folder_given = not Path(spec).is_file()  # a folder or a glob: its folder is an input too (re-read next time)
+    outputs = {"--output": output_dir, "annotated file": targets, "log.txt": output_dir / "log.txt"}
+    check_tool_paths(inputs={"--input": [*files, *([base] if folder_given else [])]}, outputs=outputs)
+    check_tool_paths(inputs={"--cfg": cfg, "--ckpt": ckpt}, outputs=outputs, run_folders=["--output"])
 
 
 def output_path(source: Path, base: Path, output_dir: Path) -> Path:
@@ -172,9 +200,68 @@ def build_predictor(cfg, checkpoint: str | None) -> Predictor:
     return Predictor(model, mapper=build_test_mapper(cfg), class_names=class_names)
 
 
+@contextlib.contextmanager
+def native_stderr_captured() -> Iterator[list[str]]:
+    """Collects what C libraries print on file descriptor 2 inside the block (libpng's "libpng error: IHDR: CRC
+    error" for a corrupt header, libjpeg's warnings), which would otherwise add lines to the tool's one-line error;
+    the list holds the text once the block ends."""
+    captured: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read().decode("utf-8", "replace").strip())
+
+
+def read_image(source: Path) -> np.ndarray:
+    """`read_image_rgb` (its errors name the file) with the decoder's own stderr lines logged, or appended to the
+    error, instead of printed."""
+    with native_stderr_captured() as native:
+        try:
+            image = read_image_rgb(source)
+        except ValueError as error:
+            failure = error
+        else:
+            failure = None
+    decoder = " ".join(line.strip() for line in native[0].splitlines() if line.strip())
+    if failure is not None:
+        if decoder:
+            failure.add_note(f"({decoder})")
+        raise failure
+    if decoder:
+        logger.warning("%s: the decoder says: %s", source, decoder)
+    return image
+
+
+def one_line(error: BaseException) -> str:
+    """The message of `error` and its notes on one line."""
+    text = " ".join([str(error), *getattr(error, "__notes__", ())])
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
+
+
+def annotate_file(predictor: Predictor, source: Path, target: Path, score_thr: float, window: Window) -> dict:
+    """`annotate_image` or `annotate_video`; an error on the file (unreadable, empty, corrupt, or the model failing
+    on it) becomes one line that names it."""
+    annotate = annotate_video if is_video(source) else annotate_image
+    try:
+        return annotate(predictor, source, target, score_thr, window)
+    except (ValueError, OSError, RuntimeError) as error:
+        message = one_line(error)
+        if str(source) in message and message == " ".join([str(error), *getattr(error, "__notes__", ())]):
+            raise  # already one line naming the file
+        kind = next(kind for kind in (OSError, ValueError, RuntimeError) if isinstance(error, kind))
+        raise kind(f"{source}: {message}") from error
+
+
 def annotate_image(predictor: Predictor, source: Path, target: Path, score_thr: float, window: Window) -> dict:
     """Detects, draws and writes one image; returns its record (see `main`)."""
-    image = read_image_rgb(source)  # FileNotFoundError / BadImageError name the file
+    image = read_image(source)  # FileNotFoundError / BadImageError name the file
     start = time.perf_counter()
     result = kept(predictor(image), score_thr)
     seconds = time.perf_counter() - start
@@ -261,9 +348,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.output = str(Path(run_dir) / "demo")
     output_dir = Path(args.output)
     targets = [output_path(source, base, output_dir) for source in files]
-    for source, target in zip(files, targets, strict=True):
-        if target.absolute() == source.absolute():
-            raise ValueError(f"--output {output_dir} would overwrite the input {source}; choose another folder")
+    check_paths(spec=args.input, files=files, base=base, output_dir=output_dir, targets=targets, cfg=args.cfg,
+                ckpt=args.ckpt)
 
     cfg = setup(args, config_file=None)  # logs to --output/log.txt
     overrides = [f"OUTPUT_DIR={json.dumps(str(run_dir))}"]  # without --ckpt, the model loads its newest checkpoint
@@ -285,8 +371,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         pairs = list(zip(files, targets, strict=True))
         progress = tqdm(pairs, desc="demo", unit="file") if len(pairs) > 1 else pairs
         for source, target in progress:
-            annotate = annotate_video if is_video(source) else annotate_image
-            records.append(annotate(predictor, source, target, args.score_thr, window))
+            records.append(annotate_file(predictor, source, target, args.score_thr, window))
     finally:
         window.close()
     logger.info("Wrote %d annotated file(s) to %s", len(records), output_dir)

@@ -206,7 +206,7 @@ def test_bad_inputs_name_the_path(tiny, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=re.escape(f"no images or videos in the folder {tmp_path / 'empty'}")):
         run_demo(checkpoint, tmp_path / "empty", tmp_path / "out")
-    with pytest.raises(ValueError, match="would overwrite the input"):
+    with pytest.raises(ValueError, match=re.escape(f"--output {val} is the same path as the input --input {val}: ")):
         run_demo(checkpoint, val, val)
 
     (tmp_path / "bad").mkdir()
@@ -232,3 +232,122 @@ def test_show_without_a_display_says_why_and_still_writes(tiny, tmp_path, monkey
     (record,) = run_demo(checkpoint, sorted(val.iterdir())[0], tmp_path / "out", "--show")
     assert Path(record["output"]).is_file()
     assert f"--show: {problem}" in (tmp_path / "out" / "log.txt").read_text()
+
+
+# -- outputs never land on inputs; per-file failures name the file in one line (issue 21 items 5 and 13) -----------
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+def test_outputs_that_alias_an_input_are_refused_before_anything_is_written(tiny, tmp_path):
+    checkpoint, val = tiny
+    images = tmp_path / "images"
+    shutil.copytree(val, images)
+    before = file_bytes(images)
+    (tmp_path / "link_to_images").symlink_to(images)
+    (tmp_path / "out").mkdir()
+    shutil.copy(min(val.iterdir()), tmp_path / "out" / "earlier.png")  # an image already in the output folder
+    out_before = file_bytes(tmp_path / "out")
+    (tmp_path / "link_to_out").symlink_to(tmp_path / "out")
+    first = min(images.iterdir())
+    (tmp_path / "trap").mkdir()
+    (tmp_path / "trap" / first.name).symlink_to(first)  # an annotated file that would be written through to the input
+    cases = [
+        (images, images / ".." / "images",
+         f"--output {images / '..' / 'images'} (= {images}) is the same path as the input --input {images}: "
+         "refusing to overwrite it"),
+        (images, tmp_path / "link_to_images",
+         f"--output {tmp_path / 'link_to_images'} (= {images}) is the same path as the input --input {images}: "
+         "refusing to overwrite it"),
+        (tmp_path / "link_to_out", tmp_path / "out",  # the input is a symlink to the output folder
+         f"--output {tmp_path / 'out'} is the same path as the input --input {tmp_path / 'link_to_out'} (= "
+         f"{tmp_path / 'out'}): refusing to overwrite it"),
+        (images, images / "annotated",
+         f"--output {images / 'annotated'} lies inside the input --input {images}: refusing to write there"),
+        (first, tmp_path / "trap",
+         f"annotated file {tmp_path / 'trap' / first.name} (= {first}) is the same path as the input --input "
+         f"{first}: refusing to overwrite it"),
+        (first, checkpoint,
+         f"--output {checkpoint} is the same path as the input --ckpt {checkpoint}: refusing to overwrite it"),
+    ]
+    for input_spec, output, message in cases:
+        with pytest.raises(ValueError) as caught:
+            run_demo(checkpoint, input_spec, output)
+        assert str(caught.value) == message
+    assert file_bytes(images) == before
+    assert file_bytes(tmp_path / "out") == out_before and [p.name for p in (tmp_path / "trap").iterdir()] == [first.name]
+    assert not (images / "annotated").exists() and not (images / "log.txt").exists()
+
+
+def test_two_inputs_written_to_one_file_are_refused(tiny, tmp_path):
+    checkpoint, _ = tiny
+    (tmp_path / "clips").mkdir()
+    for name in ("clip.mp4", "clip.wmv"):  # a .wmv is written as .mp4: both would become out/clip.mp4
+        (tmp_path / "clips" / name).write_bytes(b"not read: refused before")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as caught:
+        run_demo(checkpoint, tmp_path / "clips", out)
+    assert str(caught.value) == (f"annotated file {out / 'clip.mp4'} and annotated file {out / 'clip.mp4'} are the same "
+                                 "path: one output would overwrite the other")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("height, width", [(4, 6000), (6000, 3)])
+def test_images_of_extreme_aspect_ratio(tiny, tmp_path, height, width):
+    """At the test size 128 (MAX_SIZE_TEST 128) the short side rounds to 0.085 or 0.064 px: it keeps 1 px, and the
+    model runs on a 1 x 128 (128 x 1) image; the annotated copy has the input's size."""
+    checkpoint, _ = tiny
+    image = np.random.default_rng(0).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    source = tmp_path / f"extreme_{height}x{width}.png"
+    cv2.imwrite(str(source), image)
+    (record,) = run_demo(checkpoint, source, tmp_path / "out", "--score-thr", "0")
+    written = cv2.imread(record["output"])
+    assert written.shape == (height, width, 3)
+    assert record["kind"] == "image" and len(record["detections"]["boxes"]) > 0
+
+
+def demo_failure(checkpoint, input_spec, output, capfd) -> list[str]:
+    """The demo run through the command line's wrapper: exit status 1 and the lines it printed on stderr (file
+    descriptor 2, so a C library's own lines count), each without the program name run_tool puts first."""
+    argv = ["--cfg", CONFIG, "--ckpt", str(checkpoint), "--input", str(input_spec), "--output", str(output),
+            *TEST_OVERRIDES]
+    capfd.readouterr()
+    assert run_tool(demo.main, argv) == 1
+    return [line.split(": ", 1)[1] if ": error: " in line else line for line in capfd.readouterr().err.splitlines()]
+
+
+def test_a_file_that_fails_is_named_in_one_line(tiny, tmp_path, capfd):
+    checkpoint, val = tiny
+    _, png = cv2.imencode(".png", np.zeros((50, 60, 3), dtype=np.uint8))
+    header = bytearray(png.tobytes())
+    header[16:24] = b"\xff" * 8  # width and height of the IHDR chunk: its CRC no longer matches
+    corrupt = tmp_path / "corrupt_header.png"
+    corrupt.write_bytes(bytes(header))
+    assert demo_failure(checkpoint, corrupt, tmp_path / "out", capfd) == [
+        f"error: corrupt or unsupported image: {corrupt} (libpng error: IHDR: CRC error)"
+    ]
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    assert demo_failure(checkpoint, empty, tmp_path / "out", capfd) == [
+        f"error: corrupt or unsupported image: {empty}"
+    ]
+    if Path("/proc/self/mem").is_file():  # a file whose read fails: OSError [Errno 5] without a file name
+        unreadable = tmp_path / "unreadable.png"
+        unreadable.symlink_to("/proc/self/mem")
+        assert demo_failure(checkpoint, unreadable, tmp_path / "out", capfd) == [
+            f"error: {unreadable}: [Errno 5] Input/output error"
+        ]
+
+
+def test_a_model_failure_names_the_file_in_one_line(tiny, tmp_path, monkeypatch):
+    checkpoint, val = tiny
+    source = min(val.iterdir())
+
+    def fails(self, image):
+        raise RuntimeError("1 validation error for InitSchema\nheight\n  Input should be greater than or equal to 1")
+
+    monkeypatch.setattr(demo.Predictor, "__call__", fails)
+    with pytest.raises(RuntimeError) as caught:
+        run_demo(checkpoint, source, tmp_path / "out")
+    assert str(caught.value) == (f"{source}: 1 validation error for InitSchema height Input should be greater than or "
+                                 "equal to 1")
