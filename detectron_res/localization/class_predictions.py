@@ -21,7 +21,7 @@ import torch
 import torchvision
 from torchvision.transforms.v2 import functional as F
 
-from ..data.datasets.imagenet_loc import read_loc_solution
+from ..data.datasets.imagenet_loc import read_loc_solution, read_text_file
 
 __all__ = ["TorchvisionClassifier", "oracle_classes", "read_class_predictions"]
 
@@ -101,9 +101,10 @@ def read_class_predictions(
     form-(a) file may hold more images; they are left out); without it, every image of the file in file order.
 
     Raises:
-        ValueError naming the file and line: an unknown wnid, a label outside 1..len(wnids), a token that is
-        neither, a repeated image id, an image of ``image_ids`` missing from a form-(a) file (the first one, with
-        its position), a form-(b) file whose line count differs from ``len(image_ids)``.
+        ValueError naming the file and line: not UTF-8 text, an image id without classes (a line or CSV row with
+        the id alone: its submission line would be empty), an unknown wnid, a label outside 1..len(wnids), a token
+        that is neither, a repeated image id, an image of ``image_ids`` missing from a form-(a) file (the first one,
+        with its position), a form-(b) file whose line count differs from ``len(image_ids)``.
     """
     index = {wnid: number for number, wnid in enumerate(wnids)}
     if len(index) != len(wnids):
@@ -117,8 +118,8 @@ def read_class_predictions(
                 raise ValueError(f"image_ids: {image_id!r} at positions {positions[image_id]} and {position}")
             positions[image_id] = position
 
-    with open(path, encoding="utf-8") as f:
-        lines = [line.replace(",", " ").split() for line in f.read().splitlines()]
+    text = read_text_file(path, what="a file of class predictions (docs/localization.md)")
+    lines = [line.replace(",", " ").split() for line in text.splitlines()]
     lines = [[token.strip('"') for token in tokens] for tokens in lines]
     data = [(number, tokens) for number, tokens in enumerate(lines, start=1) if tokens]
     header = bool(data) and data[0][1][0].lower() == "imageid"
@@ -149,6 +150,8 @@ def read_class_predictions(
             raise ValueError(f"{where}: starts with the class {tokens[0]!r} where an image id is expected")
         found_at[image_id] = number
         predictions[image_id] = _line_classes(tokens[1:], index=index, where=where, groups=header)
+        if not predictions[image_id]:  # its submission line would be empty: every guess of the image wrong
+            raise ValueError(f"{where}: image {image_id!r} has no classes (a line is 'IMAGE_ID c1 ... c5')")
     if wanted is None:
         return predictions
     missing = [(position, i) for position, i in enumerate(wanted) if i not in predictions]

@@ -11,8 +11,9 @@ Two forms are written, both atomically (`detectron_res.utils.io.atomic_write_tex
                      1-based in synset-mapping order (read by `detectron_res.evaluation.imagenet_loc`); an image
                      without guesses is an empty line
     submission.csv   ``ImageId,PredictionString``, the string holding groups ``wnid x1 y1 x2 y2`` (the form of
-                     ``LOC_*_solution.csv``, read back by ``read_loc_solution``); an image without guesses has an
-                     empty PredictionString, which ``read_loc_solution`` (a ground-truth reader) refuses
+                     ``LOC_*_solution.csv``, read back by ``read_submission_csv`` and scored by
+                     ``evaluate_submission_file``); an image without guesses has an empty PredictionString, which
+                     ``read_loc_solution`` (a ground-truth reader) and ``read_class_predictions`` refuse
 """
 
 from __future__ import annotations
@@ -132,8 +133,9 @@ def write_submission_csv(
     """Writes the CSV form ``ImageId,PredictionString`` atomically: a header, then one row per image in the given
     order, ``image_ids[i]`` with the groups ``wnid x1 y1 x2 y2`` of ``lines[i] = (labels, boxes)`` (labels 1-based
     into ``wnids``, boxes inclusive integer pixels, at most 5), single spaces between values. The file reads back
-    with ``read_loc_solution(path, wnids)`` (and with ``read_class_predictions``), except that an image without
-    guesses gets an empty PredictionString, which ``read_loc_solution`` refuses.
+    with ``read_submission_csv(path, wnids=wnids)``, and with ``read_loc_solution(path, wnids)`` and
+    ``read_class_predictions``, except that an image without guesses gets an empty PredictionString, which those
+    two refuse.
 
     Raises:
         ValueError: ``image_ids`` and ``lines`` of different lengths, an empty or repeated image id, and the errors

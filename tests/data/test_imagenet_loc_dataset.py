@@ -68,3 +68,25 @@ def test_catalog_names_read_the_kaggle_layout(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match=r"imagenet_loc_train.*LOC_train_solution\.csv"):
         get_dataset("imagenet_loc_train", root=tmp_path)
     assert np.isclose(dataset.records[0]["annotations"][0]["bbox"][2], 9.0)
+
+
+def test_an_image_on_two_rows_of_the_csv_is_refused_for_training_and_a_bom_is_read(tmp_path: Path):
+    """Issue 21, item 8: with an image on two rows the last one won, so the image trained without its first box."""
+    synsets = tmp_path / "LOC_synset_mapping.txt"
+    synsets.write_text("n001 cat\nn002 dog\n")
+    (tmp_path / "train" / "n001").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 20, 20)).save(tmp_path / "train" / "n001" / "n001_1.JPEG", quality=95)
+    csv_file = tmp_path / "LOC_train_solution.csv"
+    csv_file.write_text("ImageId,PredictionString\nn001_1,n001 0 0 9 9 \nn001_1,n001 20 10 29 19 \n")
+    with pytest.raises(ValueError) as info:
+        load_imagenet_loc_csv(csv_file, tmp_path / "train", synsets)
+    assert str(info.value) == (
+        f"{csv_file}: 1 image id on several rows: 'n001_1' (lines 2, 3); one row per image, with all its boxes in one "
+        "PredictionString"
+    )
+    # the same boxes on one row, saved with a UTF-8 byte-order mark: both boxes kept
+    csv_file.write_bytes(b"\xef\xbb\xbfImageId,PredictionString\r\nn001_1,n001 0 0 9 9 n001 20 10 29 19\r\n")
+    synsets.write_bytes(b"\xef\xbb\xbfn001 cat\r\nn002 dog\r\n")
+    dataset = load_imagenet_loc_csv(csv_file, tmp_path / "train", synsets)
+    assert dataset.extra["wnids"] == ["n001", "n002"] and dataset.class_names == ["cat", "dog"]
+    assert [a["bbox"] for a in dataset.records[0]["annotations"]] == [[0.0, 0.0, 10.0, 10.0], [20.0, 10.0, 30.0, 20.0]]

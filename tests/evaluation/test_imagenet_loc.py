@@ -188,7 +188,7 @@ def test_localize_tool_errors_are_one_line_and_missing_flags_are_named(tmp_path,
     assert code == 1
     assert capsys.readouterr().err == (
         f"localize.py: error: {submission}, line 2: group 1 has label '0'; labels are the integers 1..3 of the synset "
-        "mapping, boxes finite numbers\n"
+        "mapping\n"
     )
     with pytest.raises(SystemExit) as exit_info:
         localize.main(["--submission", str(submission)])
@@ -196,3 +196,173 @@ def test_localize_tool_errors_are_one_line_and_missing_flags_are_named(tmp_path,
     with pytest.raises(SystemExit):
         localize.main(["--evaluate", "--submission", str(submission)])
     assert "--evaluate needs --gt, --synsets" in capsys.readouterr().err
+
+
+def test_a_ground_truth_with_an_image_on_several_rows_is_refused_naming_the_ids(tmp_path):
+    """Issue 21, item 8: the last row of an image used to win without a word (the image lost its other boxes)."""
+    synsets, gt = write_small_files(tmp_path)
+    gt.write_text(
+        "ImageId,PredictionString\nimg_a,n001 0 0 9 9 \nimg_b,n002 10 10 49 49 \nimg_a,n003 5 5 20 20 \n"
+        "img_b,n002 1 1 2 2 \nimg_a,n001 3 3 4 4 \n"
+    )
+    with pytest.raises(ValueError) as info:
+        read_loc_solution(gt, read_synsets(synsets))
+    assert str(info.value) == (
+        f"{gt}: 2 image ids on several rows: 'img_a' (lines 2, 4, 6), 'img_b' (lines 3, 5); one row per image, with "
+        "all its boxes in one PredictionString"
+    )
+
+
+def test_an_image_list_naming_an_image_twice_is_refused(tmp_path):
+    """Issue 21, item 9: a repeated id was scored twice, the other image never, its line judged against the wrong
+    truth."""
+    synsets, gt = write_small_files(tmp_path)
+    submission = tmp_path / "sub.txt"
+    submission.write_text("1 0 0 9 9\n1 0 0 9 9\n")
+    image_list = tmp_path / "images.txt"
+    image_list.write_text("img_a\n\nimg_a.JPEG\n")
+    with pytest.raises(ValueError) as info:
+        evaluate_submission_file(submission, ground_truth=gt, synsets=synsets, image_list=image_list)
+    assert str(info.value) == f"{image_list}, line 3: image 'img_a' is already on line 1"
+
+
+def test_nothing_to_score_is_an_error_not_nan(tmp_path, capsys):
+    """Issue 21, item 10: an empty image list with an empty submission printed "nan %" and exited 0."""
+    synsets, gt = write_small_files(tmp_path)
+    submission = tmp_path / "sub.txt"
+    submission.write_text("")
+    image_list = tmp_path / "images.txt"
+    for text in ("", "\n  \n"):
+        image_list.write_text(text)
+        with pytest.raises(ValueError) as info:
+            evaluate_submission_file(submission, ground_truth=gt, synsets=synsets, image_list=image_list)
+        assert str(info.value) == f"{image_list}: no image ids: there is nothing to score"
+    header_only = tmp_path / "header_only.csv"
+    header_only.write_text("ImageId,PredictionString\n")
+    with pytest.raises(ValueError) as info:
+        evaluate_submission_file(submission, ground_truth=header_only, synsets=synsets)
+    assert str(info.value) == f"{header_only}: no images: there is nothing to score"
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import localize
+
+    code = localize.main(["--evaluate", "--submission", str(submission), "--gt", str(gt), "--synsets", str(synsets),
+                          "--image-list", str(image_list)])
+    captured = capsys.readouterr()
+    assert code == 1 and "nan" not in captured.out
+    assert captured.err == f"localize.py: error: {image_list}: no image ids: there is nothing to score\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("1 nan 0 9 9\n2 10 10 49 49\n", "line 1: group 1 has the box coordinate 'nan'; box coordinates are finite"),
+        ("1 0 0 9 9 3 5 5 inf 20\n2 10 10 49 49\n", "line 1: group 2 has the box coordinate 'inf'; box coordinates"),
+        ("1 0 0 9 9\n2 10 10 49 -Infinity\n", "line 2: group 1 has the box coordinate '-Infinity'; box coordinates"),
+        ("nan 0 0 9 9\n2 10 10 49 49\n", "line 1: group 1 has label 'nan'; labels are the integers 1..3"),
+    ],
+)
+def test_a_non_finite_box_is_blamed_on_its_coordinate_not_its_label(tmp_path, content, message):
+    """Issue 21, item 18: a NaN or infinite coordinate was reported as "group 1 has label '1'"."""
+    synsets, gt = write_small_files(tmp_path)
+    submission = tmp_path / "sub.txt"
+    submission.write_text(content)
+    with pytest.raises(ValueError) as info:
+        evaluate_submission_file(submission, ground_truth=gt, synsets=synsets)
+    assert str(info.value).startswith(f"{submission}, {message}")
+
+
+BINARY = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"  # the start of a PNG file: 0x89 is not UTF-8
+
+
+@pytest.mark.parametrize(
+    ("which", "expected"),
+    [
+        ("submission", "a submission file (lines of 'label x1 y1 x2 y2' groups)"),
+        ("gt", "a CSV 'ImageId,PredictionString' ground truth (LOC_*_solution.csv)"),
+        ("synsets", "a synset mapping"),
+        ("image_list", "an image list (one image id a line)"),
+    ],
+)
+def test_a_binary_file_is_named_with_what_it_should_be(tmp_path, which, expected):
+    """Issue 21, item 18: "'utf-8' codec can't decode byte 0x89 in position 0" named no file."""
+    synsets, gt = write_small_files(tmp_path)
+    paths = {"synsets": synsets, "gt": gt, "submission": tmp_path / "sub.txt", "image_list": tmp_path / "images.txt"}
+    paths["submission"].write_text("1 0 0 9 9 3 5 5 20 20\n2 10 10 49 49\n")
+    paths["image_list"].write_text("img_a\nimg_b\n")
+    paths[which] = tmp_path / "binary.png"
+    paths[which].write_bytes(BINARY)
+    with pytest.raises(ValueError) as info:
+        evaluate_submission_file(paths["submission"], ground_truth=paths["gt"], synsets=paths["synsets"],
+                                 image_list=paths["image_list"])
+    assert str(info.value) == f"{paths[which]}: not a UTF-8 text file (byte 0x89 at offset 0); expected {expected}"
+
+
+def test_files_with_a_utf8_byte_order_mark_read_as_without(tmp_path):
+    """Issue 21, item 18: a ground truth saved with a BOM (as spreadsheet programs do) was refused for its header."""
+    synsets, gt = write_small_files(tmp_path)
+    submission = tmp_path / "sub.txt"
+    submission.write_text("1 0 0 9 9 3 5 5 20 20\n2 10 10 49 49\n")
+    image_list = tmp_path / "images.txt"
+    image_list.write_text("img_a\nimg_b\n")
+    expected = {"top1_loc_err": 0.25, "top5_loc_err": 0.0, "top5_cls_err": 0.0, "num_images": 2}
+    for path in (gt, synsets, submission, image_list):
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert read_synsets(synsets) == ["n001", "n002", "n003"]
+    assert sorted(read_loc_solution(gt, ["n001", "n002", "n003"])) == ["img_a", "img_b"]
+    metrics = evaluate_submission_file(submission, ground_truth=gt, synsets=synsets, image_list=image_list)
+    assert metrics["loc"] == expected
+
+
+def test_the_csv_form_of_a_submission_is_scored_like_the_text_form(tmp_path, capsys):
+    """Issue 21, item 18: localize.py's own --csv-out given to --evaluate was read as a text submission ("3 lines,
+    but there are 2 images")."""
+    from detectron_res.localization.submission import write_submission_csv
+
+    synsets, gt = write_small_files(tmp_path)
+    wnids = read_synsets(synsets)
+    csv_submission = tmp_path / "sub.csv"
+    guesses = [
+        (np.array([2]), np.array([[10, 10, 49, 49]])),
+        (np.array([1, 3]), np.array([[0, 0, 9, 9], [5, 5, 20, 20]])),
+    ]
+    write_submission_csv(csv_submission, ["img_b", "img_a"], guesses, wnids=wnids)
+    expected = {"top1_loc_err": 0.25, "top5_loc_err": 0.0, "top5_cls_err": 0.0, "num_images": 2}
+    assert evaluate_submission_file(csv_submission, ground_truth=gt, synsets=synsets)["loc"] == expected
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import localize
+
+    assert localize.main(["--evaluate", "--submission", str(csv_submission), "--gt", str(gt), "--synsets",
+                          str(synsets)]) == 0
+    assert "top-1 localization error      25.00 %" in capsys.readouterr().out
+    # a subset: the rows of the image list's images, each exactly once
+    image_list = tmp_path / "images.txt"
+    image_list.write_text("img_b\n")
+    write_submission_csv(csv_submission, ["img_b"], guesses[:1], wnids=wnids)
+    assert evaluate_submission_file(csv_submission, ground_truth=gt, synsets=synsets, image_list=image_list)["loc"] == {
+        "top1_loc_err": 0.0, "top5_loc_err": 0.0, "top5_cls_err": 0.0, "num_images": 1}
+    with pytest.raises(ValueError) as info:
+        evaluate_submission_file(csv_submission, ground_truth=gt, synsets=synsets)
+    assert str(info.value) == (
+        f"{csv_submission}: no row for image 'img_a' (1 of the 2 images of the ground truth {gt} lack one); to score "
+        "a subset, pass its ids with --image-list"
+    )
+    image_list.write_text("img_a\n")
+    with pytest.raises(ValueError) as info:
+        evaluate_submission_file(csv_submission, ground_truth=gt, synsets=synsets, image_list=image_list)
+    assert str(info.value) == f"{csv_submission}: no row for image 'img_a' (1 of the 1 images of {image_list} lack one)"
+    csv_submission.write_text("ImageId,PredictionString\nimg_a,n001 0 0 9 9\nimg_b,\nimg_a,n002 1 1 2 2\n")
+    with pytest.raises(ValueError) as info:
+        evaluate_submission_file(csv_submission, ground_truth=gt, synsets=synsets)
+    assert str(info.value) == f"{csv_submission}, line 4: image 'img_a' already on line 2"
+    csv_submission.write_text("ImageId,PredictionString\nimg_a,n001 0 0 nan 9\nimg_b,\n")
+    with pytest.raises(ValueError) as info:
+        evaluate_submission_file(csv_submission, ground_truth=gt, synsets=synsets)
+    assert str(info.value) == (
+        f"{csv_submission}, line 2: group 1 has the box coordinate 'nan'; box coordinates are finite numbers"
+    )
+    csv_submission.write_text("ImageId,PredictionString\nimg_a,n001 0 0 9 9\nimg_b,\nimg_c,n002 1 1 2 2\n")
+    with pytest.raises(ValueError) as info:
+        evaluate_submission_file(csv_submission, ground_truth=gt, synsets=synsets)
+    assert str(info.value) == f"{csv_submission}: image 'img_c' is not in the ground truth {gt} (1 such row)"

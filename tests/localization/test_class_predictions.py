@@ -25,13 +25,11 @@ def test_ids_with_labels_and_wnids_separated_by_spaces(tmp_path):
         tmp_path,
         "ILSVRC2012_val_00000001.JPEG 3 n01443537 7 1 4 5\n"  # six classes: the first five kept
         "\n"  # blank lines are skipped
-        "ILSVRC2012_val_00000002 n01498041   5\n"
-        "ILSVRC2012_val_00000003\n",  # no classes
+        "ILSVRC2012_val_00000002 n01498041   5\n",
     )
     assert read_class_predictions(path, wnids=WNIDS) == {
         "ILSVRC2012_val_00000001": [2, 1, 6, 0, 3],
         "ILSVRC2012_val_00000002": [6, 4],
-        "ILSVRC2012_val_00000003": [],
     }
 
 
@@ -106,6 +104,10 @@ def test_the_devkit_form_of_labels_only_line_i_for_image_i(tmp_path):
         ("1 2\n3 9\n", ["a", "b"], r"line 2: label 9 is outside 1\.\.7"),
         ("1 2\n\n3 4\n", ["a", "b", "c"], r"line 2: an empty line in a file of classes \(.* image 'b'\)"),
         ("a 1\n", ["a", "b.JPEG", "b"], r"image_ids: 'b' at positions 1 and 2"),
+        # an id without classes would give its image an empty submission line (issue 21, item 11)
+        ("img1 1\nimg2\n", None, r"line 2: image 'img2' has no classes \(a line is 'IMAGE_ID c1 \.\.\. c5'\)$"),
+        ("ImageId,PredictionString\nimg1,\n", None, r"line 2: image 'img1' has no classes"),
+        ("img1 1\nimg2 , ,\n", ["img1", "img2"], r"line 2: image 'img2' has no classes"),
     ],
 )
 def test_errors_name_the_file_and_line(tmp_path, text, image_ids, message):

@@ -14,6 +14,7 @@ from detectron_res.evaluation.imagenet_loc import (
     evaluate_submission_file,
     read_loc_solution,
     read_submission,
+    read_submission_csv,
     read_synsets,
 )
 from detectron_res.localization.class_predictions import read_class_predictions
@@ -162,10 +163,16 @@ def test_the_csv_form_with_an_image_without_guesses_and_its_errors(tmp_path):
     lines = [(np.array([2]), np.array([[1, 2, 3, 4]])), (np.zeros(0, dtype=int), np.zeros((0, 4), dtype=int))]
     write_submission_csv(path, ["a", "b"], lines, wnids=WNIDS)
     assert path.read_text() == "ImageId,PredictionString\na,n01443537 1 2 3 4\nb,\n"
-    # the ground-truth reader wants a box on every row; the class reader takes the empty row as no classes
+    # the ground-truth reader wants a box on every row, and so does the class reader (an image without classes
+    # would get an empty submission line); the submission reader takes the empty row as no guesses
     with pytest.raises(ValueError, match="line 3: expected groups of 'wnid x1 y1 x2 y2'"):
         read_loc_solution(path, WNIDS)
-    assert read_class_predictions(path, wnids=WNIDS) == {"a": [1], "b": []}
+    with pytest.raises(ValueError, match="line 3: image 'b' has no classes"):
+        read_class_predictions(path, wnids=WNIDS)
+    guesses = read_submission_csv(path, wnids=WNIDS)
+    assert list(guesses) == ["a", "b"]
+    assert guesses["a"][0].tolist() == [2] and guesses["a"][1].tolist() == [[1, 2, 3, 4]]
+    assert guesses["b"][0].shape == (0,) and guesses["b"][1].shape == (0, 4)
 
     with pytest.raises(ValueError, match="2 image ids but 1 lines"):
         write_submission_csv(tmp_path / "x.csv", ["a", "b"], lines[:1], wnids=WNIDS)

@@ -14,6 +14,7 @@ The boxes of the CSV (as of the ImageNet XMLs) are inclusive 0-based pixel indic
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -37,45 +38,84 @@ class LocGroundTruth:
     boxes: np.ndarray  # (M, 4) float64
 
 
+def read_text_file(path: str | os.PathLike, *, what: str) -> str:
+    """The text of a UTF-8 file (a byte-order mark at its start is dropped, as spreadsheet programs write one),
+    line endings as in the file.
+
+    Raises:
+        ValueError naming the file and `what` it should be (e.g. "a submission file"): bytes that are not UTF-8, as
+        in a binary file.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: not a UTF-8 text file (byte 0x{data[error.start]:02x} at offset {error.start}); expected {what}"
+        ) from None
+
+
 def read_synsets(path: str | os.PathLike) -> list[str]:
     """The wnids of LOC_synset_mapping.txt in file order: label i (1-based) is entry i - 1."""
     wnids = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            fields = line.split(maxsplit=1)
-            if not fields:
-                raise ValueError(f"{path}, line {number}: empty line in a synset mapping")
-            wnids.append(fields[0])
+    for number, line in enumerate(read_text_file(path, what="a synset mapping").splitlines(), start=1):
+        fields = line.split(maxsplit=1)
+        if not fields:
+            raise ValueError(f"{path}, line {number}: empty line in a synset mapping")
+        wnids.append(fields[0])
     if len(set(wnids)) != len(wnids):
         raise ValueError(f"{path}: a wnid appears twice")
     return wnids
 
 
 def read_loc_solution(path: str | os.PathLike, synsets: list[str]) -> dict[str, LocGroundTruth]:
-    """The ground truth of a LOC_*_solution.csv, by image id, labels numbered as in `synsets`."""
+    """The ground truth of a LOC_*_solution.csv, by image id, labels numbered as in `synsets`. A UTF-8 byte-order
+    mark is allowed; each image has one row, holding all its boxes.
+
+    Raises:
+        ValueError naming the file (and line): not UTF-8 text, a wrong header, a malformed row, an unknown wnid, an
+        image id on several rows (which ids: one of them would silently lose the other's boxes).
+    """
     index = {wnid: number for number, wnid in enumerate(synsets, start=1)}
     truth = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = csv.reader(f)
-        header = next(rows, None)
-        if header != ["ImageId", "PredictionString"]:
-            raise ValueError(f"{path}, line 1: expected the header 'ImageId,PredictionString', got {header!r}")
-        for number, row in enumerate(rows, start=2):
-            if len(row) != 2:
-                raise ValueError(f"{path}, line {number}: expected 'ImageId,PredictionString', got {row!r}")
-            tokens = row[1].split()
-            if not tokens or len(tokens) % 5:
-                raise ValueError(f"{path}, line {number}: expected groups of 'wnid x1 y1 x2 y2', got {row[1]!r}")
-            groups = [tokens[i : i + 5] for i in range(0, len(tokens), 5)]
-            unknown = [g[0] for g in groups if g[0] not in index]
-            if unknown:
-                raise ValueError(f"{path}, line {number}: wnid {unknown[0]!r} is not in the synset mapping")
-            try:
-                boxes = np.array([[float(v) for v in g[1:]] for g in groups], dtype=np.float64)
-            except ValueError:
-                raise ValueError(f"{path}, line {number}: a box coordinate is not a number: {row[1]!r}") from None
-            labels = np.array([index[g[0]] for g in groups], dtype=np.int64)
-            truth[row[0]] = LocGroundTruth(labels=labels, boxes=boxes)
+    first_line: dict[str, int] = {}
+    repeated: dict[str, list[int]] = {}
+    text = read_text_file(path, what="a CSV 'ImageId,PredictionString' ground truth (LOC_*_solution.csv)")
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as error:
+        raise ValueError(f"{path}: not a readable CSV file ({error})") from None
+    header = rows[0] if rows else None
+    if header != ["ImageId", "PredictionString"]:
+        raise ValueError(f"{path}, line 1: expected the header 'ImageId,PredictionString', got {header!r}")
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) != 2:
+            raise ValueError(f"{path}, line {number}: expected 'ImageId,PredictionString', got {row!r}")
+        tokens = row[1].split()
+        if not tokens or len(tokens) % 5:
+            raise ValueError(f"{path}, line {number}: expected groups of 'wnid x1 y1 x2 y2', got {row[1]!r}")
+        groups = [tokens[i : i + 5] for i in range(0, len(tokens), 5)]
+        unknown = [g[0] for g in groups if g[0] not in index]
+        if unknown:
+            raise ValueError(f"{path}, line {number}: wnid {unknown[0]!r} is not in the synset mapping")
+        try:
+            boxes = np.array([[float(v) for v in g[1:]] for g in groups], dtype=np.float64)
+        except ValueError:
+            raise ValueError(f"{path}, line {number}: a box coordinate is not a number: {row[1]!r}") from None
+        labels = np.array([index[g[0]] for g in groups], dtype=np.int64)
+        if row[0] in first_line:
+            repeated.setdefault(row[0], [first_line[row[0]]]).append(number)
+            continue
+        first_line[row[0]] = number
+        truth[row[0]] = LocGroundTruth(labels=labels, boxes=boxes)
+    if repeated:
+        shown = [f"{i!r} (lines {', '.join(map(str, lines))})" for i, lines in list(repeated.items())[:3]]
+        more = f" and {len(repeated) - 3} more" if len(repeated) > 3 else ""
+        raise ValueError(
+            f"{path}: {len(repeated)} image id{'s' if len(repeated) > 1 else ''} on several rows: {', '.join(shown)}"
+            f"{more}; one row per image, with all its boxes in one PredictionString"
+        )
     return truth
 
 
@@ -83,10 +123,9 @@ def read_synset_names(path: str | os.PathLike) -> list[str]:
     """The first name of each class of LOC_synset_mapping.txt (``tench`` for ``n01440764 tench, Tinca tinca``),
     the wnid where a line has no name."""
     names = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            fields = line.split(maxsplit=1)
-            names.append(fields[1].split(",")[0].strip() if len(fields) > 1 else fields[0])
+    for line in read_text_file(path, what="a synset mapping").splitlines():
+        fields = line.split(maxsplit=1)
+        names.append(fields[1].split(",")[0].strip() if len(fields) > 1 else fields[0])
     return names
 
 
