@@ -26,6 +26,7 @@ from ..modeling.build import check_weight_settings, compile_for_inference, resol
 from ..utils import comm, remove_orphaned_temporary_files
 from ..utils.malloc import keep_freed_memory
 from ..utils.paths import RunFolderLock, check_tool_paths
+from ..utils.signals import interruption_exit_status, interruption_name, sigterm_raises
 from .checkpoint import Checkpointer, unwrap_model
 from .events import ConsoleWriter, JSONWriter, TensorboardWriter
 from .hooks import EvalHook, IterationTimer, LRScheduler, PeriodicCheckpointer, PeriodicWriter
@@ -197,7 +198,9 @@ def run_tool(main: Callable[[list[str]], object], argv: Sequence[str]) -> int:
     """Runs a tool's `main(argv)`; an error it stops on (bad config, missing file, unreadable image, diverged
     training, a dead data-loading worker, a failed rank, ...) prints one line to stderr and returns 1, and its
     traceback goes to the output folder's log.txt when logging to one had started. Other exceptions (bugs)
-    propagate with their traceback.
+    propagate with their traceback. Ctrl-C and SIGTERM (`utils.signals.sigterm_raises`) unwind the tool, so that its
+    data-loading workers are stopped, and print one line (for training: the newest checkpoint and how to resume);
+    the exit status is 130 or 143, as a shell reports those signals.
 
     In a distributed job the line names the rank, and the error also goes to the error file of torchrun's agent
     (TORCHELASTIC_ERROR_FILE, as `torch.distributed.elastic`'s `@record` writes it), so that torchrun's failure
@@ -207,16 +210,18 @@ def run_tool(main: Callable[[list[str]], object], argv: Sequence[str]) -> int:
     large per-RoI buffers are page-faulted afresh at every step (docs/benchmarks.md)."""
     keep_freed_memory()
     try:
-        main(list(argv))
+        with sigterm_raises():
+            main(list(argv))
+    except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (utils.signals): one line, where to resume from
+        message = f"interrupted by {interruption_name(error)}" + "".join(
+            f"{'; ' if i else ' '}{note}" for i, note in enumerate(getattr(error, "__notes__", ()))
+        )
+        _log_to_files(logging.WARNING, "Stopped: %s", message)
+        print(f"{Path(sys.argv[0]).name}: {message}", file=sys.stderr)
+        return interruption_exit_status(error)
     except (ValueError, OSError, FloatingPointError, RuntimeError) as error:
         message = error_summary(error)
-        package_logger = logging.getLogger("detectron_res")
-        record = package_logger.makeRecord(
-            package_logger.name, logging.ERROR, __file__, 0, "Stopped: %s", (message,), (type(error), error, error.__traceback__)
-        )
-        for handler in package_logger.handlers:
-            if isinstance(handler, logging.FileHandler):
-                handler.handle(record)
+        _log_to_files(logging.ERROR, "Stopped: %s", message, exc_info=(type(error), error, error.__traceback__))
         where = f" (rank {comm.get_rank()} of {comm.get_world_size()})" if comm.is_distributed() else ""
         print(f"{Path(sys.argv[0]).name}: error{where}: {message}", file=sys.stderr)
         if os.environ.get("TORCHELASTIC_ERROR_FILE"):
@@ -228,6 +233,15 @@ def run_tool(main: Callable[[list[str]], object], argv: Sequence[str]) -> int:
         raise
     comm.destroy_distributed()
     return 0
+
+
+def _log_to_files(level: int, message: str, *args: object, exc_info=None) -> None:
+    """A record for the package's log files only (log.txt and the other ranks' files), not for the console."""
+    package_logger = logging.getLogger("detectron_res")
+    record = package_logger.makeRecord(package_logger.name, level, __file__, 0, message, args, exc_info)
+    for handler in package_logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def error_summary(error: BaseException) -> str:
@@ -437,6 +451,14 @@ def train(
             "continue from it with --resume once the cause is fixed."
             if last is not None
             else "No checkpoint had been written yet."
+        )
+        raise
+    except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM: run_tool prints this in one line
+        last = checkpointer.last_checkpoint() if comm.is_main_process() else None
+        error.add_note(
+            f"after {trainer.done} of {cfg.SOLVER.MAX_ITER} iterations; "
+            + (f"the newest checkpoint is {last}: run the same command with --resume to continue from it"
+               if last is not None else "no checkpoint had been written yet")
         )
         raise
     return final_metrics
