@@ -154,13 +154,27 @@ class RoIMapper:
 
 class OriginalImageMapper:
     """Inference: `test_mapper`'s output (the RPN's resized input, and its pyramid) plus ``original``, the decoded
-    uint8 (3, height, width) image the R-CNN stage crops from; the image is decoded once."""
+    uint8 (3, height, width) image the R-CNN stage crops from; the image is decoded once.
+
+    Any failure to load or resize an image (unreadable, a header that `image_folder_dataset` could not read, a
+    resize that fails) is a `BadImageError` naming the file, so that ``DATALOADER.ON_BAD_IMAGE=skip`` skips it.
+    """
 
     def __init__(self, *, test_mapper: DatasetMapper) -> None:
         self.test_mapper = test_mapper
 
     def __call__(self, record: dict) -> dict:
-        image = _read_checked(record)
-        output = self.test_mapper.map_image(image)
+        if record.get("unreadable"):  # image_folder_dataset in skip mode: its header could not be read
+            raise BadImageError(record["unreadable"])
+        try:
+            image = _read_checked(record)
+            output = self.test_mapper.map_image(image)
+        except (BadImageError, FileNotFoundError, IsADirectoryError):
+            raise  # their messages name the file
+        except Exception as error:  # e.g. albumentations' pydantic errors, cv2.error: one line, naming the file
+            message = " ".join(str(error).split()) or type(error).__name__
+            raise BadImageError(
+                f"{record['file_name']}: cannot load the image ({type(error).__name__}: {message})"
+            ) from error
         output.update(original=_chw(image), image_id=record["image_id"], file_name=record["file_name"])
         return output

@@ -237,9 +237,16 @@ def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 
-def image_folder_dataset(directory: str | Path, *, class_names: Sequence[str]) -> DetectionDataset:
+def image_folder_dataset(
+    directory: str | Path, *, class_names: Sequence[str], on_bad_image: str = "error"
+) -> DetectionDataset:
     """Every image file directly in `directory` (JPEG, PNG, BMP, WebP), sorted by file name (the devkit's order),
-    as records without annotations; the image id is the file name without extension."""
+    as records without annotations; the image id is the file name without extension. Sizes come from the headers.
+
+    An image whose header cannot be read (an empty file, a corrupt header) stops here with an error naming it, or
+    with ``on_bad_image="skip"`` keeps its place as a record with ``unreadable`` (the message) and a 0x0 size,
+    which `OriginalImageMapper` reports as a bad image, so that the loader skips it.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"image folder not found: {directory}")
@@ -248,12 +255,18 @@ def image_folder_dataset(directory: str | Path, *, class_names: Sequence[str]) -
         raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {directory}")
     records = []
     for path in files:
+        record = {"file_name": str(path), "image_id": path.stem}
         try:
             with Image.open(path) as image:
                 width, height = image.size
-        except (OSError, Image.DecompressionBombError) as error:
-            raise ValueError(f"cannot read the image header of {path}: {error}") from None
-        records.append({"file_name": str(path), "image_id": path.stem, "height": height, "width": width})
+        except Exception as error:  # PIL raises OSError, but also ValueError, SyntaxError, struct.error, ...
+            message = f"cannot read the image header of {path}: {' '.join(str(error).split()) or type(error).__name__}"
+            if on_bad_image != "skip":
+                raise ValueError(f"{message} (DATALOADER.ON_BAD_IMAGE=skip leaves its line empty)") from None
+            record.update(height=0, width=0, unreadable=message)
+        else:
+            record.update(height=height, width=width)
+        records.append(record)
     stems = [r["image_id"] for r in records]
     if len(set(stems)) != len(stems):
         duplicate = next(s for s in stems if stems.count(s) > 1)

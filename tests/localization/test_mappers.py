@@ -197,3 +197,55 @@ def test_roi_mapper_without_rng_repeats_with_numpys_seed(tmp_path):
         np.random.seed(11)
         drawn.append([RoIMapper()(rec)["rois"].tolist() for _ in range(4)])
     assert drawn[0] == drawn[1]
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "min_size", "max_size", "resized"),
+    [
+        # the shorter side scaled to min_size, the longer capped at max_size, the other side then below 1 px: kept at 1
+        (6000, 4, 128, 224, (224, 1)),  # loc_shapes_r18's test size
+        (3, 6000, 128, 224, (1, 224)),
+        (6000, 4, 256, 800, (800, 1)),  # ilsvrc_loc's test size: 4 * 800 / 6000 = 0.53 px rounds to 1
+        (3, 6000, 256, 800, (1, 800)),
+    ],
+)
+def test_original_image_mapper_takes_images_of_extreme_aspect_ratio(
+    tmp_path, height, width, min_size, max_size, resized
+):
+    """Issue 21, item 13: a 4x6000 or 6000x3 image stopped localize.py with albumentations' 'height >= 1'."""
+    image = write_image(tmp_path / "thin.png", height, width)
+    mapper = OriginalImageMapper(test_mapper=DatasetMapper(min_size=min_size, max_size=max_size, is_train=False))
+    out = mapper(record(tmp_path / "thin.png", height, width, [], []))
+    assert tuple(out["image"].shape) == (3, *resized)
+    assert np.array_equal(out["original"].permute(1, 2, 0).numpy(), image)
+
+
+class FailingTestMapper:
+    """A test mapper whose resize fails as albumentations' did on a 0-pixel side: a multi-line pydantic error."""
+
+    def map_image(self, image):
+        raise ValueError("1 validation error for InitSchema\nheight\n  Input should be greater than or equal to 1")
+
+
+def test_any_failure_to_load_an_image_is_a_bad_image_naming_the_file(tmp_path):
+    """Issue 21, item 13: an error of the resize (or any other step of loading) named no file and was not skipped
+    with DATALOADER.ON_BAD_IMAGE=skip; now it is a BadImageError naming the file, in one line."""
+    from detectron_res.data.loader import MappedDataset
+
+    write_image(tmp_path / "a.png", 8, 8)
+    rec = record(tmp_path / "a.png", 8, 8, [], [])
+    with pytest.raises(BadImageError) as info:
+        OriginalImageMapper(test_mapper=FailingTestMapper())(rec)
+    expected = (
+        f"{tmp_path / 'a.png'}: cannot load the image (ValueError: 1 validation error for InitSchema height Input "
+        "should be greater than or equal to 1)"
+    )
+    assert str(info.value) == expected
+    failing = OriginalImageMapper(test_mapper=FailingTestMapper())
+    skipping = MappedDataset(records=[rec], mapper=failing, on_bad_image="skip")
+    assert skipping[0] == {"bad_image": f"BadImageError: {expected}"}
+    # a record whose header image_folder_dataset could not read (skip mode) is a bad image with that message
+    unreadable = {**rec, "height": 0, "width": 0, "unreadable": "cannot read the image header of x.png: truncated"}
+    mapper = OriginalImageMapper(test_mapper=DatasetMapper(min_size=8, max_size=8, is_train=False))
+    with pytest.raises(BadImageError, match=r"^cannot read the image header of x\.png: truncated$"):
+        mapper(unreadable)

@@ -153,3 +153,25 @@ def test_without_class_predictions_the_classes_are_ranked_by_their_best_box_else
     assert own["boxes"].tolist() == [[1, 1, 5, 5], [2, 2, 6, 6]]
     (given,) = Localizer(rpn=RankedStubRPN(), classes={"i": [0, 2, 1]}, classes_per_image=2)([x])
     assert given["classes"].tolist() == [0, 2]  # a classifier's order is kept
+
+
+def test_image_folder_with_unreadable_headers_stops_naming_the_file_or_keeps_their_place_when_skipping(tmp_path):
+    """Issue 21, item 13: an empty or header-corrupt image stopped localize.py even with DATALOADER.ON_BAD_IMAGE=skip;
+    skipping keeps its record (and so its submission line, left empty) with the reason."""
+    cv2.imwrite(str(tmp_path / "b.png"), np.zeros((6, 9, 3), np.uint8))
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "c.JPEG").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF")  # a JPEG cut inside its header
+    (tmp_path / "d.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 20)  # a PNG signature, then no IHDR
+    with pytest.raises(ValueError) as info:
+        image_folder_dataset(tmp_path, class_names=["x"])
+    message = str(info.value)
+    assert message.startswith(f"cannot read the image header of {tmp_path / 'a.png'}: ")
+    assert message.endswith(" (DATALOADER.ON_BAD_IMAGE=skip leaves its line empty)") and "\n" not in message
+    dataset = image_folder_dataset(tmp_path, class_names=["x"], on_bad_image="skip")
+    assert [(r["image_id"], r["height"], r["width"]) for r in dataset.records] == [
+        ("a", 0, 0), ("b", 6, 9), ("c", 0, 0), ("d", 0, 0)
+    ]
+    assert [bool(r.get("unreadable")) for r in dataset.records] == [True, False, True, True]
+    for record in dataset.records:
+        if record.get("unreadable"):
+            assert record["unreadable"].startswith(f"cannot read the image header of {record['file_name']}: ")
