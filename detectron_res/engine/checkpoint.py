@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..modeling.weight_formats import detect_format, detectron2_to_detectron_res, read_weights_file
-from ..utils import atomic_write, atomic_write_text
+from ..utils.io import DiskFullError, atomic_write, atomic_write_text, read_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,8 @@ class Checkpointer:
         points `last_checkpoint` at it.
 
         Raises:
+            DiskFullError: the filesystem is full (an OSError; one line naming the file and the free space, with a
+                note naming the checkpoint `last_checkpoint` still points at); nothing else changed.
             NonFiniteCheckpointError: a model parameter or buffer (e.g. a BatchNorm running variance) or an optimizer
                 state holds NaN or infinity; nothing is written, the previous checkpoint stays the newest.
         """
@@ -138,8 +140,16 @@ class Checkpointer:
                 f"Refusing to write {path}: {len(bad)} tensors hold NaN or infinite values ({_names(bad)}); "
                 "training has diverged."
             )
-        atomic_write(path, lambda f: torch.save(state, f))
-        atomic_write_text(self.save_dir / LAST_CHECKPOINT, path.name)
+        previous = self._pointer_target()
+        try:
+            atomic_write(path, lambda f: torch.save(state, f))
+            atomic_write_text(self.save_dir / LAST_CHECKPOINT, path.name)
+        except DiskFullError as error:
+            error.add_note(
+                f"The newest checkpoint is still {previous}: free some space, then continue with --resume."
+                if previous is not None else "No checkpoint had been written yet."
+            )
+            raise
         logger.info("Saved checkpoint %s", path)
         return path
 
@@ -210,7 +220,8 @@ class Checkpointer:
         optimizer and iteration are not taken.
 
         Raises:
-            FileNotFoundError: no such file. ValueError: it cannot be read or holds no model state_dict.
+            FileNotFoundError: no such file. ValueError: it cannot be read (`utils.io.UnreadableFileError`, one line
+                saying why: empty, text, truncated, a pickled object refused, ...) or holds no model state_dict.
         """
         path = Path(path)
         if not path.is_file():
@@ -219,10 +230,7 @@ class Checkpointer:
             tensors, container = read_weights_file(path)
             state = {**container, "model": tensors}
         else:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise ValueError(f"Could not read checkpoint {path}: {e}") from e
+            state = read_torch_file(path, what="checkpoint")
         model_state = state.get("model", state) if isinstance(state, dict) else None
         if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):
             raise ValueError(f"{path} holds no model state_dict")

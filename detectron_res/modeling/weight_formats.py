@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..utils.io import UnreadableFileError, file_kind_problem, read_torch_file
+
 logger = logging.getLogger(__name__)
 
 FORMATS = ("torchvision", "msra", "detectron2")
@@ -91,19 +93,41 @@ class _ArrayUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are expected")
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name}: only numpy arrays and plain containers are read, since loading "
+            "anything else could run code from the file"
+        )
 
 
 def read_pickled_arrays(path: str | os.PathLike) -> dict:
-    """A Detectron / detectron2 `.pkl` file: its top-level dict (Python 2 pickles decoded as latin-1)."""
-    try:
-        with open(path, "rb") as handle:
-            data = _ArrayUnpickler(handle, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as error:
-        raise ValueError(f"Could not read {path} as a pickle of numpy arrays: {error}") from error
+    """A Detectron / detectron2 `.pkl` file: its top-level dict (Python 2 pickles decoded as latin-1).
+
+    Raises:
+        ValueError: one line naming the file and why it cannot be read: empty, text, a zip archive (a PyTorch
+            file), truncated, or holding a class other than numpy's arrays and plain containers (refused unbuilt).
+    """
+    problem = file_kind_problem(path, expected="pickle")
+    if problem is None and _starts_with(path, b"PK\x03\x04"):
+        problem = "a zip archive (a PyTorch file?), not a pickle: name it .pth"
+    if problem is None:
+        try:
+            with open(path, "rb") as handle:
+                data = _ArrayUnpickler(handle, encoding="latin1").load()
+        except (EOFError, pickle.UnpicklingError) as error:
+            truncated = isinstance(error, EOFError) or "truncated" in str(error)
+            problem = f"a truncated pickle ({os.path.getsize(path):,} bytes)" if truncated else str(error)
+        except (ValueError, TypeError, AttributeError, ImportError) as error:
+            problem = f"{type(error).__name__}: {error}"
+    if problem is not None:
+        raise UnreadableFileError(f"Could not read {path} as a pickle of numpy arrays: {problem}")
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a pickled {type(data).__name__}, not a dict of arrays")
     return data
+
+
+def _starts_with(path: str | os.PathLike, prefix: bytes) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(len(prefix)) == prefix
 
 
 def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -118,10 +142,7 @@ def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[
     if path.suffix == ".pkl":
         data = read_pickled_arrays(path)
     else:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # pickle errors, truncated files, objects outside weights_only's allowlist
-            raise ValueError(f"Could not read weights from {path}: {error}") from error
+        data = read_torch_file(path, what="weights file")
         if not isinstance(data, Mapping):
             raise ValueError(f"{path} holds a {type(data).__name__}, not a state_dict")
     container: dict[str, Any] = {}

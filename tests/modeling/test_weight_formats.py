@@ -4,6 +4,7 @@ network of those blobs computes (stride in the 1x1 conv, BGR input, affine norms
 
 from __future__ import annotations
 
+import io
 import logging
 import pickle
 
@@ -25,6 +26,7 @@ from detectron_res.modeling.weight_formats import (
     detectron2_name,
     msra_to_torchvision,
     read_pickled_arrays,
+    read_weights_file,
     save_converted,
 )
 
@@ -315,6 +317,30 @@ def test_pickles_that_would_run_code_are_refused(tmp_path):
     path = write_pickle(tmp_path / "evil.pkl", {"conv1_w": Exploit()})
     with pytest.raises(ValueError, match=r"refusing to load (__builtin__|builtins)\.print"):
         read_pickled_arrays(path)
+
+
+def test_an_unreadable_pkl_or_pth_names_the_file_and_why(tmp_path):
+    whole = pickle.dumps({"conv1_w": np.zeros((4, 3, 7, 7), dtype=np.float32)}, protocol=2)
+    buffer = io.BytesIO()
+    torch.save({"conv1.weight": torch.zeros(4, 3, 7, 7)}, buffer)
+    files = {
+        "empty.pkl": (b"", "the file is empty (0 bytes)"),
+        "text.pkl": (b"conv1_w: 0.1 0.2\n", "not a pickle file but text (17 bytes starting 'conv1_w: 0.1 0.2')"),
+        "cut.pkl": (whole[:300], "a truncated pickle (300 bytes)"),
+        "torch.pkl": (buffer.getvalue(), "a zip archive (a PyTorch file?), not a pickle: name it .pth"),
+    }
+    for name, (content, reason) in files.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError) as caught:
+            read_weights_file(tmp_path / name)
+        assert str(caught.value) == f"Could not read {tmp_path / name} as a pickle of numpy arrays: {reason}", name
+    (tmp_path / "w.pth").write_text("i: the 105 of the issue\n")
+    with pytest.raises(ValueError) as caught:
+        read_resnet_weights(str(tmp_path / "w.pth"), depth=50)
+    assert str(caught.value) == (
+        f"Could not read weights file {tmp_path / 'w.pth'}: not a PyTorch file but text (24 bytes starting 'i: the 105 "
+        "of the issue')"
+    )
 
 
 def test_detect_format():
