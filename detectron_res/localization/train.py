@@ -8,12 +8,13 @@ classes ("loc": LOC.CLASSIFIER.WEIGHTS' when set, else the system's own ranking)
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import io
 import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..data.build import build_train_dataset, load_dataset
@@ -22,7 +23,7 @@ from ..engine.checkpoint import Checkpointer
 from ..engine.runner import results_folder_name, train
 from ..evaluation import write_metrics_json
 from ..utils import comm
-from ..utils.io import atomic_write
+from ..utils.io import atomic_write, read_torch_file
 from .build import (
     RPN_FOLDER,
     build_class_predictor,
@@ -140,15 +141,13 @@ def train_rcnn_stage(cfg, *, rpn_checkpoint: str | Path | None = None, resume: b
     )
 
 
-def _torch_bytes(obj) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
 def roi_pool(cfg, rpn: LocalizationRPN, dataset: DetectionDataset, *, rpn_checkpoint: Path) -> DetectionDataset:
     """`rcnn_training_records`, cached in OUTPUT_DIR/rcnn_rois.pth for this RPN checkpoint (its bytes' hash), data
-    set and RPN settings, so that a resumed stage 2 does not run the RPN over the training set again."""
+    set and RPN settings, so that a resumed stage 2 does not run the RPN over the training set again.
+
+    The cache is read with a weights-only load (`read_roi_cache`): a file that cannot be read (truncated by a full
+    disk or a killed copy, of an older version, or crafted to run code when unpickled) is made again, with a warning
+    naming it and why; nothing in it is run."""
     key = json.dumps(
         {
             "rpn": hashlib.sha256(Path(rpn_checkpoint).read_bytes()).hexdigest(),
@@ -162,14 +161,94 @@ def roi_pool(cfg, rpn: LocalizationRPN, dataset: DetectionDataset, *, rpn_checkp
     )
     path = Path(cfg.OUTPUT_DIR) / ROI_POOL_FILE
     if path.is_file():
-        cached = torch.load(path, map_location="cpu", weights_only=False)
-        if cached.get("key") == key:
-            logger.info("R-CNN training RoIs read from %s", path)
-            return cached["pool"]
-        logger.info("%s was made with another RPN, data or settings: making the RoIs again", path)
+        try:
+            cached_key, cached_pool = read_roi_cache(path)
+        except ValueError as error:
+            logger.warning("%s; making the RoIs again", error)
+        else:
+            if cached_key == key:
+                logger.info("R-CNN training RoIs read from %s", path)
+                return cached_pool
+            logger.info("%s was made with another RPN, data or settings: making the RoIs again", path)
     pool = rcnn_training_records(
         rpn, dataset, build_localization_test_loader(cfg, dataset), fg_iou_thresh=cfg.LOC.RCNN.FG_IOU_THRESH
     )
-
-    atomic_write(path, lambda stream: stream.write(_torch_bytes({"key": key, "pool": pool})))
+    write_roi_cache(path, key=key, pool=pool)
     return pool
+
+
+# -- the RoI cache: tensors and plain containers only, so that it is read with weights_only=True ------------------
+ROI_CACHE_VERSION = 2  # 1: a pickled DetectionDataset with numpy arrays (read only with weights_only=False)
+_ARRAY_TAG = "__numpy__"  # {_ARRAY_TAG: [dtype, shape, offset, is_scalar]}: an array's bytes in the cache's buffer
+_ARRAY_KINDS = "biufcmMSU"  # numpy dtype kinds that are plain bytes (no Python objects)
+_ALIGN = 16
+
+
+def write_roi_cache(path: str | Path, *, key: str, pool: DetectionDataset) -> None:
+    """Writes the RoI pool and its key atomically as plain containers and one byte tensor: each numpy array or
+    scalar of the records becomes `{"__numpy__": [dtype, shape, offset, is_scalar]}` pointing into the tensor (one
+    tensor for the whole pool, not one per record), so that `read_roi_cache` needs no class from the file."""
+    arrays: list[tuple[int, np.ndarray]] = []  # (offset, array) to copy into the buffer
+    size = 0
+
+    def encode(value):
+        nonlocal size
+        if isinstance(value, (np.ndarray, np.generic)):
+            array = np.asarray(value)
+            if array.dtype.kind not in _ARRAY_KINDS:
+                raise TypeError(f"the RoI cache cannot hold a numpy array of dtype {array.dtype}")
+            arrays.append((size, array))
+            offset, size = size, size + array.nbytes + (-array.nbytes % _ALIGN)
+            return {_ARRAY_TAG: [array.dtype.str, list(array.shape), offset, isinstance(value, np.generic)]}
+        if isinstance(value, dict):
+            if _ARRAY_TAG in value:
+                raise ValueError(f"a record holds the key {_ARRAY_TAG!r}, which the RoI cache reserves")
+            return {k: encode(v) for k, v in value.items()}
+        if type(value) in (list, tuple):
+            return type(value)(encode(v) for v in value)
+        if value is None or type(value) in (str, int, float, bool, bytes) or isinstance(value, torch.Tensor):
+            return value
+        raise TypeError(f"the RoI cache cannot hold a {type(value).__name__}")
+
+    fields = {field.name: encode(getattr(pool, field.name)) for field in dataclasses.fields(pool)}
+    buffer = np.zeros(size, dtype=np.uint8)
+    for offset, array in arrays:
+        buffer[offset : offset + array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    state = {"version": ROI_CACHE_VERSION, "key": key, "pool": fields, "arrays": torch.from_numpy(buffer)}
+    atomic_write(path, lambda stream: torch.save(state, stream))
+
+
+def read_roi_cache(path: str | Path) -> tuple[str, DetectionDataset]:
+    """The key and RoI pool of a `write_roi_cache` file, read with `weights_only=True` (nothing in it can run).
+
+    Raises:
+        ValueError: one line naming the file and why it cannot be used: unreadable (`utils.io.read_torch_file`:
+            empty, truncated, a pickled object refused, ...), of another version, or not laid out as expected.
+    """
+    state = read_torch_file(path, what="the R-CNN RoI cache")
+    if not isinstance(state, dict) or state.get("version") != ROI_CACHE_VERSION:
+        version = state.get("version", 1) if isinstance(state, dict) else "unknown"
+        raise ValueError(f"The R-CNN RoI cache {path} is of version {version}, not {ROI_CACHE_VERSION}")
+    try:
+        arrays = state["arrays"].numpy()
+
+        def decode(value):
+            if isinstance(value, dict):
+                if set(value) == {_ARRAY_TAG}:
+                    dtype, shape, offset, is_scalar = value[_ARRAY_TAG]
+                    dtype = np.dtype(dtype)
+                    if dtype.kind not in _ARRAY_KINDS:
+                        raise TypeError(f"dtype {dtype}")
+                    count = int(np.prod(shape, dtype=np.int64))
+                    array = arrays[offset : offset + count * dtype.itemsize].view(dtype).reshape(shape)
+                    return array[()] if is_scalar else array
+                return {k: decode(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return type(value)(decode(v) for v in value)
+            return value
+
+        pool = DetectionDataset(**{name: decode(value) for name, value in state["pool"].items()})
+        key = state["key"]
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"The R-CNN RoI cache {path} is damaged ({type(error).__name__}: {error})") from error
+    return key, pool
