@@ -41,6 +41,7 @@ from detectron_res.engine.runner import run_tool
 from detectron_res.engine.solver import build_optimizer
 from detectron_res.modeling import build_model, compile_for_inference
 from detectron_res.utils import atomic_write_text
+from detectron_res.utils.paths import check_tool_paths
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,6 +58,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.cfg, [*args.opts, f"MODEL.DEVICE={args.device}"])
+    check_tool_paths(  # before the minutes of timing: --json-out must not overwrite what was read
+        inputs={"--cfg": args.cfg, "MODEL.WEIGHTS": cfg.MODEL.WEIGHTS, "MODEL.BACKBONE.WEIGHTS": cfg.MODEL.BACKBONE.WEIGHTS},
+        outputs={"--json-out": args.json_out},
+    )
     torch.manual_seed(cfg.SEED)
     model = build_model(cfg)
     if not cfg.MODEL.BACKBONE.WEIGHTS:

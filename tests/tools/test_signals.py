@@ -1,6 +1,7 @@
-"""Stopping a training from outside (issue 21 items 15 and 19): Ctrl-C and SIGTERM print one line that names the
-newest checkpoint and exit 130 / 143, and no process of the training (fork server, loader worker, resource tracker)
-outlives it by more than 10 s, after SIGTERM, Ctrl-C to the whole process group, or SIGKILL of the main process.
+"""A training and the processes around it (issue 21 items 7, 15 and 19): Ctrl-C and SIGTERM print one line that
+names the newest checkpoint and exit 130 / 143; no process of the training (fork server, loader worker, resource
+tracker) outlives it by more than 10 s, after SIGTERM, Ctrl-C to the whole process group, or SIGKILL of the main
+process; a second training on the same folder is refused while the first lives, and not after it was killed.
 
 Each training runs in its own session, so that its processes can be found (and Ctrl-C sent to its process group,
 as a terminal does) without touching anything else."""
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_tool, package_logger_restored
 from detectron_res.data.datasets import generate_loc_shapes, generate_shapes
 from detectron_res.data.loader import exit_when_gone
 
@@ -189,3 +191,35 @@ def test_exit_when_gone_ends_the_watching_process_once_the_watched_one_is_killed
 def test_exit_when_gone_returns_a_daemon_thread():
     thread = exit_when_gone(os.getpid())
     assert thread.daemon and thread.is_alive() and thread in threading.enumerate()
+
+
+def test_a_second_training_on_a_folder_in_use_is_refused_and_a_killed_one_leaves_it_free(shapes_pair, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """Issue 21 item 7: two train_det runs on one --output mixed one's config.yaml with the other's checkpoints and
+    both logs in one metrics.jsonl. The second is refused with the first's process id; once the first is killed
+    (SIGKILL: no clean-up at all), the folder is free again and --resume continues it."""
+    out = tmp_path / "run"
+    first = train_det(shapes_pair, out)
+    config, log = (out / "config.yaml").read_bytes(), (out / "metrics.jsonl").read_bytes()
+    monkeypatch.setattr(sys, "argv", [str(REPO / "tools/train_det.py")])
+    tool = load_tool("train_det")
+    args = ["--cfg", str(REPO / "configs/shapes_r18.yaml"), "--output", str(out), "MODEL.DEVICE=cpu",
+            f"DATASETS.TRAIN=[{shapes_pair}]", "DATASETS.TEST=[]", "DATALOADER.NUM_WORKERS=0",
+            "INPUT.MIN_SIZE_TRAIN=[96]", "INPUT.MAX_SIZE_TRAIN=96", "SOLVER.IMS_PER_BATCH=2", "SOLVER.STEPS=[]",
+            "SOLVER.CHECKPOINT_PERIOD=2", "LOG_PERIOD=1"]  # fmt: skip
+
+    def resume_to_one_past_newest() -> int:
+        done = int(re.fullmatch(r"model_(\d+)\.pth", (out / "last_checkpoint").read_text().strip())[1]) + 1
+        with package_logger_restored():
+            return tool.run_tool(tool.main, [*args, f"SOLVER.MAX_ITER={done + 1}", "--resume"])
+    assert resume_to_one_past_newest() == 1  # without the lock: exit 0, config.yaml and model_final.pth replaced
+    assert capsys.readouterr().err.splitlines() == [
+        f"train_det.py: error: {out} is in use by another run (process {first.pid}); wait for it to finish, stop it, "
+        "or choose another output folder (--output)"
+    ]
+    assert (out / "config.yaml").read_bytes() == config
+    assert (out / "metrics.jsonl").read_bytes()[: len(log)] == log
+    assert not (out / "model_final.pth").exists()
+    stopped(first, signal.SIGKILL)
+    assert resume_to_one_past_newest() == 0
+    assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
