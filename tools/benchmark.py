@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.cfg, [*args.opts, f"MODEL.DEVICE={args.device}"])
     check_tool_paths(  # before the minutes of timing: --json-out must not overwrite what was read
-        inputs={"--cfg": args.cfg, "MODEL.WEIGHTS": cfg.MODEL.WEIGHTS, "MODEL.BACKBONE.WEIGHTS": cfg.MODEL.BACKBONE.WEIGHTS},
+        inputs={"--cfg": args.cfg, "MODEL.WEIGHTS": cfg.MODEL.WEIGHTS,
+                "MODEL.BACKBONE.WEIGHTS": cfg.MODEL.BACKBONE.WEIGHTS},
         outputs={"--json-out": args.json_out},
     )
     torch.manual_seed(cfg.SEED)

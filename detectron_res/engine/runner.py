@@ -107,8 +107,8 @@ def setup(
     check_tool_paths(
         inputs={
             "--cfg": args.cfg,
-            "MODEL.WEIGHTS": cfg.MODEL.WEIGHTS,
-            "MODEL.BACKBONE.WEIGHTS": cfg.MODEL.BACKBONE.WEIGHTS,
+            **{key: path for key, path in (("MODEL.WEIGHTS", cfg.MODEL.WEIGHTS),
+                                           ("MODEL.BACKBONE.WEIGHTS", cfg.MODEL.BACKBONE.WEIGHTS)) if "://" not in path},
             **(inputs or {}),
         },
         outputs={"--output" if args.output is not None else "OUTPUT_DIR": cfg.OUTPUT_DIR},
