@@ -18,12 +18,19 @@ exceeds 0.01 px or 1e-4. The export runs on the CPU unless MODEL.DEVICE says oth
 the device it was traced on; an ONNX file anywhere). ONNX needs the `export` extra (pip install
 'detectron_res[export]'). Logs go to the config's OUTPUT_DIR/log.txt. Flags may come before or after KEY=VALUE
 overrides.
+
+Before anything is loaded or written, `--output` is resolved (`..` and symlinks followed) and refused, in one line
+naming both paths, when it is `--cfg`, the checkpoint to export (`--ckpt`, else MODEL.WEIGHTS, else OUTPUT_DIR's
+newest), MODEL.BACKBONE.WEIGHTS, `--sample-image` or OUTPUT_DIR/log.txt, or lies inside one of them; a folder, a
+path under a file and an unwritable folder are refused too. The file is written atomically: a failed export leaves
+an existing file as it was.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -31,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from detectron_res.config import merge_overrides
+from detectron_res.config import load_config, merge_overrides
 from detectron_res.data.build import build_test_mapper
 from detectron_res.data.mapper import read_image_rgb, resize_shortest_edge_shape
 from detectron_res.engine.export import (
@@ -46,7 +53,9 @@ from detectron_res.engine.export import (
     import_onnxruntime,
     onnx_runner,
 )
+from detectron_res.engine.checkpoint import Checkpointer
 from detectron_res.engine.runner import default_argument_parser, load_for_inference, parse_args, run_tool, setup
+from detectron_res.utils.paths import check_tool_paths
 
 logger = logging.getLogger("detectron_res.export")
 
@@ -69,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(parser, argv)
     if args.format == "onnx":
         import_onnx_packages()  # before any work: say what to install
+    check_output(args, load_config(args.cfg, ["MODEL.DEVICE=cpu", *args.opts]))
     cfg = setup(
         argparse.Namespace(cfg=args.cfg, output=None, opts=["MODEL.DEVICE=cpu", *args.opts]),
         config_file=None,
@@ -113,6 +123,35 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def check_output(args: argparse.Namespace, cfg) -> None:
+    """Refuses, before anything is loaded or written, an --output that is or lies inside an input (--cfg, the
+    checkpoint to export, MODEL.BACKBONE.WEIGHTS, --sample-image) or is OUTPUT_DIR/log.txt, and one that is a folder,
+    lies under a file or in a folder this user cannot write."""
+    output = Path(args.output)
+    if args.ckpt:
+        checkpoint = {"--ckpt": args.ckpt}
+    elif cfg.MODEL.WEIGHTS:
+        checkpoint = {"MODEL.WEIGHTS": cfg.MODEL.WEIGHTS}
+    else:  # what load_for_inference loads then
+        checkpoint = {"OUTPUT_DIR's newest checkpoint": Checkpointer(model=torch.nn.Module(), save_dir=cfg.OUTPUT_DIR)
+                      .last_checkpoint()}
+    if output.is_dir():
+        example = output / ("model.onnx" if args.format == "onnx" else "model.ts")
+        raise IsADirectoryError(f"--output {output} is a folder: give the file to write (e.g. {example})")
+    check_tool_paths(
+        inputs={"--cfg": args.cfg, **checkpoint, "MODEL.BACKBONE.WEIGHTS": cfg.MODEL.BACKBONE.WEIGHTS,
+                "--sample-image": args.sample_image},
+        outputs={"--output": output, "the log": Path(cfg.OUTPUT_DIR) / "log.txt"},
+    )
+    folder = output.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"--output {output} cannot be written: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"--output {output} cannot be written: no permission to write in {folder}")
+
+
 def import_onnx_packages() -> None:
     """onnx and onnxruntime, or a RuntimeError (a one-line error of the tool) saying how to install them."""
     try:
@@ -128,7 +167,12 @@ def example_image(cfg, sample_image: str | None) -> torch.Tensor:
     """The (3, h, w) uint8 image to trace on: the sample image through the test mapper, or a random image of the test
     size of a 480 x 640 photo."""
     if sample_image is not None:
-        return build_test_mapper(cfg).map_image(read_image_rgb(sample_image))["image"]
+        image = read_image_rgb(sample_image)  # its errors name the file
+        try:
+            return build_test_mapper(cfg).map_image(image)["image"]
+        except (ValueError, RuntimeError) as error:  # e.g. a resize's multi-line validation error: one line, named
+            message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+            raise ValueError(f"--sample-image {sample_image} ({image.shape[0]}x{image.shape[1]} px): {message}") from error
     height, width = resize_shortest_edge_shape(
         *SYNTHETIC_PHOTO_SIZE, short_side=cfg.INPUT.MIN_SIZE_TEST, max_size=cfg.INPUT.MAX_SIZE_TEST
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import os
 import warnings
 from collections.abc import Callable
@@ -32,6 +33,8 @@ from torch import Tensor, nn
 from ..modeling.detector import FasterRCNN
 from ..modeling.rpn.rpn import select_proposals
 from ..postprocess import per_class_nms
+from ..utils import atomic_write
+from ..utils.io import DiskFullError
 
 FORMATS = ("torchscript", "onnx")
 ONNX_OPSET = 17  # RoiAlign's half-pixel mode (ROIAlignV2) needs 16; torchvision's NonMaxSuppression 11
@@ -195,35 +198,34 @@ def _tracing_notices_silenced():
 def export_torchscript(
     detector: ExportableDetector, path: str | os.PathLike, *, example: Tensor
 ) -> torch.jit.ScriptModule:
-    """Traces `detector` on the `example` image (see `check_example`) and saves the TorchScript module to `path`.
-    The file needs torch and torchvision to load (`import torchvision` registers its nms and roi_align ops), not
-    this package; it runs on the device it was traced on."""
+    """Traces `detector` on the `example` image (see `check_example`) and saves the TorchScript module to `path`
+    (`write_exported`). The file needs torch and torchvision to load (`import torchvision` registers its nms and
+    roi_align ops), not this package; it runs on the device it was traced on."""
     check_example(detector, example)
+    buffer = io.BytesIO()
     with _tracing_notices_silenced(), torch.no_grad():
         traced = torch.jit.trace(detector.eval(), (example,), check_trace=False)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    traced.save(str(path))
+        torch.jit.save(traced, buffer)
+    write_exported(path, buffer.getvalue())
     return traced
 
 
 def export_onnx(
     detector: ExportableDetector, path: str | os.PathLike, *, example: Tensor, opset: int = ONNX_OPSET
 ) -> None:
-    """Exports `detector` to an ONNX file at `path`, traced on the `example` image (see `check_example`), by
-    torch's TorchScript-based exporter (`dynamo=False`, with torchvision's ONNX forms of nms and roi_align; the
-    default torch.export-based exporter stops at the first branch on a data-dependent count, the RoI pooler's
-    `len(rois) == 0`, where the tracer records the example's path). The input "image" has the dtype
+    """Exports `detector` to an ONNX file at `path` (`write_exported`), traced on the `example` image (see
+    `check_example`), by torch's TorchScript-based exporter (`dynamo=False`, with torchvision's ONNX forms of nms and
+    roi_align; the default torch.export-based exporter stops at the first branch on a data-dependent count, the RoI
+    pooler's `len(rois) == 0`, where the tracer records the example's path). The input "image" has the dtype
     of `example` and the shape (3, height, width) with height and width dynamic; the outputs "boxes", "scores",
     "labels" have a dynamic detection count."""
     check_example(detector, example)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
     with _tracing_notices_silenced(), torch.no_grad():
         torch.onnx.export(
             detector.eval(),
             (example,),
-            str(path),
+            buffer,
             dynamo=False,
             opset_version=opset,
             input_names=INPUT_NAMES,
@@ -233,6 +235,23 @@ def export_onnx(
                 **{name: {0: "detections"} for name in OUTPUT_NAMES},
             },
         )
+    write_exported(path, buffer.getvalue())
+
+
+def write_exported(path: str | os.PathLike, data: bytes) -> None:
+    """Writes an exported model's bytes to `path` atomically (`utils.atomic_write`: parent folders created, an
+    existing file replaced only once the new one is complete).
+
+    Raises:
+        OSError: the file cannot be written; the message names `path` (the export itself succeeded).
+    """
+    try:
+        atomic_write(path, lambda stream: stream.write(data))
+    except DiskFullError:
+        raise  # one line naming the file, the space left and what was kept
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise OSError(f"could not write the exported model to {path}: {reason}") from error
 
 
 def import_onnxruntime():

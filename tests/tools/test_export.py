@@ -132,3 +132,69 @@ def test_missing_onnxruntime_says_what_to_install(checkpoint, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert "pip install 'detectron_res[export]'" in err and "onnxruntime" in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+# -- --output checked before anything is loaded or written; extreme aspect ratios (issue 21 items 5, 13, 18) -------
+@pytest.mark.parametrize("height, width, sizes", [(4, 6000, [[1, 128], [17, 97]]), (6000, 3, [[128, 1], [97, 17]])])
+def test_sample_images_of_extreme_aspect_ratio(checkpoint, tmp_path, height, width, sizes):
+    """At the test size 128 the short side of 4 x 6000 (6000 x 3) rounds to 0.085 (0.064) px and keeps 1 px: the
+    trace runs on a 1 x 128 (128 x 1) image; the second image is 3/4 of it, at least 16 px, odd: 17 x 97."""
+    sample = tmp_path / f"extreme_{height}x{width}.png"
+    cv2.imwrite(str(sample), np.random.default_rng(1).integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+    result = run_export(checkpoint, tmp_path / "m.ts", "--format", "torchscript", "--sample-image", str(sample))
+    assert [c["image_size"] for c in result["checks"]] == sizes
+    assert all(c["same_labels"] and c["max_box_diff"] <= 1e-3 for c in result["checks"])
+
+
+def test_output_on_an_input_is_refused_before_anything_is_written(checkpoint, tmp_path, capsys):
+    path, run_dir, sample = checkpoint
+    config = tmp_path / "config.yaml"
+    config.write_text(Path(CONFIG).read_text().replace("_base_: base_c4.yaml", f"_base_: {REPO / 'configs/base_c4.yaml'}"))
+    (tmp_path / "link.pth").symlink_to(path)
+    inputs = [path, sample, config]
+    before = [p.read_bytes() for p in inputs]
+    log_before = (run_dir / "log.txt").read_bytes() if (run_dir / "log.txt").exists() else None
+    cases = [
+        (path, f"--output {path} is the same path as the input --ckpt {path}: refusing to overwrite it"),
+        (tmp_path / "link.pth",
+         f"--output {tmp_path / 'link.pth'} (= {path}) is the same path as the input --ckpt {path}: refusing to "
+         "overwrite it"),
+        (sample, f"--output {sample} is the same path as the input --sample-image {sample}: refusing to overwrite it"),
+        (config, f"--output {config} is the same path as the input --cfg {config}: refusing to overwrite it"),
+        (run_dir / ".." / run_dir.name / "log.txt",
+         f"--output {run_dir / '..' / run_dir.name / 'log.txt'} (= {run_dir / 'log.txt'}) and the log "
+         f"{run_dir / 'log.txt'} are the same path: one output would overwrite the other"),
+        (tmp_path, f"--output {tmp_path} is a folder: give the file to write (e.g. {tmp_path / 'model.ts'})"),
+    ]
+    for output, message in cases:
+        argv = ["--cfg", str(config), "--ckpt", str(path), "--output", str(output), "--format", "torchscript",
+                "--sample-image", str(sample), f"OUTPUT_DIR={run_dir}", *OVERRIDES]
+        capsys.readouterr()
+        assert run_tool(export.main, argv) == 1
+        assert capsys.readouterr().err.splitlines() == [f"{Path(sys.argv[0]).name}: error: {message}"]
+    assert [p.read_bytes() for p in inputs] == before
+    assert ((run_dir / "log.txt").read_bytes() if (run_dir / "log.txt").exists() else None) == log_before
+
+
+def test_an_unwritable_output_is_named(checkpoint, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(NotADirectoryError) as caught:
+        run_export(checkpoint, blocker / "m.ts", "--format", "torchscript")
+    assert str(caught.value) == f"--output {blocker / 'm.ts'} cannot be written: {blocker} is a file, not a folder"
+
+    if Path("/proc/self").is_dir():  # a folder where no file can be created, even by root
+        with pytest.raises(OSError) as caught:
+            run_export(checkpoint, "/proc/m.ts", "--format", "torchscript")
+        assert str(caught.value).startswith("could not write the exported model to /proc/m.ts: ")
+
+    from detectron_res.engine import export as engine_export
+
+    def denied(path, write):
+        raise PermissionError(13, "Permission denied", f"{Path(path).parent}/.m.ts.123.tmp")
+
+    monkeypatch.setattr(engine_export, "atomic_write", denied)
+    with pytest.raises(OSError) as caught:
+        run_export(checkpoint, tmp_path / "m.ts", "--format", "torchscript")
+    assert str(caught.value) == f"could not write the exported model to {tmp_path / 'm.ts'}: Permission denied"
+    assert not (tmp_path / "m.ts").exists()
