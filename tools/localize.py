@@ -17,8 +17,14 @@ LOC.CANDIDATE_CLASSES classes, ranked by their best box's score).
 skipped with --no-rcnn or LOC.RCNN.ENABLED=false). With --gt the written submission is scored right away.
 
 Scoring: prints the top-1 and top-5 localization errors and the top-5 classification error (docs/localization.md).
-Line i of the submission belongs to line i of --image-list, or without it to the ground truth's ids in sorted order.
+Line i of the submission belongs to line i of --image-list, or without it to the ground truth's ids in sorted order;
+a submission in the CSV form (--csv-out's) names its images, those of --image-list or else every ground-truth image.
 `--json-out` merges {"loc": {"top1_loc_err", "top5_loc_err", "top5_cls_err", "num_images"}} (fractions).
+
+Refused, in one line on stderr and before anything is computed or written: an output (--out, --csv-out,
+--json-out, and <out>.images.txt / <out>.synsets.txt beside --out) that is one of the inputs (the flags' files,
+the checkpoints read, anything inside --images) or another output, symlinks and `..` resolved. With
+DATALOADER.ON_BAD_IMAGE=skip an image that cannot be loaded gets an empty line; otherwise it stops the run, named.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from detectron_res.localization.submission import write_submission, write_submis
 from detectron_res.localization.train import last_stage_checkpoint, load_stage
 from detectron_res.utils.io import atomic_write_text
 from detectron_res.utils.malloc import keep_freed_memory
+from detectron_res.utils.paths import check_tool_paths
 
 logger = logging.getLogger("detectron_res.localize")
 
@@ -88,10 +95,42 @@ def print_errors(metrics: dict) -> None:
         print(f"{name:28s} {100 * loc[key]:6.2f} %")
 
 
+def derived_outputs(out: str) -> tuple[Path, Path]:
+    """The files written beside the submission `out`: its image order and (with --gt but no --synsets) the synsets."""
+    return Path(out).with_suffix(".images.txt"), Path(out).with_suffix(".synsets.txt")
+
+
+def check_paths(args: argparse.Namespace, *, checkpoints: dict[str, Path | str | None] | None = None) -> None:
+    """Refuses, before anything is written or computed, an output (--out, --csv-out, --json-out and the files
+    derived from --out) that is one of the inputs, lies inside --images, or is another output (`check_tool_paths`:
+    paths resolved, so `..`, symlinks and aliases count). `checkpoints` are the further inputs of writing: the
+    checkpoints and weights read, as resolved from the config."""
+    inputs = {
+        "--submission": args.submission, "--gt": args.gt, "--synsets": args.synsets, "--image-list": args.image_list,
+    }
+    outputs = {"--json-out": args.json_out}
+    if not args.evaluate:
+        inputs.update({
+            "--images": args.images, "--cfg": args.cfg, "--ckpt": args.ckpt, "--rcnn-ckpt": args.rcnn_ckpt,
+            "--cls-preds": args.cls_preds, "--oracle-gt": args.oracle_gt, "--classifier": args.classifier,
+            **(checkpoints or {}),
+        })
+        images_txt, synsets_txt = derived_outputs(args.out)
+        outputs = {
+            "--out": args.out,
+            "--csv-out": args.csv_out,
+            "--out's image list": images_txt,
+            "--out's synsets file": synsets_txt if args.gt and not args.synsets else None,
+            **outputs,
+        }
+    check_tool_paths(inputs={k: None if v is None else str(v) for k, v in inputs.items()}, outputs=outputs)
+
+
 def evaluate_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     missing = [flag for flag in ("submission", "gt", "synsets") if not getattr(args, flag)]
     if missing:
         parser.error("--evaluate needs " + ", ".join(f"--{flag}" for flag in missing))
+    check_paths(args)
     metrics = evaluate_submission_file(args.submission, ground_truth=args.gt, synsets=args.synsets, image_list=args.image_list)
     print_errors(metrics)
     if args.json_out:
@@ -107,22 +146,35 @@ def write_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     cfg = load_config(args.cfg, [*args.opts, *([f"LOC.CLASSIFIER.TEST_CROP={args.cls_crop}"] if args.cls_crop else [])])
     if cfg.MODEL.META_ARCHITECTURE != "LocalizationRPN":
         raise ValueError(f"{args.cfg} is not a localization config (MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE})")
-    setup_logging(None)
     output_dir = Path(cfg.OUTPUT_DIR)
-    rpn = build_localization_rpn(cfg)
+    use_rcnn = not args.no_rcnn and cfg.LOC.RCNN.ENABLED
     rpn_path = args.ckpt or last_stage_checkpoint(output_dir / RPN_FOLDER, "RPN-stage")
+    rcnn_path = (args.rcnn_ckpt or last_stage_checkpoint(output_dir / RCNN_FOLDER, "R-CNN-stage")) if use_rcnn else None
+    config_classifier = not (args.cls_preds or args.oracle_gt or args.classifier)  # LOC.CLASSIFIER.WEIGHTS, if set
+    check_paths(args, checkpoints={
+        "RPN checkpoint": rpn_path,
+        "R-CNN checkpoint": rcnn_path,
+        "LOC.CLASSIFIER.WEIGHTS": classifier_weights(cfg) if config_classifier else None,
+        "MODEL.BACKBONE.WEIGHTS": cfg.MODEL.BACKBONE.WEIGHTS or None,
+    })
+    setup_logging(None)
+    rpn = build_localization_rpn(cfg)
     metadata = load_stage(rpn, rpn_path)
     rcnn = None
-    if not args.no_rcnn and cfg.LOC.RCNN.ENABLED:
+    if use_rcnn:
         rcnn = build_rcnn_localizer(cfg)
-        load_stage(rcnn, args.rcnn_ckpt or last_stage_checkpoint(output_dir / RCNN_FOLDER, "R-CNN-stage"))
+        load_stage(rcnn, rcnn_path)
     wnids = read_synsets(args.synsets) if args.synsets else metadata.get("wnids")
     if wnids is not None and len(wnids) != cfg.MODEL.NUM_CLASSES:
         raise ValueError(f"{len(wnids)} synsets but MODEL.NUM_CLASSES={cfg.MODEL.NUM_CLASSES}")
     if wnids is None and (args.cls_preds or args.oracle_gt or args.csv_out or args.gt):
         raise ValueError(f"{rpn_path} names no synsets (wnids): pass --synsets LOC_synset_mapping.txt")
 
-    dataset = image_folder_dataset(args.images, class_names=metadata.get("class_names") or [str(i) for i in range(cfg.MODEL.NUM_CLASSES)])
+    dataset = image_folder_dataset(
+        args.images,
+        class_names=metadata.get("class_names") or [str(i) for i in range(cfg.MODEL.NUM_CLASSES)],
+        on_bad_image=cfg.DATALOADER.ON_BAD_IMAGE,
+    )
     ids = [r["image_id"] for r in dataset.records]
     table, classify, weights = None, None, None
     if args.cls_preds:
@@ -154,20 +206,19 @@ def write_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     if skipped:  # DATALOADER.ON_BAD_IMAGE=skip: the line stays, empty, so that the lines still match the images
         logger.warning("%d unreadable images get an empty line, e.g. %s", len(skipped), skipped[0])
     lines = [found.get(i, (np.zeros(0, dtype=np.int64), np.zeros((0, 4), dtype=np.int64))) for i in ids]
+    images_txt, synsets_txt = derived_outputs(args.out)
     write_submission(args.out, lines)
-    atomic_write_text(Path(args.out).with_suffix(".images.txt"), "".join(f"{i}\n" for i in ids))
-    print(f"submission for {len(ids)} images written to {args.out} (image order in {Path(args.out).with_suffix('.images.txt')})")
+    atomic_write_text(images_txt, "".join(f"{i}\n" for i in ids))
+    print(f"submission for {len(ids)} images written to {args.out} (image order in {images_txt})")
     if args.csv_out:
         write_submission_csv(args.csv_out, ids, lines, wnids=wnids)
         print(f"CSV form written to {args.csv_out}")
     if args.gt:
         synsets = args.synsets
         if synsets is None:
-            synsets = str(Path(args.out).with_suffix(".synsets.txt"))
+            synsets = str(synsets_txt)
             atomic_write_text(synsets, "".join(f"{w}\n" for w in wnids))
-        metrics = evaluate_submission_file(
-            args.out, ground_truth=args.gt, synsets=synsets, image_list=Path(args.out).with_suffix(".images.txt")
-        )
+        metrics = evaluate_submission_file(args.out, ground_truth=args.gt, synsets=synsets, image_list=images_txt)
         print_errors(metrics)
         if args.json_out:
             write_metrics_json(args.json_out, metrics)
