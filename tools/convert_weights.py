@@ -12,7 +12,9 @@ C4 detectors become a detectron_res checkpoint for MODEL.WEIGHTS. Both remember 
 into a model built otherwise stops with an error naming the keys. Every source key must find its place: the names
 that do not are listed and nothing is written. `--check-cfg CONFIG [KEY=VALUE ...]` then builds that config's model
 and loads the result into it with strict checking. The same formats also load without conversion (MODEL.WEIGHTS
-and MODEL.BACKBONE.WEIGHTS read them directly); see docs/tools.md.
+and MODEL.BACKBONE.WEIGHTS read them directly); see docs/tools.md. Before anything is read or written, the output is
+resolved (`..` and symlinks followed) and refused, in one line naming both paths, when it is the input or the
+--check-cfg config, or lies inside one of them; the file is written atomically (a failed write keeps what was there).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from detectron_res.engine.runner import check_checkpoint_settings, run_tool
 from detectron_res.modeling import build_model
 from detectron_res.modeling.build import load_backbone_weights
 from detectron_res.modeling.weight_formats import FORMATS, convert_file, describe_settings, save_converted
+from detectron_res.utils.paths import check_tool_paths
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="overrides of the --check-cfg config")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_tool_paths(inputs={"INPUT": args.input, "--check-cfg": args.check_cfg}, outputs={"OUTPUT": args.output})
     converted = convert_file(args.input, source_format=args.source_format)
     save_converted(converted, args.output, source=args.input)
     target = "MODEL.WEIGHTS" if converted.format == "detectron2" else "MODEL.BACKBONE.WEIGHTS"
