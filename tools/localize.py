@@ -53,7 +53,7 @@ from detectron_res.localization.build import (
     classifier_weights,
 )
 from detectron_res.localization.class_predictions import oracle_classes, read_class_predictions
-from detectron_res.localization.pipeline import Localizer, image_folder_dataset, localize_images
+from detectron_res.localization.pipeline import Localizer, image_files, image_folder_dataset, localize_images
 from detectron_res.localization.submission import write_submission, write_submission_csv
 from detectron_res.localization.train import last_stage_checkpoint, load_stage
 from detectron_res.utils.io import atomic_write_text
@@ -103,15 +103,17 @@ def derived_outputs(out: str) -> tuple[Path, Path]:
 def check_paths(args: argparse.Namespace, *, checkpoints: dict[str, Path | str | None] | None = None) -> None:
     """Refuses, before anything is written or computed, an output (--out, --csv-out, --json-out and the files
     derived from --out) that is one of the inputs, lies inside --images, or is another output (`check_tool_paths`:
-    paths resolved, so `..`, symlinks and aliases count). `checkpoints` are the further inputs of writing: the
-    checkpoints and weights read, as resolved from the config."""
+    paths resolved, so `..`, symlinks and aliases count; an image of --images that is a symlink counts as the file
+    it points to). `checkpoints` are the further inputs of writing: the checkpoints and weights read, as resolved
+    from the config."""
     inputs = {
         "--submission": args.submission, "--gt": args.gt, "--synsets": args.synsets, "--image-list": args.image_list,
     }
     outputs = {"--json-out": args.json_out}
     if not args.evaluate:
         inputs.update({
-            "--images": args.images, "--cfg": args.cfg, "--ckpt": args.ckpt, "--rcnn-ckpt": args.rcnn_ckpt,
+            "--images": args.images, "an image of --images": image_files(args.images),
+            "--cfg": args.cfg, "--ckpt": args.ckpt, "--rcnn-ckpt": args.rcnn_ckpt,
             "--cls-preds": args.cls_preds, "--oracle-gt": args.oracle_gt, "--classifier": args.classifier,
             **(checkpoints or {}),
         })
@@ -123,7 +125,7 @@ def check_paths(args: argparse.Namespace, *, checkpoints: dict[str, Path | str |
             "--out's synsets file": synsets_txt if args.gt and not args.synsets else None,
             **outputs,
         }
-    check_tool_paths(inputs={k: None if v is None else str(v) for k, v in inputs.items()}, outputs=outputs)
+    check_tool_paths(inputs=inputs, outputs=outputs)
 
 
 def evaluate_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

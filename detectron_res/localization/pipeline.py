@@ -237,6 +237,15 @@ def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 
+def image_files(directory: str | Path) -> list[Path]:
+    """The image files directly in `directory` (JPEG, PNG, BMP, WebP; symlinks to files included), sorted by file
+    name; none when it is not a folder."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 def image_folder_dataset(
     directory: str | Path, *, class_names: Sequence[str], on_bad_image: str = "error"
 ) -> DetectionDataset:
@@ -250,7 +259,7 @@ def image_folder_dataset(
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"image folder not found: {directory}")
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = image_files(directory)
     if not files:
         raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {directory}")
     records = []

@@ -146,6 +146,9 @@ def small_inputs(tmp_path: Path) -> dict[str, Path]:
     (root / "images").mkdir(parents=True)
     for name, (h, w) in {"img_a.png": (20, 30), "img_b.png": (24, 16)}.items():
         cv2.imwrite(str(root / "images" / name), np.full((h, w, 3), 90, np.uint8))
+    (root / "elsewhere").mkdir()  # an image of the folder that is a symlink to a file outside it
+    cv2.imwrite(str(root / "elsewhere" / "c.png"), np.full((8, 8, 3), 40, np.uint8))
+    (root / "images" / "img_c.png").symlink_to(root / "elsewhere" / "c.png")
     files = {
         "synsets": "n90000001 circle\nn90000002 square\nn90000003 triangle\nn90000004 cross\nn90000005 ring\n",
         "gt.csv": "ImageId,PredictionString\nimg_a,n90000001 1 1 10 10\nimg_b,n90000002 2 2 9 9\n",
@@ -195,8 +198,10 @@ def test_an_output_equal_to_an_input_or_aliasing_it_through_a_symlink_is_refused
     ("case", "message"),
     [
         # item 2: --out over an input image wrote the submission into it
-        ("out_is_an_image", "--out {images}/img_a.png lies inside the input --images {images}: refusing to write "
-                            "there"),
+        ("out_is_an_image", "--out {images}/img_a.png is the same path as the input an image of --images "
+                            "{images}/img_a.png: refusing to overwrite it"),
+        ("out_in_the_image_folder", "--out {images}/sub.txt lies inside the input --images {images}: refusing to "
+                                    "write there"),
         # item 3: --csv-out over --gt destroyed the ground truth, then scored the submission against itself
         ("csv_out_is_gt", "--csv-out {gt} is the same path as the input --gt {gt}: refusing to overwrite it"),
         # item 4: --out over --cls-preds replaced the user's class predictions
@@ -209,6 +214,8 @@ def test_an_output_equal_to_an_input_or_aliasing_it_through_a_symlink_is_refused
                                   "same path: one output would overwrite the other"),
         ("json_out_is_synsets_file", "--out's synsets file {tmp}/sub.synsets.txt and --json-out {tmp}/sub.synsets.txt "
                                      "are the same path: one output would overwrite the other"),
+        ("out_is_a_symlinked_image", "--out {root}/elsewhere/c.png is the same path as the input an image of --images "
+                                     "{images}/img_c.png (= {root}/elsewhere/c.png): refusing to overwrite it"),
         ("out_is_cfg", "--out {cfg} is the same path as the input --cfg {cfg}: refusing to overwrite it"),
         ("out_is_ckpt", "--out {ckpt} is the same path as the input --ckpt {ckpt}: refusing to overwrite it"),
         ("out_holds_the_inputs", "the input --synsets {synsets} lies inside the output --out {root}: the tool's "
@@ -231,12 +238,14 @@ def test_each_output_landing_on_an_input_or_another_output_is_refused_before_any
     sub = str(tmp / "sub.txt")
     argv = {
         "out_is_an_image": [*write_args(paths), "--out", f"{paths['images']}/img_a.png"],
+        "out_in_the_image_folder": [*write_args(paths), "--out", f"{paths['images']}/sub.txt"],
         "csv_out_is_gt": [*write_args(paths), "--out", sub, "--csv-out", str(paths["gt"]), "--gt", str(paths["gt"])],
         "out_is_cls_preds": [*write_args(paths), "--out", str(paths["preds"]), "--cls-preds", str(paths["preds"])],
         "out_is_csv_out": [*write_args(paths), "--out", f"{tmp}/same.txt", "--csv-out", f"{tmp}/same.txt"],
         "csv_out_is_image_list": [*write_args(paths), "--out", sub, "--csv-out", f"{tmp}/sub.images.txt"],
         "json_out_is_synsets_file": [*[a for a in write_args(paths) if a not in ("--synsets", str(paths["synsets"]))],
                                      "--out", sub, "--gt", str(paths["gt"]), "--json-out", f"{tmp}/sub.synsets.txt"],
+        "out_is_a_symlinked_image": [*write_args(paths), "--out", f"{paths['root']}/elsewhere/c.png"],
         "out_is_cfg": [*write_args(paths), "--out", CONFIG],
         "out_is_ckpt": [*write_args(paths), "--out", str(paths["ckpt"])],
         "out_holds_the_inputs": [*write_args(paths), "--out", str(paths["root"])],
