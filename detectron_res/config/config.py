@@ -60,6 +60,11 @@ def _read_config_file(path: Path, *, role: str = "") -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"Config file not found: {path}{role}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"Config file {path}{role} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+            f"{error.start}): a YAML config was expected"
+        ) from None
     except OSError as error:
         raise ConfigError(f"Cannot read config file {path}{role}: {error}") from error
     return _parse_mapping(text, f"{path}{role}")

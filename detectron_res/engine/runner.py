@@ -139,11 +139,12 @@ def setup(
     return cfg
 
 
-_RUN_FOLDER_LOCKS: dict[Path, RunFolderLock] = {}  # held until the process ends (the kernel then frees them)
+_RUN_FOLDER_LOCKS: dict[Path, RunFolderLock] = {}  # held until run_tool returns, or the process ends
 
 
 def lock_run_folder(folder: str | os.PathLike) -> RunFolderLock:
-    """Takes `folder`'s run-folder lock for the rest of this process (again: the lock already held).
+    """Takes `folder`'s run-folder lock until `release_run_folders()` (which `run_tool` calls when the tool's main
+    returns) or the end of the process (again: the lock already held).
 
     Raises:
         RunFolderInUseError: another live process writes `folder`; the message names its process id.
@@ -152,6 +153,12 @@ def lock_run_folder(folder: str | os.PathLike) -> RunFolderLock:
     if folder not in _RUN_FOLDER_LOCKS:
         _RUN_FOLDER_LOCKS[folder] = RunFolderLock(folder).acquire()
     return _RUN_FOLDER_LOCKS[folder]
+
+
+def release_run_folders() -> None:
+    """Releases the run-folder locks `lock_run_folder` took in this process."""
+    while _RUN_FOLDER_LOCKS:
+        _RUN_FOLDER_LOCKS.popitem()[1].release()
 
 
 def world_size_overrides(solver, world_size: int) -> list[str]:
@@ -231,6 +238,8 @@ def run_tool(main: Callable[[list[str]], object], argv: Sequence[str]) -> int:
         if os.environ.get("TORCHELASTIC_ERROR_FILE") and not isinstance(error, SystemExit):
             ErrorHandler().record_exception(error)  # a bug's traceback for torchrun's summary, then propagate
         raise
+    finally:
+        release_run_folders()
     comm.destroy_distributed()
     return 0
 

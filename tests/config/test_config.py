@@ -136,6 +136,17 @@ def test_missing_base_and_missing_file_are_named(tmp_path: Path) -> None:
         load_config(tmp_path / "absent.yaml")
 
 
+def test_a_binary_config_or_base_is_named_not_a_bare_codec_error(tmp_path: Path) -> None:
+    png = tmp_path / "photo.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(8))
+    with pytest.raises(ConfigError) as error:
+        load_config(png)
+    assert str(error.value) == f"Config file {png} is not UTF-8 text (byte 0x89 at offset 0): a YAML config was expected"
+    child = write(tmp_path, "child.yaml", "_base_: photo.png\n")
+    with pytest.raises(ConfigError, match=r"Config file .*photo\.png \(the _base_ of .*child\.yaml\) is not UTF-8"):
+        load_config(child)
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
