@@ -12,7 +12,6 @@ LOC_synset_mapping.txt is class i - 1), best first, at most 5:
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from collections.abc import Mapping, Sequence
 
@@ -22,6 +21,7 @@ import torchvision
 from torchvision.transforms.v2 import functional as F
 
 from ..data.datasets.imagenet_loc import read_loc_solution, read_text_file
+from ..utils.io import read_torch_file
 
 __all__ = ["TorchvisionClassifier", "oracle_classes", "read_class_predictions"]
 
@@ -196,11 +196,7 @@ _DEPTHS = {(False, 2): 18, (False, 6): 34, (True, 6): 50, (True, 23): 101, (True
 
 
 def _load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:  # not torch, or pickled objects
-        first = (str(error).strip().splitlines() or [""])[0]
-        raise ValueError(f"{path}: not a torch state_dict file ({type(error).__name__}: {first})") from None
+    loaded = read_torch_file(path, what="classifier weights")  # weights-only; one line naming the file and why
     if isinstance(loaded, Mapping):
         for key in ("model", "state_dict"):
             if isinstance(loaded.get(key), Mapping):

@@ -249,7 +249,10 @@ def test_files_that_are_not_resnet_state_dicts_name_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"shape\.pth: does not fit torchvision's resnet18: .*fc\.bias"):
         TorchvisionClassifier(state_dict_path=path)
     text = write(tmp_path, "not a checkpoint\n", "text.pth")
-    with pytest.raises(ValueError, match=r"text\.pth: not a torch state_dict file"):
+    with pytest.raises(ValueError, match=r"Could not read classifier weights .*text\.pth: not a PyTorch file but text"):
+        TorchvisionClassifier(state_dict_path=text)
+    text = write(tmp_path, "hello weights\n", "hello.pth")  # torch's own error is a bare KeyError: 101
+    with pytest.raises(ValueError, match=r"Could not read classifier weights .*hello\.pth: not a PyTorch file but text"):
         TorchvisionClassifier(state_dict_path=text)
     torch.save([torch.zeros(1)], tmp_path / "list.pth")
     with pytest.raises(ValueError, match=r"list\.pth: holds a list, not a state_dict"):
