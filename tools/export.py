@@ -172,7 +172,8 @@ def example_image(cfg, sample_image: str | None) -> torch.Tensor:
             return build_test_mapper(cfg).map_image(image)["image"]
         except (ValueError, RuntimeError) as error:  # e.g. a resize's multi-line validation error: one line, named
             message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-            raise ValueError(f"--sample-image {sample_image} ({image.shape[0]}x{image.shape[1]} px): {message}") from error
+            size = f"{image.shape[0]}x{image.shape[1]} px"
+            raise ValueError(f"--sample-image {sample_image} ({size}): {message}") from error
     height, width = resize_shortest_edge_shape(
         *SYNTHETIC_PHOTO_SIZE, short_side=cfg.INPUT.MIN_SIZE_TEST, max_size=cfg.INPUT.MAX_SIZE_TEST
     )

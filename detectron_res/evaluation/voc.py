@@ -522,7 +522,8 @@ def evaluate_voc_devkit_results(
             detections.append(_ClassDetections.empty())
     if zero_based:
         logger.warning(
-            "%d line%s looked 0-based (xmin or ymin below 1), scored unshifted as the devkit scores them; the first: %s",
+            "%d line%s looked 0-based (xmin or ymin below 1), scored unshifted as the devkit scores them; "
+            "the first: %s",
             len(zero_based), "" if len(zero_based) == 1 else "s", zero_based[0],
         )
     elif as_devkit:

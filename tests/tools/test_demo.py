@@ -275,7 +275,8 @@ def test_outputs_that_alias_an_input_are_refused_before_anything_is_written(tiny
             run_demo(checkpoint, input_spec, output)
         assert str(caught.value) == message
     assert file_bytes(images) == before
-    assert file_bytes(tmp_path / "out") == out_before and [p.name for p in (tmp_path / "trap").iterdir()] == [first.name]
+    assert file_bytes(tmp_path / "out") == out_before
+    assert [p.name for p in (tmp_path / "trap").iterdir()] == [first.name]
     assert not (images / "annotated").exists() and not (images / "log.txt").exists()
 
 
@@ -287,8 +288,8 @@ def test_two_inputs_written_to_one_file_are_refused(tiny, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ValueError) as caught:
         run_demo(checkpoint, tmp_path / "clips", out)
-    assert str(caught.value) == (f"annotated file {out / 'clip.mp4'} and annotated file {out / 'clip.mp4'} are the same "
-                                 "path: one output would overwrite the other")
+    assert str(caught.value) == (f"annotated file {out / 'clip.mp4'} and annotated file {out / 'clip.mp4'} are the "
+                                 "same path: one output would overwrite the other")
     assert not out.exists()
 
 

@@ -166,7 +166,8 @@ def test_json_out_holding_broken_json_is_refused_before_anything_is_written(tiny
     for content, message in [
         (b'{"bbox": ', f"{out}: existing metrics file is not valid JSON (Expecting value: line 1 column 10 (char 9))"),
         (b"[1, 2]", f"{out}: existing metrics file must hold a JSON object, got list"),
-        (b"\x89PNG\r\n", f"{out}: existing metrics file is not UTF-8 text (byte 0x89 at offset 0), so not a metrics json"),
+        (b"\x89PNG\r\n",
+         f"{out}: existing metrics file is not UTF-8 text (byte 0x89 at offset 0), so not a metrics json"),
     ]:
         out.write_bytes(content)
         status, err = run_eval_det(["--gt", str(tiny_gt), "--dets", str(dets), "--json-out", str(out)], capsys)
@@ -206,7 +207,8 @@ def test_json_out_write_failure_names_the_flag(tiny_gt, tmp_path, capsys, monkey
     monkeypatch.setattr(eval_det, "write_metrics_json", read_only)
     out = tmp_path / "metrics.json"
     status, err = run_eval_det(["--gt", str(tiny_gt), "--dets", str(dets), "--json-out", str(out)], capsys)
-    assert status == 1 and err == [f"eval_det.py: error: could not write --json-out {out}: [Errno 30] Read-only file system"]
+    assert status == 1
+    assert err == [f"eval_det.py: error: could not write --json-out {out}: [Errno 30] Read-only file system"]
 
 
 # -- --as-devkit: a devkit file with 0-based lines scored as the devkit scores it (issue 21 item 12) -----------------

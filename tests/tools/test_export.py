@@ -149,7 +149,8 @@ def test_sample_images_of_extreme_aspect_ratio(checkpoint, tmp_path, height, wid
 def test_output_on_an_input_is_refused_before_anything_is_written(checkpoint, tmp_path, capsys):
     path, run_dir, sample = checkpoint
     config = tmp_path / "config.yaml"
-    config.write_text(Path(CONFIG).read_text().replace("_base_: base_c4.yaml", f"_base_: {REPO / 'configs/base_c4.yaml'}"))
+    base = f"_base_: {REPO / 'configs/base_c4.yaml'}"
+    config.write_text(Path(CONFIG).read_text().replace("_base_: base_c4.yaml", base))
     (tmp_path / "link.pth").symlink_to(path)
     inputs = [path, sample, config]
     before = [p.read_bytes() for p in inputs]

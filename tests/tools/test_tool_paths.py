@@ -33,7 +33,8 @@ def inputs(tmp_path):
     root = tmp_path / "inputs"
     root.mkdir()
     base = b"_base_: " + str(REPO / "configs/base_c4.yaml").encode()
-    (root / "det.yaml").write_bytes((REPO / "configs/shapes_r18.yaml").read_bytes().replace(b"_base_: base_c4.yaml", base))
+    config = (REPO / "configs/shapes_r18.yaml").read_bytes()
+    (root / "det.yaml").write_bytes(config.replace(b"_base_: base_c4.yaml", base))
     (root / "a.pth").write_bytes(b"checkpoint a")
     (root / "images").mkdir()
     rng = np.random.default_rng(0)
@@ -41,9 +42,12 @@ def inputs(tmp_path):
         cv2.imwrite(str(root / "images" / name), rng.integers(0, 256, size=(40, 60, 3), dtype=np.uint8))
     (root / "gt.json").write_text(json.dumps({
         "images": [{"id": 1, "height": 100, "width": 100}], "categories": [{"id": 4, "name": "ball"}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 4, "bbox": [10, 10, 20, 20], "area": 400, "iscrowd": 0}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 4, "bbox": [10, 10, 20, 20], "area": 400, "iscrowd": 0}
+        ],
     }))
-    (root / "dets.json").write_text(json.dumps([{"image_id": 1, "category_id": 4, "bbox": [10, 10, 20, 20], "score": 0.5}]))
+    detection = {"image_id": 1, "category_id": 4, "bbox": [10, 10, 20, 20], "score": 0.5}
+    (root / "dets.json").write_text(json.dumps([detection]))
     (root / "run").mkdir()
     (root / "run" / "metrics.jsonl").write_text('{"iteration": 20, "total_loss": 1.5, "lr": 0.01}\n')
     for name in ("det.yaml", "a.pth", "images", "sample.png", "gt.json", "dets.json", "run/metrics.jsonl"):
