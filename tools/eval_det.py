@@ -39,6 +39,7 @@ from detectron_res.evaluation.metrics import (
 )
 from detectron_res.evaluation.pr_curves import AP_BARS_FILE, PR_CURVES_FILE
 from detectron_res.evaluation.voc import evaluate_voc_devkit_results, format_voc_table
+from detectron_res.utils.io import DiskFullError
 from detectron_res.utils.paths import check_tool_paths
 
 
@@ -97,9 +98,10 @@ def write_json_out(path: str, metrics: dict) -> None:
     """``write_metrics_json``, its failure named after ``--json-out``."""
     try:
         write_metrics_json(path, metrics)
+    except DiskFullError:
+        raise  # one line naming the file, the space left and what was kept
     except OSError as error:
-        message = str(error)
-        raise OSError(message if path in message else f"could not write --json-out {path}: {message}") from error
+        raise OSError(f"could not write --json-out {path}: {error.strerror or error}") from error
 
 
 def one_line(error: BaseException) -> str:

@@ -208,7 +208,7 @@ def test_json_out_write_failure_names_the_flag(tiny_gt, tmp_path, capsys, monkey
     out = tmp_path / "metrics.json"
     status, err = run_eval_det(["--gt", str(tiny_gt), "--dets", str(dets), "--json-out", str(out)], capsys)
     assert status == 1
-    assert err == [f"eval_det.py: error: could not write --json-out {out}: [Errno 30] Read-only file system"]
+    assert err == [f"eval_det.py: error: could not write --json-out {out}: Read-only file system"]
 
 
 # -- --as-devkit: a devkit file with 0-based lines scored as the devkit scores it (issue 21 item 12) -----------------
