@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detectron_res.config import load_config
+from detectron_res.config import config_files, load_config
 from detectron_res.data.datasets.imagenet_loc import read_synsets
 from detectron_res.engine.logger import setup_logging
 from detectron_res.engine.runner import error_summary
@@ -113,7 +113,7 @@ def check_paths(args: argparse.Namespace, *, checkpoints: dict[str, Path | str |
     if not args.evaluate:
         inputs.update({
             "--images": args.images, "an image of --images": image_files(args.images),
-            "--cfg": args.cfg, "--ckpt": args.ckpt, "--rcnn-ckpt": args.rcnn_ckpt,
+            "--cfg": config_files(args.cfg) if args.cfg else None, "--ckpt": args.ckpt, "--rcnn-ckpt": args.rcnn_ckpt,
             "--cls-preds": args.cls_preds, "--oracle-gt": args.oracle_gt, "--classifier": args.classifier,
             **(checkpoints or {}),
         })

@@ -292,6 +292,14 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> CfgNode:
     return _validated_and_frozen(cfg, origins)
 
 
+def config_files(path: str | Path) -> list[Path]:
+    """The files `load_config(path)` reads: ``path`` and its ``_base_`` file, if it names one (for the tools' check
+    that no output lands on an input)."""
+    path = Path(path)
+    base_name = _read_config_file(path).get(BASE_KEY)
+    return [path, path.parent / base_name] if isinstance(base_name, str) and base_name.strip() else [path]
+
+
 def merge_overrides(cfg: CfgNode, overrides: Sequence[str]) -> CfgNode:
     """A new frozen, validated config: ``cfg`` with ``KEY=VALUE`` overrides applied (``cfg`` is left unchanged)."""
     merged = cfg.clone()

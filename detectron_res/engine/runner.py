@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
-from ..config import load_config, merge_overrides, save_config
+from ..config import config_files, load_config, merge_overrides, save_config
 from ..data.datasets.base import DetectionDataset
 from ..data.build import build_test_data_loader, build_train_data_loader, build_train_dataset, load_dataset
 from ..evaluation import InferenceTiming, inference_on_dataset, write_metrics_json
@@ -106,7 +106,7 @@ def setup(
     cfg = load_config(args.cfg, overrides)
     check_tool_paths(
         inputs={
-            "--cfg": args.cfg,
+            "--cfg": config_files(args.cfg),  # and its _base_
             **{key: path for key, path in (("MODEL.WEIGHTS", cfg.MODEL.WEIGHTS),
                                            ("MODEL.BACKBONE.WEIGHTS", cfg.MODEL.BACKBONE.WEIGHTS)) if "://" not in path},
             **(inputs or {}),

@@ -24,6 +24,8 @@ def inputs(tmp_path):
         "loc.yaml": (REPO / "configs/loc_shapes_r18.yaml").read_bytes().replace(b"_base_: base_c4.yaml", base),
         "a.pth": b"checkpoint a",
         "b.pth": b"checkpoint b",
+        "base.yaml": (REPO / "configs/base_c4.yaml").read_bytes(),
+        "child.yaml": b"_base_: base.yaml\nSEED: 3\n",
     }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
@@ -43,11 +45,12 @@ def cases(root: Path) -> list[tuple[str, list[str], str, str]]:
         ("train_loc", ["--cfg", loc, "--stage", "rcnn", "--rpn-ckpt", b, "--output", "{out}"], "--output", "b.pth"),
         ("ensemble_det", ["--model", det, a, "--model", det, b, "--output", "{out}"], "--output", "b.pth"),
         ("benchmark", ["--cfg", det, "--json-out", "{out}"], "--json-out", "det.yaml"),
+        ("train_det", ["--cfg", str(root / "child.yaml"), "--output", "{out}"], "--output", "base.yaml"),  # a _base_
     ]
 
 
 @pytest.mark.parametrize("alias", ["same", "symlink"])
-@pytest.mark.parametrize("index", range(8))
+@pytest.mark.parametrize("index", range(9))
 def test_output_on_an_input_is_refused_and_the_input_kept(inputs, index, alias, monkeypatch, capsys):
     root, files = inputs
     tool_name, argv, flag, target = cases(root)[index]
