@@ -23,7 +23,7 @@ import argparse
 import logging
 import sys
 
-from detectron_res.config import load_config
+from detectron_res.config import config_files, load_config
 from detectron_res.engine.checkpoint import Checkpointer
 from detectron_res.engine.runner import check_checkpoint_settings, run_tool
 from detectron_res.modeling import build_model
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="overrides of the --check-cfg config")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    check_tool_paths(inputs={"INPUT": args.input, "--check-cfg": args.check_cfg}, outputs={"OUTPUT": args.output})
+    check_config = config_files(args.check_cfg) if args.check_cfg else None  # and its _base_
+    check_tool_paths(inputs={"INPUT": args.input, "--check-cfg": check_config}, outputs={"OUTPUT": args.output})
     converted = convert_file(args.input, source_format=args.source_format)
     save_converted(converted, args.output, source=args.input)
     target = "MODEL.WEIGHTS" if converted.format == "detectron2" else "MODEL.BACKBONE.WEIGHTS"

@@ -44,7 +44,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from detectron_res.config import load_config, merge_overrides
+from detectron_res.config import config_files, load_config, merge_overrides
 from detectron_res.data.build import build_test_mapper, load_dataset
 from detectron_res.data.mapper import read_image_rgb
 from detectron_res.engine.predictor import Predictor
@@ -101,7 +101,8 @@ def check_paths(
     ckpt: str | None,
 ) -> None:
     """Refuses, before anything is written, an output (the --output folder, an annotated file, log.txt) that is or
-    lies inside an input (an input file; the --input folder or the glob's common folder; --cfg, --ckpt), an
+    lies inside an input (an input file; the --input folder or the glob's common folder; --cfg and its _base_,
+    --ckpt), an
     --output folder that holds an input image or video, and two outputs on one path (`utils.paths`: resolved, so
     `..` and symlinks count). --cfg and --ckpt may lie in --output (a training's folder), as long as no annotated
     file lands on them.
@@ -112,7 +113,7 @@ def check_paths(
     folder_given = not Path(spec).is_file()  # a folder or a glob: its folder is an input too (re-read next time)
     outputs = {"--output": output_dir, "annotated file": targets, "log.txt": output_dir / "log.txt"}
     check_tool_paths(inputs={"--input": [*files, *([base] if folder_given else [])]}, outputs=outputs)
-    check_tool_paths(inputs={"--cfg": cfg, "--ckpt": ckpt}, outputs=outputs, run_folders=["--output"])
+    check_tool_paths(inputs={"--cfg": config_files(cfg), "--ckpt": ckpt}, outputs=outputs, run_folders=["--output"])
 
 
 def output_path(source: Path, base: Path, output_dir: Path) -> Path:

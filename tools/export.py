@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from detectron_res.config import load_config, merge_overrides
+from detectron_res.config import config_files, load_config, merge_overrides
 from detectron_res.data.build import build_test_mapper
 from detectron_res.data.mapper import read_image_rgb, resize_shortest_edge_shape
 from detectron_res.engine.export import (
@@ -138,8 +138,10 @@ def check_output(args: argparse.Namespace, cfg) -> None:
     if output.is_dir():
         example = output / ("model.onnx" if args.format == "onnx" else "model.ts")
         raise IsADirectoryError(f"--output {output} is a folder: give the file to write (e.g. {example})")
+    weights = {**checkpoint, "MODEL.BACKBONE.WEIGHTS": cfg.MODEL.BACKBONE.WEIGHTS}
     check_tool_paths(
-        inputs={"--cfg": args.cfg, **checkpoint, "MODEL.BACKBONE.WEIGHTS": cfg.MODEL.BACKBONE.WEIGHTS,
+        inputs={"--cfg": config_files(args.cfg),  # and its _base_
+                **{key: path for key, path in weights.items() if path and "://" not in str(path)},  # not torchvision://
                 "--sample-image": args.sample_image},
         outputs={"--output": output, "the log": Path(cfg.OUTPUT_DIR) / "log.txt"},
     )

@@ -27,14 +27,16 @@ def tree(root: Path) -> dict[str, bytes | None]:
 
 @pytest.fixture
 def inputs(tmp_path):
-    """A detector config, a "checkpoint" (its bytes only matter: nothing may be read from it before the refusal),
-    a folder of two images, a sample image, a COCO ground truth and results file, and a run folder with its
-    metrics.jsonl; a symlink beside each at the top (link_<name>)."""
+    """A detector config, a config with its _base_ beside it, a "checkpoint" (its bytes only matter: nothing may be
+    read from it before the refusal), a folder of two images, a sample image, a COCO ground truth and results file,
+    and a run folder with its metrics.jsonl; a symlink beside each at the top (link_<name>)."""
     root = tmp_path / "inputs"
     root.mkdir()
     base = b"_base_: " + str(REPO / "configs/base_c4.yaml").encode()
     config = (REPO / "configs/shapes_r18.yaml").read_bytes()
     (root / "det.yaml").write_bytes(config.replace(b"_base_: base_c4.yaml", base))
+    (root / "base.yaml").write_bytes((REPO / "configs/base_c4.yaml").read_bytes())
+    (root / "child.yaml").write_bytes(b"_base_: base.yaml\nSEED: 3\n")  # a config whose _base_ is an input too
     (root / "a.pth").write_bytes(b"checkpoint a")
     (root / "images").mkdir()
     rng = np.random.default_rng(0)
@@ -50,7 +52,7 @@ def inputs(tmp_path):
     (root / "dets.json").write_text(json.dumps([detection]))
     (root / "run").mkdir()
     (root / "run" / "metrics.jsonl").write_text('{"iteration": 20, "total_loss": 1.5, "lr": 0.01}\n')
-    for name in ("det.yaml", "a.pth", "images", "sample.png", "gt.json", "dets.json", "run/metrics.jsonl"):
+    for name in ("det.yaml", "base.yaml", "a.pth", "images", "sample.png", "gt.json", "dets.json", "run/metrics.jsonl"):
         os.symlink(root / name, root / f"link_{Path(name).name}")
     return root
 
@@ -60,6 +62,7 @@ def cases(root: Path) -> list[tuple[str, list[str], str, str, str]]:
     det, a, images, sample = (str(root / name) for name in ("det.yaml", "a.pth", "images", "sample.png"))
     gt, dets, run = (str(root / name) for name in ("gt.json", "dets.json", "run"))
     one = str(root / "images" / "one.png")
+    child, base = str(root / "child.yaml"), str(root / "base.yaml")
     return [
         ("demo", ["--cfg", det, "--ckpt", a, "--input", images, "--output", "{out}"], "--output", "--input", images),
         ("demo", ["--cfg", det, "--ckpt", a, "--input", one, "--output", "{out}"], "--output", "--ckpt", a),
@@ -72,6 +75,10 @@ def cases(root: Path) -> list[tuple[str, list[str], str, str, str]]:
                     f"OUTPUT_DIR={run}"], "--output", "--sample-image", sample),
         ("convert_weights", ["--from", "torchvision", a, "{out}"], "OUTPUT", "INPUT", a),
         ("convert_weights", ["--from", "torchvision", a, "{out}", "--check-cfg", det], "OUTPUT", "--check-cfg", det),
+        ("demo", ["--cfg", child, "--ckpt", a, "--input", one, "--output", "{out}"], "--output", "--cfg", base),
+        ("export", ["--cfg", child, "--ckpt", a, "--format", "torchscript", "--output", "{out}", f"OUTPUT_DIR={run}"],
+         "--output", "--cfg", base),
+        ("convert_weights", ["--from", "torchvision", a, "{out}", "--check-cfg", child], "OUTPUT", "--check-cfg", base),
     ]
 
 
@@ -85,7 +92,7 @@ def run(tool_name: str, argv: list[str]) -> int:
 
 
 @pytest.mark.parametrize("alias", ["same", "symlink"])
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(12))
 def test_output_on_an_input_is_refused_and_the_input_kept(inputs, index, alias, monkeypatch, capfd):
     root = inputs
     tool_name, argv, flag, input_flag, target = cases(root)[index]
