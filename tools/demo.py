@@ -48,7 +48,14 @@ from detectron_res.config import config_files, load_config, merge_overrides
 from detectron_res.data.build import build_test_mapper, load_dataset
 from detectron_res.data.mapper import read_image_rgb
 from detectron_res.engine.predictor import Predictor
-from detectron_res.engine.runner import default_argument_parser, load_for_inference, parse_args, run_tool, setup
+from detectron_res.engine.runner import (
+    default_argument_parser,
+    load_for_inference,
+    parse_args,
+    releasing_run_folders,
+    run_tool,
+    setup,
+)
 from detectron_res.utils.paths import check_tool_paths
 from detectron_res.utils.visualize import draw_detections
 
@@ -327,6 +334,7 @@ def annotate_video(predictor: Predictor, source: Path, target: Path, score_thr: 
             "fps": fps, "detections": per_frame, "seconds": seconds}
 
 
+@releasing_run_folders
 def main(argv: list[str] | None = None) -> list[dict]:
     """Runs the demo; returns one record per input file: {"input", "output" (the annotated file), "kind": "image",
     "detections" (those drawn: boxes, scores, labels, class_names), "seconds" (the model's)} or {"input", "output",

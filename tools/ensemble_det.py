@@ -24,7 +24,15 @@ import sys
 from pathlib import Path
 
 from detectron_res.config import load_config
-from detectron_res.engine.runner import EVAL_CONFIG_FILE, evaluate, load_for_inference, parse_args, run_tool, setup
+from detectron_res.engine.runner import (
+    EVAL_CONFIG_FILE,
+    evaluate,
+    load_for_inference,
+    parse_args,
+    releasing_run_folders,
+    run_tool,
+    setup,
+)
 from detectron_res.modeling import DetectorEnsemble, build_test_time
 from detectron_res.utils import atomic_write_text
 
@@ -75,6 +83,7 @@ def check_class_names(members: list[tuple[str, str]], metadata: list[dict]) -> N
             )
 
 
+@releasing_run_folders
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(build_parser(), argv)
     members = [(config, ckpt) for config, ckpt in args.model]

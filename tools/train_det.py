@@ -23,12 +23,14 @@ from detectron_res.engine.runner import (
     launch_processes,
     load_for_inference,
     parse_args,
+    releasing_run_folders,
     run_tool,
     setup,
     train,
 )
 
 
+@releasing_run_folders
 def main(argv: list[str] | None = None) -> dict:
     parser = default_argument_parser(__doc__.splitlines()[0])
     parser.add_argument(

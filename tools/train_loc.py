@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import sys
 
-from detectron_res.engine.runner import default_argument_parser, parse_args, run_tool, setup
+from detectron_res.engine.runner import default_argument_parser, parse_args, releasing_run_folders, run_tool, setup
 from detectron_res.localization.train import train_rcnn_stage, train_rpn_stage
 
 
+@releasing_run_folders
 def main(argv: list[str] | None = None) -> dict:
     parser = default_argument_parser(__doc__.splitlines()[0])
     parser.add_argument(

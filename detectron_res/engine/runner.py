@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import random
@@ -98,7 +99,8 @@ def setup(
     Before anything is written, OUTPUT_DIR is checked against the tool's inputs (`utils.paths.check_tool_paths`:
     --cfg, MODEL.WEIGHTS, MODEL.BACKBONE.WEIGHTS and the tool's own `inputs`, e.g. {"--ckpt": path}); it is a run
     folder, so a config or checkpoint inside it may be read. With `lock`, rank 0 then holds OUTPUT_DIR's run-folder
-    lock until the process ends, so a second run on the same folder is refused with this one's process id.
+    lock until the tool's main returns (`releasing_run_folders`) or the process ends, so that a second run on the
+    same folder is refused with this one's process id.
     """
     overrides = list(args.opts)
     if args.output is not None:
@@ -139,12 +141,12 @@ def setup(
     return cfg
 
 
-_RUN_FOLDER_LOCKS: dict[Path, RunFolderLock] = {}  # held until run_tool returns, or the process ends
+_RUN_FOLDER_LOCKS: dict[Path, RunFolderLock] = {}  # held until the tool's main returns, or the process ends
 
 
 def lock_run_folder(folder: str | os.PathLike) -> RunFolderLock:
-    """Takes `folder`'s run-folder lock until `release_run_folders()` (which `run_tool` calls when the tool's main
-    returns) or the end of the process (again: the lock already held).
+    """Takes `folder`'s run-folder lock until `release_run_folders()` (called when a tool's main returns, see
+    `releasing_run_folders`) or the end of the process (again: the lock already held).
 
     Raises:
         RunFolderInUseError: another live process writes `folder`; the message names its process id.
@@ -159,6 +161,21 @@ def release_run_folders() -> None:
     """Releases the run-folder locks `lock_run_folder` took in this process."""
     while _RUN_FOLDER_LOCKS:
         _RUN_FOLDER_LOCKS.popitem()[1].release()
+
+
+def releasing_run_folders(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorates a tool's `main` so that the run folders its `setup` locked are released when it returns or
+    raises: a caller in Python (a notebook, a test) may run the tool again, or launch it on N processes, on the
+    same folder."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        finally:
+            release_run_folders()
+
+    return wrapper
 
 
 def world_size_overrides(solver, world_size: int) -> list[str]:
@@ -238,8 +255,6 @@ def run_tool(main: Callable[[list[str]], object], argv: Sequence[str]) -> int:
         if os.environ.get("TORCHELASTIC_ERROR_FILE") and not isinstance(error, SystemExit):
             ErrorHandler().record_exception(error)  # a bug's traceback for torchrun's summary, then propagate
         raise
-    finally:
-        release_run_folders()
     comm.destroy_distributed()
     return 0
 
