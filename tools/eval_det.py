@@ -24,7 +24,6 @@ refusal is one line naming the path.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,7 +39,7 @@ from detectron_res.evaluation.metrics import (
 from detectron_res.evaluation.pr_curves import AP_BARS_FILE, PR_CURVES_FILE
 from detectron_res.evaluation.voc import evaluate_voc_devkit_results, format_voc_table
 from detectron_res.utils.io import DiskFullError
-from detectron_res.utils.paths import check_tool_paths
+from detectron_res.utils.paths import check_tool_paths, check_writable
 
 
 def _evaluate_coco(args: argparse.Namespace) -> dict:
@@ -84,13 +83,7 @@ def check_outputs(args: argparse.Namespace) -> None:
     if json_out.is_dir():
         raise IsADirectoryError(f"--json-out {json_out} is a folder: give the json file to write (e.g. "
                                 f"{json_out / 'metrics.json'})")
-    folder = json_out.absolute().parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise NotADirectoryError(f"--json-out {json_out} cannot be written: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"--json-out {json_out} cannot be written: no permission to write in {folder}")
+    check_writable(json_out, flag="--json-out")
     read_metrics_json(json_out)  # an existing file must hold a JSON object to merge into
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -55,7 +54,7 @@ from detectron_res.engine.export import (
 )
 from detectron_res.engine.checkpoint import Checkpointer
 from detectron_res.engine.runner import default_argument_parser, load_for_inference, parse_args, run_tool, setup
-from detectron_res.utils.paths import check_tool_paths
+from detectron_res.utils.paths import check_tool_paths, check_writable
 
 logger = logging.getLogger("detectron_res.export")
 
@@ -145,13 +144,7 @@ def check_output(args: argparse.Namespace, cfg) -> None:
                 "--sample-image": args.sample_image},
         outputs={"--output": output, "the log": Path(cfg.OUTPUT_DIR) / "log.txt"},
     )
-    folder = output.absolute().parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise NotADirectoryError(f"--output {output} cannot be written: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"--output {output} cannot be written: no permission to write in {folder}")
+    check_writable(output, flag="--output")
 
 
 def import_onnx_packages() -> None:

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from detectron_res.utils.paths import check_tool_paths
+from detectron_res.utils.paths import check_tool_paths, check_writable
 from detectron_res.utils.plots import (
     INSTALL_HINT,
     MatplotlibMissingError,
@@ -50,13 +49,7 @@ def check_out_dir(out_dir: Path, *, log_file: Path, pngs: Sequence[Path]) -> Non
     check_tool_paths(inputs={"training log": log_file}, outputs={"--out": out_dir, "plot": pngs}, run_folders=["--out"])
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--out {out_dir} is a file, not a folder: give the folder the PNGs go to")
-    folder = out_dir.absolute()
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise NotADirectoryError(f"--out {out_dir} cannot be created: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"--out {out_dir} cannot be written: no permission to write in {folder}")
+    check_writable(out_dir, flag="--out", folder=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

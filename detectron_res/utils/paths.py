@@ -96,6 +96,24 @@ def check_tool_paths(
                 )
 
 
+def check_writable(path: PathLike, *, flag: str, folder: bool = False) -> None:
+    """Refuses, in one line naming `flag`, an output that cannot be written because the nearest folder of it that
+    exists is a file (so the rest cannot be created) or is not writable by this user: checked before any work, so
+    that minutes of evaluation or tracing are not lost to a typo. `folder`: `path` is a folder to create or fill,
+    not a file. (A write can still fail later, e.g. on a full disk; as root, permissions are not checked.)
+
+    Raises:
+        NotADirectoryError, PermissionError: the one-line reason.
+    """
+    nearest = Path(path).absolute() if folder else Path(path).absolute().parent
+    while not nearest.exists():
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise NotADirectoryError(f"{flag} {path} cannot be written: {nearest} is a file, not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path} cannot be written: no permission to write in {nearest}")
+
+
 class RunFolderLock:
     """Holds `folder/.lock` for this process (see the module docstring). Use as a context manager or call
     `acquire()`, which keeps the lock until `release()` or the process ends.

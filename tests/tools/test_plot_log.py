@@ -115,7 +115,7 @@ def test_out_that_is_or_lies_under_a_file_is_one_line(run_dir, tmp_path, capsys)
     assert status == 1 and err == [f"plot_log.py: error: --out {blocker} is a file, not a folder: give the folder the "
                                    "PNGs go to"]
     status, err = run_plot_log([str(run_dir), "--out", str(blocker / "plots")], capsys)
-    assert status == 1 and err == [f"plot_log.py: error: --out {blocker / 'plots'} cannot be created: {blocker} is a "
+    assert status == 1 and err == [f"plot_log.py: error: --out {blocker / 'plots'} cannot be written: {blocker} is a "
                                    "file, not a folder"]
     assert blocker.read_text() == "x"
 

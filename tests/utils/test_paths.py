@@ -6,7 +6,13 @@ import sys
 
 import pytest
 
-from detectron_res.utils.paths import PathConflictError, RunFolderInUseError, RunFolderLock, check_tool_paths
+from detectron_res.utils.paths import (
+    PathConflictError,
+    RunFolderInUseError,
+    RunFolderLock,
+    check_tool_paths,
+    check_writable,
+)
 
 
 @pytest.fixture
@@ -25,7 +31,9 @@ def test_distinct_paths_pass(tree):
                      outputs={"--output": tree / "out", "--json-out": tree / "m.json", "--none": None})
 
 
-@pytest.mark.parametrize("output", ["in", "in/../in", "link_to_in", "in/a.jpg", "link_to_in/a.jpg", "gt.csv", "./gt.csv"])
+@pytest.mark.parametrize(
+    "output", ["in", "in/../in", "link_to_in", "in/a.jpg", "link_to_in/a.jpg", "gt.csv", "./gt.csv"]
+)
 def test_output_equal_to_an_input_is_refused(tree, output):
     with pytest.raises(PathConflictError, match="--output .* same path as the input"):
         check_tool_paths(inputs={"--input": [tree / "in", tree / "in" / "a.jpg"], "--gt": tree / "gt.csv"},
@@ -64,7 +72,8 @@ def test_run_folder_lock_refuses_a_second_holder_naming_its_pid_and_frees_on_dea
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(RunFolderInUseError, match=f"{tmp_path} is in use by another run \\(process {holder.pid}\\)"):
+        in_use = f"{tmp_path} is in use by another run \\(process {holder.pid}\\)"
+        with pytest.raises(RunFolderInUseError, match=in_use):
             RunFolderLock(tmp_path).acquire()
     finally:
         holder.kill()
@@ -73,3 +82,18 @@ def test_run_folder_lock_refuses_a_second_holder_naming_its_pid_and_frees_on_dea
         assert lock.held
         assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
     assert (tmp_path / ".lock").read_text() == ""
+
+
+def test_check_writable_names_the_file_in_the_way(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    check_writable(tmp_path / "new" / "deeper" / "m.json", flag="--json-out")  # folders to be made: fine
+    check_writable(tmp_path / "plots", flag="--out", folder=True)
+    with pytest.raises(NotADirectoryError) as error:
+        check_writable(blocker / "sub" / "m.json", flag="--json-out")
+    assert str(error.value) == (
+        f"--json-out {blocker / 'sub' / 'm.json'} cannot be written: {blocker} is a file, not a folder"
+    )
+    with pytest.raises(NotADirectoryError, match=f"--out {blocker} cannot be written: {blocker} is a file"):
+        check_writable(blocker, flag="--out", folder=True)
+    check_writable(blocker, flag="--json-out")  # an existing file output: its folder is what must be writable
