@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="load the result into this config's model with strict checking")
     parser.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="overrides of the --check-cfg config")
     args = parser.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # stderr: the error line only
     check_config = config_files(args.check_cfg) if args.check_cfg else None  # and its _base_
     check_tool_paths(inputs={"INPUT": args.input, "--check-cfg": check_config}, outputs={"OUTPUT": args.output})
     converted = convert_file(args.input, source_format=args.source_format)

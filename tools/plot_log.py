@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unwritable, or no matplotlib)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # stderr: the error line only
     source = Path(args.output_dir)
     log_file = source if source.is_file() else source / TRAIN_LOG_FILE
     out_dir = Path(args.out) if args.out else log_file.parent / "plots"

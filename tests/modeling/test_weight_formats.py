@@ -7,6 +7,9 @@ from __future__ import annotations
 import io
 import logging
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +32,8 @@ from detectron_res.modeling.weight_formats import (
     read_weights_file,
     save_converted,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 MSRA_MEAN_BGR = np.array([103.53, 116.28, 123.675], dtype=np.float32)
@@ -349,3 +354,20 @@ def test_detect_format():
     assert detect_format(["conv1.weight", "layer1.0.conv1.weight", "fc.weight"]) == "torchvision"
     assert detect_format(["backbone.layer1.0.conv1.weight", "rpn.head.conv.weight"]) == "detectron_res"
     assert detect_format(["something.else"]) is None
+
+
+def test_convert_weights_errors_are_the_only_stderr_line_after_its_warnings(tmp_path):
+    """--check-cfg with another pixel mean (a warning) and another stride placement (an error): the warning goes to
+    stdout with the tool's other output, stderr holds the error line alone (with logging on stderr it was two)."""
+    source = write_pickle(tmp_path / "in.pkl", msra_blobs(50))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools/convert_weights.py"), "--from", "msra", source, str(tmp_path / "out.pth"),
+         "--check-cfg", str(REPO / "configs/d2_r50_c4.yaml"), f"OUTPUT_DIR={tmp_path}", "MODEL.PIXEL_MEAN=[1,2,3]",
+         "MODEL.BACKBONE.STRIDE_IN_1X1=false"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("convert_weights.py: error: ")
+    assert "MODEL.BACKBONE.STRIDE_IN_1X1" in result.stderr
+    assert "MODEL.PIXEL_MEAN" in result.stdout
