@@ -261,6 +261,7 @@ VALUE_RULES: tuple[tuple[str, Check], ...] = (
     ("INPUT.HFLIP_PROB", between(0.0, 1.0)),
     ("INPUT.SIZE_DIVISIBILITY", at_least(1)),
     ("INPUT.FORMAT", one_of("RGB", "BGR")),
+    ("INPUT.RESIZE_BACKEND", one_of("opencv", "pil")),  # data.mapper.RESIZE_BACKENDS
     ("DATASETS.TRAIN", non_empty()),
     ("DATALOADER.NUM_WORKERS", at_least(0)),
     ("DATALOADER.ON_BAD_IMAGE", one_of("error", "skip")),

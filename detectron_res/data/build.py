@@ -68,6 +68,7 @@ def build_train_data_loader(
             max_size=cfg.INPUT.MAX_SIZE_TRAIN,
             hflip_prob=cfg.INPUT.HFLIP_PROB,
             is_train=True,
+            resize_backend=cfg.INPUT.RESIZE_BACKEND,
         )
     return build_train_loader(
         dataset,
@@ -86,13 +87,15 @@ def build_train_data_loader(
 
 
 def build_test_mapper(cfg) -> DatasetMapper:
-    """The inference mapper: INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST, plus the image pyramid of TEST.MULTI_SCALE."""
+    """The inference mapper: INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST, plus the image pyramid of TEST.MULTI_SCALE,
+    resized with INPUT.RESIZE_BACKEND."""
     multi_scale = cfg.TEST.MULTI_SCALE
     return DatasetMapper(
         min_size=cfg.INPUT.MIN_SIZE_TEST,
         max_size=cfg.INPUT.MAX_SIZE_TEST,
         is_train=False,
         test_scales=multi_scale.SCALES if multi_scale.ENABLED else (),
+        resize_backend=cfg.INPUT.RESIZE_BACKEND,
     )
 
 

@@ -12,12 +12,14 @@ import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from detectron_res.postprocess.multiscale import pyramid_max_size  # noqa: E402
 from detectron_res.structures.boxes import clip_boxes, nonempty_boxes  # noqa: E402
 
 _MIN_BOX_SIDE = 1e-5  # boxes thinner than this (in resized pixels) are dropped, as in detectron2
 _TRANSFORM_CACHE_SIZE = 512
+RESIZE_BACKENDS = ("opencv", "pil")  # INPUT.RESIZE_BACKEND's values; see `resize_image`
 
 
 class BadImageError(ValueError):
@@ -112,6 +114,11 @@ class DatasetMapper:
     With ``test_scales`` (inference only: multi-scale testing), it also holds ``pyramid``: the image resized to
     each of those shorter sides, in their order, the longer side capped at ``max_size`` scaled alike
     (`pyramid_max_size`); a scale of the same size as ``image`` is that same tensor.
+
+    ``resize_backend`` (INPUT.RESIZE_BACKEND) picks the resize of every image it outputs: "opencv" (OpenCV's
+    bilinear, the default) or "pil" (PIL's bilinear on the uint8 image, detectron2's ``ResizeTransform``: the same
+    pixels as detectron2's data loader and ``DefaultPredictor``); see `resize_image`. With "pil", the boxes are
+    scaled, flipped and clipped with detectron2's arithmetic (``apply_box``, then clipping to the resized image).
     """
 
     def __init__(
@@ -122,6 +129,7 @@ class DatasetMapper:
         hflip_prob: float = 0.0,
         is_train: bool,
         test_scales: Sequence[int] = (),
+        resize_backend: str = "opencv",
     ) -> None:
         sizes = (min_size,) if isinstance(min_size, (int, np.integer)) else tuple(min_size)
         if not sizes or not all(isinstance(size, (int, np.integer)) and size > 0 for size in sizes):
@@ -139,6 +147,9 @@ class DatasetMapper:
         if not all(isinstance(scale, (int, np.integer)) and scale > 0 for scale in test_scales):
             raise ValueError(f"test_scales must be positive ints, got {list(test_scales)!r}")
         self.test_scales: tuple[int, ...] = tuple(int(scale) for scale in test_scales)
+        if resize_backend not in RESIZE_BACKENDS:
+            raise ValueError(f"resize_backend must be one of {list(RESIZE_BACKENDS)}, got {resize_backend!r}")
+        self.resize_backend = resize_backend
 
     def __call__(self, record: dict, *, rng: np.random.Generator | None = None) -> dict:
         file_name = record["file_name"]
@@ -163,14 +174,24 @@ class DatasetMapper:
 
         annotations = record.get("annotations")
         targets = [ann for ann in annotations or () if not ann.get("iscrowd", 0)]
-        boxes = clip_boxes(
-            np.array([ann["bbox"] for ann in targets], dtype=np.float64).reshape(-1, 4), height=height, width=width
-        )
+        given_boxes = np.array([ann["bbox"] for ann in targets], dtype=np.float64).reshape(-1, 4)
+        boxes = clip_boxes(given_boxes, height=height, width=width)
         classes = np.array([ann["category_id"] for ann in targets], dtype=np.int64)
         valid = nonempty_boxes(boxes)
-        transformed = _geometric_transform(new_height, new_width, flip)(
-            image=image, bboxes=boxes[valid], class_labels=classes[valid]
-        )
+        if self.resize_backend == "pil":  # detectron2's order: resize, flip; its boxes from the given ones
+            resized = _pil_resize(image, new_height, new_width)
+            scale = (new_height / height, new_width / width)
+            transformed = {
+                "image": resized[:, ::-1] if flip else resized,
+                "bboxes": _scale_boxes_like_detectron2(
+                    given_boxes[valid], scale=scale, size=(new_height, new_width), flip=flip
+                ),
+                "class_labels": classes[valid],
+            }
+        else:
+            transformed = _geometric_transform(new_height, new_width, flip)(
+                image=image, bboxes=boxes[valid], class_labels=classes[valid]
+            )
 
         output = {
             "image": _to_chw_tensor(transformed["image"]),
@@ -200,7 +221,8 @@ class DatasetMapper:
         new_height, new_width = resize_shortest_edge_shape(
             height, width, short_side=self.min_sizes[0], max_size=self.max_size
         )
-        resized = _to_chw_tensor(_resize(image, new_height, new_width))
+        resized = resize_image(image, height=new_height, width=new_width, backend=self.resize_backend)
+        resized = _to_chw_tensor(resized)
         output = {"image": resized, "height": height, "width": width}
         if self.test_scales:
             output["pyramid"] = self._pyramid(image, resized)
@@ -219,7 +241,11 @@ class DatasetMapper:
                 max_size=pyramid_max_size(scale, min_size=self.min_sizes[0], max_size=self.max_size),
             )
             same = size == tuple(resized.shape[-2:])
-            pyramid.append(resized if same else _to_chw_tensor(_resize(image, *size)))
+            if same:
+                pyramid.append(resized)
+            else:
+                scaled = resize_image(image, height=size[0], width=size[1], backend=self.resize_backend)
+                pyramid.append(_to_chw_tensor(scaled))
         return pyramid
 
 
@@ -234,9 +260,41 @@ def check_image_array(image: object) -> None:
         raise ValueError(f"the image is empty: {image.shape[0]}x{image.shape[1]} (HxW) pixels")
 
 
-def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """The (H, W, 3) image resized to (height, width) by the same transform as the data set images."""
-    return _geometric_transform(height, width, False)(image=image, bboxes=[], class_labels=[])["image"]
+def resize_image(image: np.ndarray, *, height: int, width: int, backend: str) -> np.ndarray:
+    """The (H, W, 3) uint8 image resized to (height, width) with `backend`'s bilinear interpolation.
+
+    "opencv": ``cv2.resize(..., INTER_LINEAR)`` (through albumentations, as the data set images), which samples the
+    2x2 pixels around each output pixel's centre also when shrinking. "pil": ``Image.resize((width, height),
+    Image.BILINEAR)`` on the uint8 image, which is what detectron2's ``ResizeTransform.apply_image`` calls for
+    uint8 images (its ``ResizeShortestEdge``; other dtypes go through ``F.interpolate`` there, which the mapper never
+    sees): a triangle filter whose support widens with the shrink factor (antialiased), in fixed point.
+    """
+    if backend == "pil":
+        return _pil_resize(image, height, width)
+    if backend == "opencv":
+        return _geometric_transform(height, width, False)(image=image, bboxes=[], class_labels=[])["image"]
+    raise ValueError(f"resize backend must be one of {list(RESIZE_BACKENDS)}, got {backend!r}")
+
+
+def _pil_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """detectron2's ``ResizeTransform.apply_image`` for an (H, W, 3) uint8 array: PIL bilinear to (height, width)."""
+    resized = Image.fromarray(np.ascontiguousarray(image)).resize((width, height), Image.BILINEAR)
+    return np.asarray(resized)
+
+
+def _scale_boxes_like_detectron2(
+    boxes: np.ndarray, *, scale: tuple[float, float], size: tuple[int, int], flip: bool
+) -> np.ndarray:
+    """(N, 4) XYXY boxes through detectron2's ``ResizeTransform`` then ``HFlipTransform`` (``apply_box``: each
+    coordinate times new/old size, x -> width - x, corners re-sorted) and its clipping to the resized image
+    (``transform_instance_annotations``), in float64 as there; ``scale`` is (new_h / h, new_w / w), ``size`` the
+    resized (height, width)."""
+    scale_y, scale_x = scale
+    height, width = size
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * np.array([scale_x, scale_y, scale_x, scale_y])
+    if flip:
+        boxes = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
+    return np.minimum(boxes.clip(min=0), np.array([width, height, width, height], dtype=np.float64))
 
 
 def _to_chw_tensor(image: np.ndarray) -> torch.Tensor:
