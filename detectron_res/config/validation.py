@@ -254,6 +254,7 @@ VALUE_RULES: tuple[tuple[str, Check], ...] = (
     ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", between(0.0, 1.0)),
     ("MODEL.ROI_HEADS.NMS_THRESH_TEST", _IOU),
     ("MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE", at_least(1)),
+    ("MODEL.ROI_HEADS.EMPTY_BOXES", one_of("before_nms", "after_rescale")),  # postprocess.EMPTY_BOX_RULES
     ("INPUT.MIN_SIZE_TRAIN", _POSITIVE_LIST),
     ("INPUT.MAX_SIZE_TRAIN", greater_than(0)),
     ("INPUT.MIN_SIZE_TEST", greater_than(0)),

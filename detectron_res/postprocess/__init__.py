@@ -2,10 +2,11 @@
 of multi-scale testing."""
 
 from .multiscale import adjacent_scale_pairs, pyramid_max_size
-from .nms import detection_candidates, nonempty_boxes, per_class_nms, select_detections
+from .nms import EMPTY_BOX_RULES, detection_candidates, nonempty_boxes, per_class_nms, select_detections
 from .vote import box_voting
 
 __all__ = [
+    "EMPTY_BOX_RULES",
     "adjacent_scale_pairs",
     "box_voting",
     "detection_candidates",
