@@ -59,7 +59,9 @@ class Predictor:
     def __call__(self, image: str | os.PathLike | np.ndarray, *, input_format: str = "RGB") -> dict:
         """
         Args:
-            image: an image file (decoded with OpenCV) or an (H, W, 3) uint8 array.
+            image: an image file (decoded with OpenCV) or an (H, W, 3) uint8 array; resized by the mapper's
+                backend (INPUT.RESIZE_BACKEND: "pil" in the d2 configs gives the pixels of detectron2's
+                `DefaultPredictor` given the same image as a BGR array).
             input_format: channel order of an array: "RGB" (PIL, matplotlib) or "BGR" (cv2.imread).
         Returns:
             {"boxes": float32 (D, 4) XYXY in the image's pixels, "scores": float32 (D,), "labels": int64 (D,),
