@@ -92,6 +92,7 @@ def build_roi_heads(cfg, *, stride: int) -> Res5ROIHeads:
         score_thresh=h.SCORE_THRESH_TEST,
         nms_thresh=h.NMS_THRESH_TEST,
         detections_per_image=h.DETECTIONS_PER_IMAGE,
+        empty_boxes=h.EMPTY_BOXES,
     )
     return Res5ROIHeads(
         pooler=ROIPooler(

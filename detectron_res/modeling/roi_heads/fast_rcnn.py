@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import clip_boxes_to_image
 
-from ...postprocess import per_class_nms
+from ...postprocess import EMPTY_BOX_RULES, per_class_nms
 
 
 class FastRCNNOutputLayers(nn.Module):
@@ -24,6 +24,7 @@ class FastRCNNOutputLayers(nn.Module):
         score_thresh: float,
         nms_thresh: float,
         detections_per_image: int,
+        empty_boxes: str = "before_nms",
     ):
         """
         Args:
@@ -32,6 +33,8 @@ class FastRCNNOutputLayers(nn.Module):
             box_coder: proposal <-> box delta transform (weights 10, 10, 5, 5).
             smooth_l1_beta: transition point of the box loss.
             score_thresh, nms_thresh, detections_per_image: inference post-processing, see `per_class_nms`.
+            empty_boxes: when detections with an empty box are dropped (MODEL.ROI_HEADS.EMPTY_BOXES): "before_nms"
+                or "after_rescale" (detectron2's rule), see `postprocess.EMPTY_BOX_RULES`.
         """
         super().__init__()
         self.num_classes = num_classes
@@ -46,6 +49,9 @@ class FastRCNNOutputLayers(nn.Module):
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_image = detections_per_image
+        if empty_boxes not in EMPTY_BOX_RULES:
+            raise ValueError(f"empty_boxes must be one of {list(EMPTY_BOX_RULES)}, got {empty_boxes!r}")
+        self.empty_boxes = empty_boxes
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(R, C) RoI features -> class logits (R, K+1), box deltas (R, 4K), in float32 also under autocast (the
@@ -102,6 +108,7 @@ class FastRCNNOutputLayers(nn.Module):
                 score_thresh=self.score_thresh,
                 nms_thresh=self.nms_thresh,
                 max_detections=self.detections_per_image,
+                empty_boxes=self.empty_boxes,
             )
             results.append({"boxes": boxes, "scores": scores, "labels": labels})
         return results

@@ -203,7 +203,10 @@ class Res5ROIHeads(nn.Module):
             boxes = [torch.cat(pair) for pair in zip(boxes, second_boxes)]
         candidates = []
         for image_probs, image_boxes in zip(probs, boxes):
-            found = detection_candidates(image_boxes, image_probs, score_thresh=self.predictor.score_thresh)
+            found = detection_candidates(
+                image_boxes, image_probs, score_thresh=self.predictor.score_thresh,
+                empty_boxes=self.predictor.empty_boxes,
+            )
             candidates.append(dict(zip(("boxes", "scores", "labels"), found)))
         return candidates
 
