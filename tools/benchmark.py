@@ -4,6 +4,8 @@
     python tools/benchmark.py --cfg configs/coco_r50.yaml --device cpu --mode infer --json-out r50_infer.json
     python tools/benchmark.py --cfg configs/coco_r50.yaml --device cpu --mode train --runs 3 --warmup 1
     python tools/benchmark.py --cfg configs/coco_r50.yaml --compare torchvision --json-out r50_vs_torchvision.json
+    PYTHONPATH=path/to/detectron2 python tools/benchmark.py --cfg configs/d2_r50_c4.yaml --compare detectron2 \
+        INPUT.MAX_SIZE_TEST=1067
 
 Inference: one random image of the config's test size (INPUT.MIN_SIZE_TEST x MAX_SIZE_TEST) with its test
 proposal count (MODEL.RPN.POST_NMS_TOPK_TEST); training: SOLVER.IMS_PER_BATCH random images of the training size
@@ -13,8 +15,10 @@ config says; random weights start each residual block at its shortcut (`zero_ini
 trunks keep finite activations. The FLOP/s of a large 3x3 convolution is measured in the same
 run as the machine's reference. `--compare torchvision` also builds the same detector from torchvision's
 FasterRCNN with the same weights (`engine.benchmark.torchvision_equivalent`) and times it in the same process, run
-for run in turn with ours; "speedup" is our images/s over torchvision's. See docs/benchmarks.md. KEY=VALUE
-arguments override config keys.
+for run in turn with ours; "speedup" is our images/s over torchvision's. `--compare detectron2` does the same with
+detectron2's own GeneralizedRCNN (`engine.benchmark.detectron2_equivalent`; detectron2 must be importable, e.g. its
+source on PYTHONPATH, and the config one that detectron2 can express, e.g. configs/d2_r50_c4.yaml). See
+docs/benchmarks.md. KEY=VALUE arguments override config keys.
 """
 
 from __future__ import annotations
@@ -27,11 +31,17 @@ import torch
 
 from detectron_res.config import load_config
 from detectron_res.engine.benchmark import (
+    DETECTRON2_STAGES,
     STAGES,
     TORCHVISION_STAGES,
     Candidate,
     benchmark_models,
     conv_reference,
+    detectron2_call,
+    detectron2_config_problem,
+    detectron2_equivalent,
+    detectron2_inputs,
+    import_detectron2,
     synthetic_inputs,
     torchvision_equivalent,
     torchvision_inputs,
@@ -44,6 +54,9 @@ from detectron_res.utils import atomic_write_text
 from detectron_res.utils.paths import check_tool_paths
 
 
+COMPARED = ("torchvision", "detectron2")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cfg", required=True, help="config file (YAML)")
@@ -51,8 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mode", choices=("infer", "train"), default="infer")
     parser.add_argument("--runs", type=int, default=5, help="timed runs (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first")
-    parser.add_argument("--compare", choices=("torchvision",), default=None,
-                        help="also time the same detector built from torchvision, with the same weights")
+    parser.add_argument("--compare", choices=COMPARED, default=None,
+                        help="also time the same detector built from torchvision or by detectron2 (importable, "
+                        "e.g. its source on PYTHONPATH), with the same weights")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count (a slow extra pass in train mode)")
     parser.add_argument("--json-out", default=None, help="write the results here as JSON")
     parser.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides")
@@ -63,6 +77,14 @@ def main(argv: list[str] | None = None) -> dict:
                 "MODEL.BACKBONE.WEIGHTS": cfg.MODEL.BACKBONE.WEIGHTS},
         outputs={"--json-out": args.json_out},
     )
+    if args.compare == "detectron2":  # before any model is built: a missing detectron2 is known in a second
+        try:
+            import_detectron2()
+        except ValueError as error:
+            raise ValueError(f"--compare detectron2: {error}") from error
+        problem = detectron2_config_problem(cfg)
+        if problem:
+            raise ValueError(f"--compare detectron2: {problem}")
     torch.manual_seed(cfg.SEED)
     model = build_model(cfg)
     if not cfg.MODEL.BACKBONE.WEIGHTS:
@@ -85,6 +107,11 @@ def main(argv: list[str] | None = None) -> dict:
         call = (lambda: theirs(images)) if targets is None else (lambda: theirs(images, targets))
         candidates["torchvision"] = Candidate(theirs, call, len(inputs), TORCHVISION_STAGES,
                                               sgd_at_rate_0(cfg, theirs, args))  # fmt: skip
+    elif args.compare == "detectron2":
+        theirs = detectron2_equivalent(model, cfg)
+        call = detectron2_call(theirs, detectron2_inputs(inputs, input_format=cfg.INPUT.FORMAT))
+        candidates["detectron2"] = Candidate(theirs, call, len(inputs), DETECTRON2_STAGES,
+                                             sgd_at_rate_0(cfg, theirs, args))  # fmt: skip
     results = {
         "config": args.cfg,
         "mode": args.mode,
@@ -119,7 +146,7 @@ def sgd_at_rate_0(cfg, model: torch.nn.Module, args: argparse.Namespace) -> torc
 
 
 def format_results(results: dict) -> str:
-    names = [name for name in ("ours", "torchvision") if name in results]
+    names = [name for name in ("ours", *COMPARED) if name in results]
     lines = [
         f"{results['config']} {results['mode']} on {results['device']} ({results['threads']} threads), input "
         f"{'x'.join(map(str, results['input']))}; a 3x3 convolution reaches "
@@ -139,7 +166,8 @@ def format_results(results: dict) -> str:
                 "convolution's"
             )
     if "speedup" in results:
-        lines.append(f"speedup (our images/s over torchvision's): {results['speedup']:.2f}x")
+        (other,) = [name for name in COMPARED if name in results]
+        lines.append(f"speedup (our images/s over {other}'s): {results['speedup']:.2f}x")
     return "\n".join(lines)
 
 

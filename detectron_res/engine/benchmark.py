@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -36,6 +37,12 @@ TORCHVISION_STAGES = {
     "rpn": "FasterRCNN.rpn",
     "res5_head": "FasterRCNN.roi_heads.box_head",
     "box_predictor": "FasterRCNN.roi_heads.box_predictor",
+}
+DETECTRON2_STAGES = {
+    "trunk": "GeneralizedRCNN.backbone",
+    "rpn": "GeneralizedRCNN.proposal_generator",
+    "res5_head": "GeneralizedRCNN.roi_heads.res5",
+    "box_predictor": "GeneralizedRCNN.roi_heads.box_predictor",
 }
 
 
@@ -315,3 +322,152 @@ def time_alternating(
         for name, step in steps.items():
             seconds[name] += time_runs(step, warmup=0, runs=1, device=device)
     return seconds
+
+
+def import_detectron2() -> tuple[Callable, Callable]:
+    """detectron2's `get_cfg` and `build_model`, or ValueError with one line saying why detectron2 is not
+    importable (it is never a requirement of detectron_res: `--compare detectron2` takes it from the environment,
+    e.g. its source on PYTHONPATH; docs/benchmarks.md)."""
+    try:
+        with warnings.catch_warnings():  # its imports warn about torch.jit.script on recent torch
+            warnings.simplefilter("ignore")
+            from detectron2.config import get_cfg
+            from detectron2.modeling import build_model
+    except ImportError as error:
+        raise ValueError(
+            f"detectron2 is not importable ({error}): install it, or put its source folder (the clone of "
+            "github.com/facebookresearch/detectron2) and its Python dependencies on PYTHONPATH"
+        ) from error
+    return get_cfg, build_model
+
+
+def detectron2_config_problem(cfg) -> str | None:
+    """Why detectron2's GeneralizedRCNN cannot be configured as our `cfg`'s detector (the first key at fault, with
+    its value), or None."""
+    model, rpn, heads, test = cfg.MODEL, cfg.MODEL.RPN, cfg.MODEL.ROI_HEADS, cfg.TEST
+    problems = {
+        "MODEL.META_ARCHITECTURE": (model.META_ARCHITECTURE, model.META_ARCHITECTURE == "FasterRCNN"),
+        "MODEL.BACKBONE.DEPTH": (model.BACKBONE.DEPTH, model.BACKBONE.DEPTH in (50, 101, 152)),
+        "MODEL.BACKBONE.WIDTH": (model.BACKBONE.WIDTH, model.BACKBONE.WIDTH == 64),
+        "MODEL.BACKBONE.NORM": (model.BACKBONE.NORM, model.BACKBONE.NORM == "FrozenBN"),
+        "MODEL.RPN.MIN_SIZE": (rpn.MIN_SIZE, rpn.MIN_SIZE == 0),
+        "MODEL.ROI_HEADS.POOLER": (heads.POOLER, heads.POOLER == "ROIAlign"),
+        "MODEL.ROI_HEADS.BG_IOU_THRESH_LO": (heads.BG_IOU_THRESH_LO, heads.BG_IOU_THRESH_LO == 0),
+        "MODEL.ROI_HEADS.GLOBAL_CONTEXT": (heads.GLOBAL_CONTEXT, not heads.GLOBAL_CONTEXT),
+        "INPUT.SIZE_DIVISIBILITY": (cfg.INPUT.SIZE_DIVISIBILITY, cfg.INPUT.SIZE_DIVISIBILITY in (0, 1)),
+        "TEST.AMP.ENABLED": (test.AMP.ENABLED, not test.AMP.ENABLED),
+        "TEST.BOX_REFINEMENT.ENABLED": (test.BOX_REFINEMENT.ENABLED, not test.BOX_REFINEMENT.ENABLED),
+        "TEST.BOX_VOTING.ENABLED": (test.BOX_VOTING.ENABLED, not test.BOX_VOTING.ENABLED),
+        "TEST.MULTI_SCALE.ENABLED": (test.MULTI_SCALE.ENABLED, not test.MULTI_SCALE.ENABLED),
+        "TEST.FLIP": (test.FLIP, not test.FLIP),
+    }
+    for key, (value, expressible) in problems.items():
+        if not expressible:
+            return (f"{key}={value} has no equivalent in detectron2's R-CNN C4 (a config that it can express: "
+                    "configs/d2_r50_c4.yaml, d2_r101_c4.yaml)")
+    return None
+
+
+def detectron2_equivalent(model: nn.Module, cfg) -> nn.Module:
+    """detectron2's GeneralizedRCNN with Res5ROIHeads (its R50-C4 config, Base-RCNN-C4.yaml, with `cfg`'s depth,
+    anchors, proposal counts, IoU thresholds, sampling, box coder weights, losses' betas, score and NMS thresholds
+    and detections per image), built by detectron2's own `build_model`, with `model`'s weights copied in (our names
+    mapped to detectron2's by `weight_formats.detectron2_name`, the inverse of reading a detectron2 checkpoint;
+    every one of its tensors is filled). Its images are in `cfg.INPUT.FORMAT`'s channel order (`detectron2_inputs`).
+
+    Raises:
+        ValueError: detectron2 not importable, or a `cfg` key detectron2 cannot express (named).
+    """
+    from ..modeling.weight_formats import detectron2_name
+
+    get_cfg, build_detectron2 = import_detectron2()
+    problem = detectron2_config_problem(cfg)
+    if problem:
+        raise ValueError(problem)
+    rpn, heads = cfg.MODEL.RPN, cfg.MODEL.ROI_HEADS
+    d2 = get_cfg()
+    d2.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"  # Base-RCNN-C4.yaml and faster_rcnn_R_50_C4_*.yaml
+    d2.MODEL.ROI_HEADS.NAME = "Res5ROIHeads"
+    d2.MODEL.MASK_ON = False
+    d2.MODEL.WEIGHTS = ""
+    d2.MODEL.DEVICE = str(model.device)
+    d2.MODEL.PIXEL_MEAN = list(cfg.MODEL.PIXEL_MEAN)
+    d2.MODEL.PIXEL_STD = list(cfg.MODEL.PIXEL_STD)
+    d2.INPUT.FORMAT = cfg.INPUT.FORMAT
+    d2.MODEL.BACKBONE.FREEZE_AT = cfg.MODEL.BACKBONE.FREEZE_AT
+    d2.MODEL.RESNETS.DEPTH = cfg.MODEL.BACKBONE.DEPTH
+    d2.MODEL.RESNETS.NORM = "FrozenBN"
+    d2.MODEL.RESNETS.STRIDE_IN_1X1 = cfg.MODEL.BACKBONE.STRIDE_IN_1X1
+    d2.MODEL.RESNETS.OUT_FEATURES = ["res4"]
+    d2.MODEL.ANCHOR_GENERATOR.SIZES = [list(rpn.ANCHOR_SIZES)]
+    d2.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [list(rpn.ASPECT_RATIOS)]
+    d2.MODEL.ANCHOR_GENERATOR.OFFSET = rpn.ANCHOR_OFFSET
+    d2.MODEL.RPN.IN_FEATURES = ["res4"]
+    d2.MODEL.RPN.CONV_DIMS = [rpn.HEAD_CHANNELS or -1]
+    d2.MODEL.RPN.IOU_THRESHOLDS = [rpn.NEGATIVE_IOU, rpn.POSITIVE_IOU]
+    d2.MODEL.RPN.BOUNDARY_THRESH = rpn.BOUNDARY_THRESH
+    d2.MODEL.RPN.BATCH_SIZE_PER_IMAGE = rpn.BATCH_SIZE_PER_IMAGE
+    d2.MODEL.RPN.POSITIVE_FRACTION = rpn.POSITIVE_FRACTION
+    d2.MODEL.RPN.PRE_NMS_TOPK_TRAIN, d2.MODEL.RPN.POST_NMS_TOPK_TRAIN = rpn.PRE_NMS_TOPK_TRAIN, rpn.POST_NMS_TOPK_TRAIN
+    d2.MODEL.RPN.PRE_NMS_TOPK_TEST, d2.MODEL.RPN.POST_NMS_TOPK_TEST = rpn.PRE_NMS_TOPK_TEST, rpn.POST_NMS_TOPK_TEST
+    d2.MODEL.RPN.NMS_THRESH = rpn.NMS_THRESH
+    d2.MODEL.RPN.BBOX_REG_WEIGHTS = list(rpn.BBOX_REG_WEIGHTS)
+    d2.MODEL.RPN.SMOOTH_L1_BETA = rpn.SMOOTH_L1_BETA
+    d2.MODEL.RPN.LOSS_WEIGHT = rpn.LOSS_WEIGHT
+    d2.MODEL.ROI_HEADS.NUM_CLASSES = cfg.MODEL.NUM_CLASSES
+    d2.MODEL.ROI_HEADS.IN_FEATURES = ["res4"]
+    d2.MODEL.ROI_HEADS.IOU_THRESHOLDS = [heads.FG_IOU_THRESH]
+    d2.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = heads.BATCH_SIZE_PER_IMAGE
+    d2.MODEL.ROI_HEADS.POSITIVE_FRACTION = heads.POSITIVE_FRACTION
+    d2.MODEL.ROI_HEADS.PROPOSAL_APPEND_GT = heads.PROPOSAL_APPEND_GT
+    d2.MODEL.ROI_HEADS.SCORE_THRESH_TEST = heads.SCORE_THRESH_TEST
+    d2.MODEL.ROI_HEADS.NMS_THRESH_TEST = heads.NMS_THRESH_TEST
+    d2.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIAlignV2" if heads.POOLER_ALIGNED else "ROIAlign"
+    d2.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = heads.POOLER_RESOLUTION
+    d2.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO = heads.POOLER_SAMPLING_RATIO
+    d2.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS = list(heads.BBOX_REG_WEIGHTS)
+    d2.MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA = heads.SMOOTH_L1_BETA
+    d2.TEST.DETECTIONS_PER_IMAGE = heads.DETECTIONS_PER_IMAGE
+    d2.freeze()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        detector = build_detectron2(d2)
+    ours = model.state_dict()
+    theirs = detector.state_dict()
+    unmapped = [key for key in theirs if detectron2_name(key) not in ours]
+    if unmapped:
+        raise ValueError(f"detectron2's model has {len(unmapped)} tensors without a counterpart in ours: "
+                         f"{', '.join(unmapped[:5])}")  # fmt: skip
+    detector.load_state_dict({key: ours[detectron2_name(key)] for key in theirs})
+    return detector.to(model.device)
+
+
+def detectron2_inputs(inputs: list[dict], *, input_format: str) -> list[dict]:
+    """Our model inputs (RGB uint8 images) as detectron2's GeneralizedRCNN takes them: images in `input_format`'s
+    channel order, and in training the boxes and classes (0..K-1 in both) as its "instances"."""
+    from detectron2.structures import Boxes, Instances
+
+    converted = []
+    for x in inputs:
+        image = x["image"].flip(0).contiguous() if input_format == "BGR" else x["image"]
+        item = {"image": image, "height": x["height"], "width": x["width"]}
+        if "gt_boxes" in x:
+            instances = Instances(tuple(image.shape[1:]))
+            instances.gt_boxes = Boxes(x["gt_boxes"].clone())
+            instances.gt_classes = x["gt_classes"].clone()
+            item["instances"] = instances
+        converted.append(item)
+    return converted
+
+
+def detectron2_call(detector: nn.Module, inputs: list[dict]) -> Callable[[], object]:
+    """`detector(inputs)`; in training inside the EventStorage that detectron2's heads log to."""
+    from detectron2.utils.events import EventStorage
+
+    def call() -> object:
+        if not detector.training:
+            return detector(inputs)
+        with EventStorage():
+            return detector(inputs)
+
+    return call
