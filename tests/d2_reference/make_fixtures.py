@@ -232,7 +232,8 @@ def record_training(weights: Path, arrays: dict, meta: dict) -> None:
     parameters = dict(model.named_parameters())
     gradient_norms = {name: float(parameters[name].grad.norm()) for name in GRADIENT_PARAMETERS}
     for group in GRADIENT_GROUPS:
-        squares = [p.grad.double().pow(2).sum() for n, p in parameters.items() if n.startswith(group) and p.grad is not None]
+        squares = [p.grad.double().pow(2).sum() for n, p in parameters.items()
+                   if n.startswith(group) and p.grad is not None]
         gradient_norms[group + "*"] = float(torch.stack(squares).sum().sqrt())
     frozen = [n for n, p in parameters.items() if not p.requires_grad]
     meta["training"] = {
