@@ -32,8 +32,11 @@ import torch
 from detectron_res.config import load_config
 from detectron_res.engine.benchmark import (
     DETECTRON2_STAGES,
+    DETECTRON2_TIMED_STAGES,
     STAGES,
+    TIMED_STAGES,
     TORCHVISION_STAGES,
+    TORCHVISION_TIMED_STAGES,
     Candidate,
     benchmark_models,
     conv_reference,
@@ -99,19 +102,20 @@ def main(argv: list[str] | None = None) -> dict:
             num_images=cfg.SOLVER.IMS_PER_BATCH, height=cfg.INPUT.MIN_SIZE_TRAIN[0], width=cfg.INPUT.MAX_SIZE_TRAIN,
             num_boxes=4, num_classes=cfg.MODEL.NUM_CLASSES,
         )  # fmt: skip
-    candidates = {"ours": Candidate(model, lambda: model(inputs), len(inputs), STAGES, sgd_at_rate_0(cfg, model, args))}
+    candidates = {"ours": Candidate(model, lambda: model(inputs), len(inputs), STAGES, sgd_at_rate_0(cfg, model, args),
+                                    TIMED_STAGES)}  # fmt: skip
     if args.compare == "torchvision":
         height, width = inputs[0]["height"], inputs[0]["width"]
         theirs = torchvision_equivalent(model, min_size=min(height, width), max_size=max(height, width))
         images, targets = torchvision_inputs(inputs, device)
         call = (lambda: theirs(images)) if targets is None else (lambda: theirs(images, targets))
         candidates["torchvision"] = Candidate(theirs, call, len(inputs), TORCHVISION_STAGES,
-                                              sgd_at_rate_0(cfg, theirs, args))  # fmt: skip
+                                              sgd_at_rate_0(cfg, theirs, args), TORCHVISION_TIMED_STAGES)  # fmt: skip
     elif args.compare == "detectron2":
         theirs = detectron2_equivalent(model, cfg)
         call = detectron2_call(theirs, detectron2_inputs(inputs, input_format=cfg.INPUT.FORMAT))
         candidates["detectron2"] = Candidate(theirs, call, len(inputs), DETECTRON2_STAGES,
-                                             sgd_at_rate_0(cfg, theirs, args))  # fmt: skip
+                                             sgd_at_rate_0(cfg, theirs, args), DETECTRON2_TIMED_STAGES)  # fmt: skip
     results = {
         "config": args.cfg,
         "mode": args.mode,
@@ -159,6 +163,9 @@ def format_results(results: dict) -> str:
             f"{name}: median {r['median_s']:.3f} s (min {r['min_s']:.3f}, max {r['max_s']:.3f}, {len(r['seconds'])} "
             f"runs), {r['images_per_s']:.3f} images/s, peak memory {memory}"
         )
+        if "stage_seconds" in r:
+            lines.append("  seconds in the forward calls (medians): " + ", ".join(
+                f"{stage} {value:.3f}" for stage, value in r["stage_seconds"].items()))
         if "flops" in r:
             lines.append(
                 "  GFLOPs: " + ", ".join(f"{stage} {value / 1e9:.1f}" for stage, value in r["flops"].items())

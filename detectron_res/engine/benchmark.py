@@ -38,6 +38,28 @@ TORCHVISION_STAGES = {
     "res5_head": "FasterRCNN.roi_heads.box_head",
     "box_predictor": "FasterRCNN.roi_heads.box_predictor",
 }
+# the modules whose forward calls are timed (`StageTimer`), by their paths inside each detector
+TIMED_STAGES = {
+    "trunk": "backbone",
+    "rpn": "rpn",
+    "roi_align": "roi_heads.pooler",
+    "res5_head": "roi_heads.res5",
+    "box_predictor": "roi_heads.predictor",
+}
+TORCHVISION_TIMED_STAGES = {
+    "trunk": "backbone",
+    "rpn": "rpn",
+    "roi_align": "roi_heads.box_roi_pool",
+    "res5_head": "roi_heads.box_head",
+    "box_predictor": "roi_heads.box_predictor",
+}
+DETECTRON2_TIMED_STAGES = {
+    "trunk": "backbone",
+    "rpn": "proposal_generator",
+    "roi_align": "roi_heads.pooler",
+    "res5_head": "roi_heads.res5",
+    "box_predictor": "roi_heads.box_predictor",
+}
 DETECTRON2_STAGES = {
     "trunk": "GeneralizedRCNN.backbone",
     "rpn": "GeneralizedRCNN.proposal_generator",
@@ -151,13 +173,70 @@ def training_step(call: Callable[[], dict[str, Tensor]], optimizer: torch.optim.
 
 class Candidate(NamedTuple):
     """A model to time: `call()` runs `module` once on its inputs (`images` of them); `stages` maps stage names to
-    module paths for `stage_flops`; `optimizer` steps it in train mode."""
+    module paths for `stage_flops`; `optimizer` steps it in train mode; `timed_stages` maps stage names to the paths
+    of submodules of `module` whose forward calls `StageTimer` times."""
 
     module: nn.Module
     call: Callable[[], object]
     images: int
     stages: dict[str, str]
     optimizer: torch.optim.Optimizer | None = None
+    timed_stages: dict[str, str] | None = None
+
+
+class StageTimer:
+    """Seconds spent in the forward calls of some submodules (stage name: path inside `module`), summed over each
+    call of the step that `wrap` returns, by forward pre- and post-hooks (CUDA synchronised in each). Backward
+    passes and whatever runs outside those modules (pre- and post-processing, the losses, backward, the optimizer)
+    are the "other" of `medians`."""
+
+    def __init__(self, module: nn.Module, stages: dict[str, str], device: torch.device):
+        self.stages, self.device = stages, device
+        self.current: dict[str, float] = {}
+        self.runs: list[dict[str, float]] = []
+        self.handles = []
+        for name, path in stages.items():
+            submodule = module.get_submodule(path)
+            self.handles.append(submodule.register_forward_pre_hook(self._start(name)))
+            self.handles.append(submodule.register_forward_hook(self._stop(name)))
+        self.started: dict[str, float] = {}
+
+    def _start(self, name: str) -> Callable:
+        def hook(module, inputs):
+            synchronize_device(self.device)
+            self.started[name] = time.perf_counter()
+
+        return hook
+
+    def _stop(self, name: str) -> Callable:
+        def hook(module, inputs, output):
+            synchronize_device(self.device)
+            self.current[name] = self.current.get(name, 0.0) + time.perf_counter() - self.started.pop(name)
+
+        return hook
+
+    def wrap(self, step: Callable[[], object]) -> Callable[[], object]:
+        """`step`, recording its stages' seconds and its total in `runs`."""
+
+        def timed() -> object:
+            self.current = {name: 0.0 for name in self.stages}
+            start = time.perf_counter()
+            result = step()
+            synchronize_device(self.device)
+            self.runs.append({**self.current, "total": time.perf_counter() - start})
+            return result
+
+        return timed
+
+    def medians(self) -> dict[str, float]:
+        """Per stage, "other" (the total less the stages) and "total": the median over the recorded runs."""
+        rows = [{**run, "other": run["total"] - sum(run[name] for name in self.stages)} for run in self.runs]
+        return {key: statistics.median(row[key] for row in rows) for key in [*self.stages, "other", "total"]}
+
+    def remove(self) -> None:
+        """Removes the hooks."""
+        for handle in self.handles:
+            handle.remove()
 
 
 def benchmark_models(
@@ -166,10 +245,11 @@ def benchmark_models(
     """Times each candidate in "infer" mode (eval, under inference_mode) or "train" mode (`training_step`); with
     several, their timed runs alternate (A, B, A, B, ...).
 
-    Returns per name the timing summary, "peak_memory_mb" and, with `count_flops`, "flops" (per stage) and
-    "flops_per_s". Peak memory: on CUDA the allocator's peak during that model's warm-up; on the CPU the process's
-    peak RSS, known for the first candidate only (after its warm-up, run before any other; None for the others,
-    which share its process).
+    Returns per name the timing summary, "peak_memory_mb", for a candidate with `timed_stages` "stage_seconds" (the
+    medians over the timed runs of `StageTimer`: the forward passes of its stages, and "other") and, with
+    `count_flops`, "flops" (per stage) and "flops_per_s". Peak memory: on CUDA the allocator's peak during that
+    model's warm-up; on the CPU the process's peak RSS, known for the first candidate only (after its warm-up, run
+    before any other; None for the others, which share its process).
     """
     if mode not in ("infer", "train"):
         raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
@@ -191,7 +271,15 @@ def benchmark_models(
         for _ in range(warmup):
             step()
         peaks[name] = peak_memory_mb(device) if device.type == "cuda" or index == 0 else None
-    seconds = time_alternating(steps, warmup=0, runs=runs, device=device)
+    timers = {
+        name: StageTimer(candidate.module, candidate.timed_stages, device)
+        for name, candidate in candidates.items()
+        if candidate.timed_stages
+    }
+    timed_steps = {name: timers[name].wrap(step) if name in timers else step for name, step in steps.items()}
+    seconds = time_alternating(timed_steps, warmup=0, runs=runs, device=device)
+    for timer in timers.values():
+        timer.remove()
     if len(steps) == 1 and device.type == "cpu":  # alone in the process: its peak includes the timed runs
         (only,) = steps
         peaks[only] = peak_memory_mb(device)
@@ -199,6 +287,8 @@ def benchmark_models(
     for name, candidate in candidates.items():
         result = summary(seconds[name], images=candidate.images)
         result["peak_memory_mb"] = peaks[name]
+        if name in timers:
+            result["stage_seconds"] = timers[name].medians()
         if count_flops:
             result["flops"] = stage_flops(steps[name], candidate.stages)
             result["flops_per_s"] = result["flops"]["total"] / result["median_s"]

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from detectron_res.config import load_config
+from detectron_res.engine import benchmark as engine_benchmark
 from detectron_res.engine.benchmark import (
+    StageTimer,
     conv_reference,
     stage_flops,
     summary,
@@ -38,6 +40,41 @@ def test_summary_of_timed_runs():
     assert len(calls) == 5 and len(seconds) == 3
     with pytest.raises(ValueError, match="runs >= 1"):
         time_runs(lambda: None, warmup=0, runs=0, device=torch.device("cpu"))
+
+
+def test_the_stage_timer_sums_each_stage_over_its_calls(monkeypatch):
+    clock = {"now": 0.0}
+    monkeypatch.setattr(engine_benchmark.time, "perf_counter", lambda: clock["now"])
+
+    class Takes(nn.Module):
+        def __init__(self, seconds: float):
+            super().__init__()
+            self.seconds = seconds
+
+        def forward(self, x):
+            clock["now"] += self.seconds
+            return x
+
+    model = nn.Module()
+    model.head = nn.Module()
+    model.trunk, model.head.box = Takes(2.0), Takes(3.0)
+
+    def step():  # the trunk once, the head's box stage twice (as res5 runs on RoI chunks), 1 s elsewhere
+        model.head.box(model.trunk(0))
+        clock["now"] += 1.0
+        return model.head.box(0)
+
+    timer = StageTimer(model, {"trunk": "trunk", "box": "head.box"}, torch.device("cpu"))
+    timed = timer.wrap(step)
+    timed()
+    clock["now"] += 100.0  # between runs: not counted
+    model.head.box.seconds = 5.0
+    timed()
+    assert timer.runs == [{"trunk": 2.0, "box": 6.0, "total": 9.0}, {"trunk": 2.0, "box": 10.0, "total": 13.0}]
+    assert timer.medians() == {"trunk": 2.0, "box": 8.0, "other": 1.0, "total": 11.0}
+    timer.remove()
+    timed()
+    assert timer.runs[-1] == {"trunk": 0.0, "box": 0.0, "total": 13.0}  # no hooks any more
 
 
 def test_the_reference_convolution_counts_two_flops_per_multiply_add():
@@ -119,6 +156,10 @@ def test_the_tool_compares_with_torchvision(tmp_path, capsys):
     assert len(ours["seconds"]) == len(theirs["seconds"]) == 2
     assert results["speedup"] == ours["images_per_s"] / theirs["images_per_s"]
     assert ours["peak_memory_mb"] > 0 and theirs["peak_memory_mb"] is None  # not separable in one process
+    stages = ["trunk", "rpn", "roi_align", "res5_head", "box_predictor", "other", "total"]
+    for result in (ours, theirs):  # every stage ran, and the stage timer's total is inside the tool's timing
+        assert list(result["stage_seconds"]) == stages and min(result["stage_seconds"].values()) > 0
+        assert result["stage_seconds"]["total"] <= result["max_s"]
     # the same architecture: the same FLOPs in every stage with a FLOP formula (the RoI counts may differ: the
     # RPNs' proposals are not identical)
     for stage in ("trunk", "rpn"):
