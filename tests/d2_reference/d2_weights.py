@@ -12,6 +12,7 @@ Pure numpy from one seed, so that CI regenerates the same float32 values everywh
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from pathlib import Path
 
@@ -91,11 +92,25 @@ def detectron2_r50_c4_state(*, seed: int = SEED, num_classes: int = 80) -> dict[
     return state
 
 
-def write_detectron2_pkl(path: str | Path, *, seed: int = SEED) -> Path:
-    """Writes the weights of `seed` as detectron2's model zoo does (a pickle of {"model": name -> numpy array,
-    "__author__": ...}) to `path` (about 130 MB) and returns it."""
+def state_digest(state: dict[str, np.ndarray]) -> str:
+    """sha256 over the names, shapes and bytes of `state`'s arrays in name order: the same on every machine that
+    draws the same values (a numpy whose generator changed would give other weights, and other fixtures)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        array = np.ascontiguousarray(state[name])
+        digest.update(f"{name}{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def write_detectron2_pkl(
+    path: str | Path, *, seed: int = SEED, state: dict[str, np.ndarray] | None = None
+) -> Path:
+    """Writes the weights of `seed` (or `state`, drawn already) as detectron2's model zoo does (a pickle of
+    {"model": name -> numpy array, "__author__": ...}) to `path` (about 130 MB) and returns it."""
     path = Path(path)
-    data = {"model": detectron2_r50_c4_state(seed=seed), "__author__": "detectron_res tests/d2_reference"}
+    state = detectron2_r50_c4_state(seed=seed) if state is None else state
+    data = {"model": state, "__author__": "detectron_res tests/d2_reference"}
     with open(path, "wb") as handle:
         pickle.dump(data, handle, protocol=4)
     return path

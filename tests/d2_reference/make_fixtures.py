@@ -272,6 +272,8 @@ def main() -> None:
         "torch": torch.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
         "weights": {"generator": "tests/d2_reference/d2_weights.py", "seed": d2_weights.SEED},
     }
+    state = d2_weights.detectron2_r50_c4_state(seed=d2_weights.SEED)
+    meta["weights"].update(tensors=len(state), sha256=d2_weights.state_digest(state))
     arrays: dict = {}
     if args.part != "all":
         kept = "training" if args.part == "inference" else "inference"
@@ -279,7 +281,7 @@ def main() -> None:
         with np.load(out / "fixtures.npz") as data:
             arrays.update({k: data[k] for k in data.files if k.startswith("train/") == (kept == "training")})
     with tempfile.TemporaryDirectory() as folder:
-        weights = d2_weights.write_detectron2_pkl(Path(folder) / "d2_r50_c4_seeded.pkl")
+        weights = d2_weights.write_detectron2_pkl(Path(folder) / "d2_r50_c4_seeded.pkl", state=state)
         if args.part != "training":
             record_inference(weights, arrays, meta)
             save(out, meta, arrays)

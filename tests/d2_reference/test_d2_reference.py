@@ -22,7 +22,7 @@ import torch
 from torchvision.ops import box_iou
 
 from d2_sampling import FixedOrderSampler
-from d2_weights import write_detectron2_pkl
+from d2_weights import detectron2_r50_c4_state, state_digest, write_detectron2_pkl
 from detectron_res.config import load_config
 from detectron_res.data.build import build_test_mapper
 from detectron_res.data.mapper import DatasetMapper
@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 META = json.loads((HERE / "fixtures.json").read_text())
 ARRAYS = dict(np.load(HERE / "fixtures.npz"))
-INFERENCE_IMAGES = sorted(META["inference"].get("images", {}))
+INFERENCE_IMAGES = sorted(META["inference"]["images"])
 
 
 def digest(array: np.ndarray) -> str:
@@ -51,9 +51,23 @@ def config(tmp_path: Path, weights: Path, overrides: list[str] = ()):
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    """The seeded weights in detectron2's model-zoo .pkl form, regenerated from the seed (about 130 MB)."""
-    return write_detectron2_pkl(tmp_path_factory.mktemp("d2_weights") / "d2_r50_c4_seeded.pkl")
+def state() -> dict[str, np.ndarray]:
+    """The seeded weights, detectron2's names -> numpy arrays, regenerated from the seed."""
+    return detectron2_r50_c4_state(seed=META["weights"]["seed"])
+
+
+@pytest.fixture(scope="module")
+def weights(state, tmp_path_factory) -> Path:
+    """The seeded weights in detectron2's model-zoo .pkl form (about 130 MB)."""
+    return write_detectron2_pkl(tmp_path_factory.mktemp("d2_weights") / "d2_r50_c4_seeded.pkl", state=state)
+
+
+def test_the_weights_are_those_the_fixtures_were_recorded_on(state):
+    """Regenerated here, the weights are detectron2's R50-C4 (275 tensors, 33.9 M values) and bit for bit the ones
+    make_fixtures.py gave detectron2; were numpy's generator to change, this says so before the comparisons fail."""
+    assert len(state) == META["weights"]["tensors"] == 275
+    assert sum(array.size for array in state.values()) == 33_897_884
+    assert state_digest(state) == META["weights"]["sha256"]
 
 
 def match_fraction(
