@@ -29,7 +29,7 @@ import sys
 
 import torch
 
-from detectron_res.config import load_config
+from detectron_res.config import load_config, merge_overrides
 from detectron_res.engine.benchmark import (
     DETECTRON2_STAGES,
     DETECTRON2_TIMED_STAGES,
@@ -45,11 +45,13 @@ from detectron_res.engine.benchmark import (
     detectron2_equivalent,
     detectron2_inputs,
     import_detectron2,
+    loader_throughput,
     synthetic_inputs,
     torchvision_equivalent,
     torchvision_inputs,
     zero_init_residuals,
 )
+from detectron_res.data.build import build_train_data_loader, build_train_dataset
 from detectron_res.engine.runner import run_tool
 from detectron_res.engine.solver import build_optimizer
 from detectron_res.modeling import build_model, compile_for_inference
@@ -64,7 +66,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cfg", required=True, help="config file (YAML)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--mode", choices=("infer", "train"), default="infer")
+    parser.add_argument("--mode", choices=("infer", "train", "data"), default="infer",
+                        help="data: images/s of the training loader (DATASETS.TRAIN, decode, resize, flip, batch) for "
+                        "each --workers count, no model")
+    parser.add_argument("--workers", default="0,1,2", help="--mode data: the DATALOADER.NUM_WORKERS values to time")
     parser.add_argument("--runs", type=int, default=5, help="timed runs (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first")
     parser.add_argument("--compare", choices=COMPARED, default=None,
@@ -80,6 +85,12 @@ def main(argv: list[str] | None = None) -> dict:
                 "MODEL.BACKBONE.WEIGHTS": cfg.MODEL.BACKBONE.WEIGHTS},
         outputs={"--json-out": args.json_out},
     )
+    if args.mode == "data":
+        results = data_throughput(cfg, args)
+        print(format_data_results(results))
+        if args.json_out:
+            atomic_write_text(args.json_out, json.dumps(results, indent=2) + "\n")
+        return results
     if args.compare == "detectron2":  # before any model is built: a missing detectron2 is known in a second
         try:
             import_detectron2()
@@ -147,6 +158,39 @@ def sgd_at_rate_0(cfg, model: torch.nn.Module, args: argparse.Namespace) -> torc
     for group in optimizer.param_groups:
         group["lr"] = 0.0
     return optimizer
+
+
+def data_throughput(cfg, args: argparse.Namespace) -> dict:
+    """--mode data: the training loader of cfg (its DATASETS.TRAIN, SOLVER.IMS_PER_BATCH, INPUT sizes) timed for
+    each of --workers (`loader_throughput`: --warmup batches, then --runs); "per_worker" is images/s over the
+    worker count (the main process's own for 0 workers)."""
+    try:
+        counts = [int(value) for value in args.workers.split(",")]
+    except ValueError:
+        raise ValueError(f"--workers must be a comma-separated list of worker counts, got {args.workers!r}") from None
+    if not counts or min(counts) < 0:
+        raise ValueError(f"--workers must be worker counts >= 0, got {args.workers!r}")
+    dataset = build_train_dataset(cfg)
+    results = {"config": args.cfg, "mode": "data", "dataset": list(cfg.DATASETS.TRAIN), "images_in_dataset":
+               len(dataset), "batch_size": cfg.SOLVER.IMS_PER_BATCH, "input": {"min_size_train":
+               list(cfg.INPUT.MIN_SIZE_TRAIN), "max_size_train": cfg.INPUT.MAX_SIZE_TRAIN, "resize_backend":
+               cfg.INPUT.RESIZE_BACKEND}, "threads": torch.get_num_threads(), "workers": {}}  # fmt: skip
+    for count in counts:
+        loader = build_train_data_loader(merge_overrides(cfg, [f"DATALOADER.NUM_WORKERS={count}"]), dataset)
+        measured = loader_throughput(loader, warmup=args.warmup, batches=args.runs)
+        measured["per_worker"] = measured["images_per_s"] / max(count, 1)
+        results["workers"][str(count)] = measured
+    return results
+
+
+def format_data_results(results: dict) -> str:
+    lines = [f"{results['config']} training loader on {', '.join(results['dataset'])} ({results['images_in_dataset']} "
+             f"images), batches of {results['batch_size']}, sizes {results['input']}"]
+    for count, r in results["workers"].items():
+        lines.append(f"{count} workers: {r['images_per_s']:.2f} images/s ({r['per_worker']:.2f} per worker), "
+                     f"{r['images']} images in {r['seconds']:.2f} s, median wait per batch "
+                     f"{r['batch_wait']['median_s']:.3f} s")
+    return "\n".join(lines)
 
 
 def format_results(results: dict) -> str:

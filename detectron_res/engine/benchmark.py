@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
@@ -129,6 +129,27 @@ def summary(seconds: list[float], *, images: int) -> dict:
         "max_s": max(seconds),
         "images_per_s": images / median,
     }
+
+
+def loader_throughput(loader: Iterable[list[dict]], *, warmup: int, batches: int) -> dict:
+    """Images per second that a training data loader delivers with nothing consuming them (decode, resize, flip,
+    batch): `warmup` batches untimed (the workers start and fill their prefetch queues), then `batches` timed in one
+    stretch. Returns {"images", "seconds", "images_per_s", "batch_wait": `summary` of the wait for each batch}."""
+    if batches < 1 or warmup < 0:
+        raise ValueError(f"need batches >= 1 and warmup >= 0, got batches={batches}, warmup={warmup}")
+    iterator = iter(loader)
+    for _ in range(warmup):
+        next(iterator)
+    waits, images = [], 0
+    start = time.perf_counter()
+    for _ in range(batches):
+        before = time.perf_counter()
+        images += len(next(iterator))
+        waits.append(time.perf_counter() - before)
+    seconds = time.perf_counter() - start
+    del iterator  # its workers stop here, not when the caller's next loader starts
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds,
+            "batch_wait": summary(waits, images=images // batches)}
 
 
 def stage_flops(step: Callable[[], object], stages: dict[str, str] = STAGES) -> dict[str, int]:

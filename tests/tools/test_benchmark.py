@@ -188,3 +188,40 @@ def test_zero_init_residuals_keeps_a_deep_random_trunk_finite():
         prepared = model.prepare(inputs)
         assert prepared.features.abs().max() < 100  # without it: about 1e5
         assert len(model.propose(prepared)[0]) == 50
+
+
+def test_loader_throughput_times_only_the_batches_after_the_warm_up(monkeypatch):
+    """A fake loader whose batches take 1, 2, 3, ... s on a fake clock: warm-up batches 1-2 (2 and 3 images) are
+    not counted; batches 3-5 hold 1, 2 and 3 images and take 3 + 4 + 5 = 12 s: 6 images / 12 s = 0.5 images/s."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(engine_benchmark.time, "perf_counter", lambda: clock["now"])
+
+    def loader():
+        for number, size in enumerate([2, 3, 1, 2, 3, 4], start=1):
+            clock["now"] += number
+            yield list(range(size))
+
+    measured = engine_benchmark.loader_throughput(loader(), warmup=2, batches=3)
+    assert measured["images"] == 6 and measured["seconds"] == 12.0 and measured["images_per_s"] == 0.5
+    assert measured["batch_wait"]["seconds"] == [3.0, 4.0, 5.0] and measured["batch_wait"]["median_s"] == 4.0
+    with pytest.raises(ValueError, match="batches >= 1"):
+        engine_benchmark.loader_throughput(loader(), warmup=0, batches=0)
+
+
+def test_data_mode_times_the_training_loader_for_each_worker_count(tmp_path, capsys):
+    from detectron_res.data.datasets import generate_shapes
+
+    generate_shapes(tmp_path / "shapes", num_train=12, num_val=1, image_size=64, seed=1)
+    train = f"{tmp_path}/shapes/annotations/instances_train.json:{tmp_path}/shapes/train"
+    results = benchmark.main([
+        "--cfg", str(REPO / "configs/shapes_r18.yaml"), "--mode", "data", "--workers", "0,2", "--runs", "3",
+        "--warmup", "1", f"DATASETS.TRAIN=[{train}]", "SOLVER.IMS_PER_BATCH=2", "--json-out", str(tmp_path / "d.json"),
+    ])  # fmt: skip
+    assert list(results["workers"]) == ["0", "2"] and results["images_in_dataset"] == 12
+    for count, measured in results["workers"].items():
+        assert measured["images"] == 6  # 3 timed batches of 2
+        assert measured["per_worker"] == pytest.approx(measured["images_per_s"] / max(int(count), 1))
+    assert json.loads((tmp_path / "d.json").read_text())["workers"]["2"]["images"] == 6
+    assert "2 workers: " in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--workers must be a comma-separated list of worker counts, got 'two'"):
+        benchmark.main(["--cfg", str(REPO / "configs/shapes_r18.yaml"), "--mode", "data", "--workers", "two"])
