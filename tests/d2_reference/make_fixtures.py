@@ -2,7 +2,7 @@
 (fixtures.json, fixtures.npz); README.md says how it was run. Needs detectron2 importable (its source on PYTHONPATH),
 runs on the CPU; the tests that read the fixtures never import detectron2.
 
-    PYTHONPATH=/work/d2env/detectron2:/work/d2env/site python tests/d2_reference/make_fixtures.py [--out DIR]
+    PYTHONPATH=path/to/detectron2:path/to/its/deps python tests/d2_reference/make_fixtures.py [--out DIR]
 
 Steps:
 1. write the weights of d2_weights.SEED as a detectron2 model-zoo .pkl (a temporary file);

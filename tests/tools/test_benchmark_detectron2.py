@@ -1,7 +1,8 @@
 """tools/benchmark.py --compare detectron2: the one-line error without detectron2 (CI has none), which configs
 detectron2 can express, and -- where detectron2 is importable (e.g. PYTHONPATH=path/to/detectron2 source and its
-pure-Python dependencies, /work/d2env/README.md) -- that its GeneralizedRCNN built by `detectron2_equivalent` has our
-weights and computes our res4 features and detections on a small input, and that the tool times both."""
+pure-Python dependencies, as tests/d2_reference/README.md lists them) -- that its GeneralizedRCNN built by
+`detectron2_equivalent` has our weights and computes our res4 features and detections on a small input, and that the
+tool times both."""
 
 import json
 import os
