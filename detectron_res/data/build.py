@@ -62,17 +62,9 @@ def build_train_data_loader(
             f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} is not divisible by the {world_size} processes"
         )
     grouping = cfg.DATALOADER.ASPECT_RATIO_GROUPING and mapper is None
-    if mapper is None:
-        mapper = DatasetMapper(
-            min_size=cfg.INPUT.MIN_SIZE_TRAIN,
-            max_size=cfg.INPUT.MAX_SIZE_TRAIN,
-            hflip_prob=cfg.INPUT.HFLIP_PROB,
-            is_train=True,
-            resize_backend=cfg.INPUT.RESIZE_BACKEND,
-        )
     return build_train_loader(
         dataset,
-        mapper=mapper,
+        mapper=build_train_mapper(cfg) if mapper is None else mapper,
         batch_size=cfg.SOLVER.IMS_PER_BATCH // world_size,
         num_workers=cfg.DATALOADER.NUM_WORKERS,
         aspect_ratio_grouping=grouping,
@@ -83,6 +75,18 @@ def build_train_data_loader(
         start_iter=start_iter,
         on_bad_image=cfg.DATALOADER.ON_BAD_IMAGE,
         timeout=cfg.DATALOADER.TIMEOUT,
+    )
+
+
+def build_train_mapper(cfg) -> DatasetMapper:
+    """The detector's training mapper: a shorter side drawn from INPUT.MIN_SIZE_TRAIN, the longer at most
+    MAX_SIZE_TRAIN, a flip with INPUT.HFLIP_PROB, resized with INPUT.RESIZE_BACKEND."""
+    return DatasetMapper(
+        min_size=cfg.INPUT.MIN_SIZE_TRAIN,
+        max_size=cfg.INPUT.MAX_SIZE_TRAIN,
+        hflip_prob=cfg.INPUT.HFLIP_PROB,
+        is_train=True,
+        resize_backend=cfg.INPUT.RESIZE_BACKEND,
     )
 
 

@@ -24,8 +24,7 @@ from torchvision.ops import box_iou
 from d2_sampling import FixedOrderSampler
 from d2_weights import detectron2_r50_c4_state, state_digest, write_detectron2_pkl
 from detectron_res.config import load_config
-from detectron_res.data.build import build_test_mapper
-from detectron_res.data.mapper import DatasetMapper
+from detectron_res.data.build import build_test_mapper, build_train_mapper
 from detectron_res.engine.runner import load_for_inference
 from detectron_res.modeling.weight_formats import detectron2_name
 
@@ -177,13 +176,7 @@ def training_step(weights, tmp_path_factory) -> dict:
     cfg = config(tmp_path_factory.mktemp("d2_training"), weights, training_overrides())
     model, _ = load_for_inference(cfg)
     model.train()
-    mapper = DatasetMapper(
-        min_size=cfg.INPUT.MIN_SIZE_TRAIN,
-        max_size=cfg.INPUT.MAX_SIZE_TRAIN,
-        hflip_prob=cfg.INPUT.HFLIP_PROB,
-        is_train=True,
-        resize_backend=cfg.INPUT.RESIZE_BACKEND,
-    )
+    mapper = build_train_mapper(cfg)
     batch = [mapper({**r, "file_name": str(HERE / "images" / r["file_name"])}) for r in TRAIN["records"]]
     # the same sampling rule as detectron2's in make_fixtures.py, and the same fixed proposals instead of the RPN's
     model.rpn.sampler = FixedOrderSampler(cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE, cfg.MODEL.RPN.POSITIVE_FRACTION)
