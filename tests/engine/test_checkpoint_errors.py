@@ -5,7 +5,6 @@ checkpoint and `last_checkpoint`, and leaves no temporary file."""
 
 from __future__ import annotations
 
-import errno
 import io
 import logging
 import subprocess
@@ -17,6 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+
+from full_disk import FullAfter
 
 from detectron_res.data.datasets import generate_shapes
 from detectron_res.engine.checkpoint import Checkpointer
@@ -32,34 +33,6 @@ class Toy(nn.Module):
     def __init__(self):
         super().__init__()
         self.w = nn.Parameter(torch.arange(600.0))
-
-
-class FullAfter(io.RawIOBase):
-    """A file that takes `limit` bytes, then fails as a write to a full disk does (what torch's zip writer then
-    reports as `unexpected pos`)."""
-
-    def __init__(self, stream, limit: int):
-        self.stream, self.limit, self.written = stream, limit, 0
-
-    def writable(self):
-        return True
-
-    def write(self, data):
-        if self.written + len(data) > self.limit:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.written += len(data)
-        return self.stream.write(data)
-
-    def fileno(self):
-        return self.stream.fileno()
-
-    def flush(self):
-        self.stream.flush()
-
-    def close(self):
-        if not self.closed:
-            super().close()  # flushes
-            self.stream.close()
 
 
 def test_a_text_or_empty_checkpoint_names_the_file_and_why(tmp_path):
@@ -188,31 +161,13 @@ def test_the_tools_say_which_weights_file_is_unreadable_and_why_in_one_line(shap
 def test_train_det_on_a_full_disk_prints_one_line_and_keeps_the_previous_checkpoint(shapes_pair, tmp_path):
     """The disk fills up while model_0000004.pth is written (each write to its temporary file fails after 5000
     bytes, as torch's zip writer sees it: `unexpected pos`)."""
-    driver = tmp_path / "full_disk.py"
+    driver = tmp_path / "full_disk_driver.py"
     driver.write_text(textwrap.dedent(f"""
-        import errno, io, os, runpy, sys
+        import os, runpy, sys
         from types import SimpleNamespace
 
-        class FullAfter(io.RawIOBase):  # as in the test file
-            def __init__(self, stream, limit):
-                self.stream, self.limit, self.written = stream, limit, 0
-
-            def writable(self):
-                return True
-
-            def write(self, data):
-                if self.written + len(data) > self.limit:
-                    raise OSError(errno.ENOSPC, "No space left on device")
-                self.written += len(data)
-                return self.stream.write(data)
-
-            def fileno(self):
-                return self.stream.fileno()
-
-            def close(self):
-                if not self.closed:
-                    super().close()
-                    self.stream.close()
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        from full_disk import FullAfter
 
         real_fdopen = os.fdopen
 

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from full_disk import FullAfter
+
 from detectron_res.utils import atomic_write, atomic_write_text, remove_orphaned_temporary_files
 from detectron_res.utils.io import DiskFullError, UnreadableFileError, read_torch_file
 
@@ -104,19 +106,6 @@ def test_a_write_to_a_full_disk_names_the_file_and_the_free_space_and_keeps_the_
 def test_torchs_unexpected_pos_error_of_a_full_disk_is_named_as_a_full_disk(tmp_path, monkeypatch):
     """torch's zip writer turns the failed write into `RuntimeError: [enforce fail at inline_container.cc] .
     unexpected pos ...`; the OSError it failed on is that error's context."""
-
-    class FullAfter(io.RawIOBase):
-        def __init__(self, stream, limit):
-            self.stream, self.limit, self.written = stream, limit, 0
-
-        def writable(self):
-            return True
-
-        def write(self, data):
-            if self.written + len(data) > self.limit:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            self.written += len(data)
-            return self.stream.write(data)
 
     fake_free_space(monkeypatch, 0)
     path = tmp_path / "model_0000004.pth"
