@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_detector import tiny_config
+
 from detectron_res.config import ConfigError, get_default_config, load_config
 from detectron_res.modeling import build_model
 
@@ -17,16 +19,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 def tiny_model(empty_boxes: str):
     """A random R18 (width 8) detector for 2 classes whose Fast R-CNN head gives every RoI the same output: class 1
     scores above class 0, and class 1's box shifted 500 widths to the right (clipped to the image: empty)."""
-    cfg = get_default_config()
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.NUM_CLASSES = 2
-    cfg.MODEL.BACKBONE.DEPTH = 18
-    cfg.MODEL.BACKBONE.WIDTH = 8
-    cfg.MODEL.BACKBONE.NORM = "GN"
-    cfg.MODEL.BACKBONE.GN_GROUPS = 4
-    cfg.MODEL.RPN.ANCHOR_SIZES = [16, 32]
-    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 32
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    cfg = tiny_config()
     cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST = 0.99
     cfg.MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE = 5
     cfg.MODEL.ROI_HEADS.EMPTY_BOXES = empty_boxes
