@@ -53,6 +53,24 @@ def spread_detector_outputs(model) -> None:
         model.roi_heads.predictor.bbox_pred.weight.normal_(0, 0.02, generator=generator)
 
 
+def write_voc_annotations(voc_root: Path, objects: dict, *, split: str = "test") -> None:
+    """A VOC year folder of 100 x 100 images: `objects` maps an image id to its (class, (xmin, ymin, xmax, ymax),
+    difficult) objects, written as Annotations/<id>.xml (the devkit's 1-based pixels), ImageSets/Main/<split>.txt
+    listing the ids."""
+    (voc_root / "Annotations").mkdir(parents=True)
+    (voc_root / "ImageSets" / "Main").mkdir(parents=True)
+    (voc_root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{image_id}\n" for image_id in objects))
+    for image_id, objs in objects.items():
+        body = "".join(
+            f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{box[0]}</xmin>"
+            f"<ymin>{box[1]}</ymin><xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object>"
+            for name, box, difficult in objs
+        )
+        (voc_root / "Annotations" / f"{image_id}.xml").write_text(
+            f"<annotation><size><width>100</width><height>100</height></size>{body}</annotation>"
+        )
+
+
 def read_png(path: Path):
     """The decoded image of a valid, non-blank PNG file (the plot tests): the PNG signature, decodable by OpenCV,
     at least 100 px a side, more than two colours."""

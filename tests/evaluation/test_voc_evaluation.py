@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_voc_annotations
 
 from detectron_res.data.datasets.voc import VOC_CLASSES, load_voc
 from detectron_res.evaluation.voc import (
@@ -122,18 +123,7 @@ def _write_tiny_voc(voc_root: Path) -> None:
         "a": [("cat", (1, 1, 10, 10), 0), ("cat", (21, 21, 30, 30), 1), ("bird", (50, 50, 60, 60), 0)],
         "b": [("cat", (1, 1, 10, 10), 0), ("dog", (40, 40, 50, 50), 1)],
     }
-    (voc_root / "Annotations").mkdir(parents=True)
-    (voc_root / "ImageSets" / "Main").mkdir(parents=True)
-    (voc_root / "ImageSets" / "Main" / "test.txt").write_text("a\nb\n")
-    for image_id, objs in objects.items():
-        body = "".join(
-            f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{box[0]}</xmin>"
-            f"<ymin>{box[1]}</ymin><xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object>"
-            for name, box, difficult in objs
-        )
-        (voc_root / "Annotations" / f"{image_id}.xml").write_text(
-            f"<annotation><size><width>100</width><height>100</height></size>{body}</annotation>"
-        )
+    write_voc_annotations(voc_root, objects)
 
 
 def _tiny_outputs() -> tuple[list[dict], list[dict]]:

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import load_tool
+from conftest import load_tool, write_voc_annotations
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -217,18 +217,7 @@ def write_tiny_voc(voc_root: Path) -> None:
     bird."""
     objects = {"a": [("cat", (1, 1, 10, 10), 0), ("cat", (21, 21, 30, 30), 1)],
                "b": [("cat", (1, 1, 10, 10), 0), ("bird", (50, 50, 60, 60), 0)]}
-    (voc_root / "Annotations").mkdir(parents=True)
-    (voc_root / "ImageSets" / "Main").mkdir(parents=True)
-    (voc_root / "ImageSets" / "Main" / "test.txt").write_text("a\nb\n")
-    for image_id, objs in objects.items():
-        body = "".join(
-            f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{box[0]}</xmin>"
-            f"<ymin>{box[1]}</ymin><xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object>"
-            for name, box, difficult in objs
-        )
-        (voc_root / "Annotations" / f"{image_id}.xml").write_text(
-            f"<annotation><size><width>100</width><height>100</height></size>{body}</annotation>"
-        )
+    write_voc_annotations(voc_root, objects)
 
 
 def test_as_devkit_scores_zero_based_lines_unshifted(tmp_path, capsys):
