@@ -76,9 +76,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
         code = _disk_full_errno(error, folder=path.parent) if isinstance(error, Exception) else None
         written = _file_size(temporary)
         temporary.unlink(missing_ok=True)
+        interrupt = _interrupt_in_chain(error)
+        if interrupt is not None and interrupt is not error:  # Ctrl-C or SIGTERM that the writer wrapped (torch's
+            raise interrupt from None  # zip writer: `unexpected pos`) stays an interruption, not an error
         if code is None:
             raise
         raise _disk_full_error(path, code=code, written=written) from error
+
+
+def _interrupt_in_chain(error: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (Ctrl-C, or SIGTERM as `utils.signals.Terminated`) among `error` and the errors it was
+    raised from or during, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _disk_full_error(path: Path, *, code: int, written: int) -> DiskFullError:

@@ -19,6 +19,7 @@ from full_disk import FullAfter
 
 from detectron_res.utils import atomic_write, atomic_write_text, remove_orphaned_temporary_files
 from detectron_res.utils.io import DiskFullError, UnreadableFileError, read_torch_file
+from detectron_res.utils.signals import Terminated
 
 
 def test_atomic_write_text_creates_folders_and_replaces(tmp_path):
@@ -227,3 +228,24 @@ def test_a_good_file_of_either_format_is_read(tmp_path):
     for name, content in (("new.pth", GOOD), ("legacy.pth", LEGACY)):
         (tmp_path / name).write_bytes(content)
         assert torch.equal(read_torch_file(tmp_path / name, what="checkpoint")["model"]["w"], torch.arange(300.0))
+
+
+class InterruptedAfter(FullAfter):
+    """A file that takes `limit` bytes, then is interrupted as SIGTERM interrupts a write (the handler raises)."""
+
+    def write(self, data):
+        if self.written + len(data) > self.limit:
+            raise Terminated("SIGTERM")
+        return super().write(data)
+
+
+def test_sigterm_during_a_checkpoint_write_stays_an_interruption(tmp_path):
+    """torch's zip writer turns the interrupted write into `RuntimeError: ... unexpected pos` (a training stopped by
+    SIGTERM while saving exited 1 with that line); atomic_write raises the interruption itself, and keeps the old
+    file."""
+    path = tmp_path / "model_final.pth"
+    path.write_bytes(b"the previous checkpoint")
+    with pytest.raises(Terminated):
+        atomic_write(path, lambda stream: torch.save({"w": torch.zeros(10000)}, InterruptedAfter(stream, 5000)))
+    assert path.read_bytes() == b"the previous checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["model_final.pth"]
