@@ -121,7 +121,8 @@ SYNCBN_FUSED_REL_TOL = 1e-4  # the fused kernels' output and gradients against F
 EXPORT_BOX_TOL = 0.01
 EXPORT_SCORE_TOL = 1e-4
 CUDA_TESTS_LIMIT_S = 180.0  # the pytest subprocess's time limit (less when less of the budget is left)
-TRAIN_ITERATIONS = 3  # train_step: per precision (float16's scaler may skip the first steps)
+TRAIN_ITERATIONS = 3  # train_step: per precision
+FLOAT16_ITERATIONS = 6  # float16 with its GradScaler, which skips the steps whose gradients overflow at first
 
 TINY_OVERRIDES = [  # --dry-run: a narrow ResNet-18 C4 on 64 x 96 images with few RoIs and proposals
     "INPUT.MIN_SIZE_TEST=64", "INPUT.MAX_SIZE_TEST=96", "INPUT.MIN_SIZE_TRAIN=[64]", "INPUT.MAX_SIZE_TRAIN=96",
@@ -214,12 +215,13 @@ CONFIGS = {  # name: ((file, overrides) with CUDA, (file, overrides) in a dry ru
 
 
 def random_detector(cfg, device: torch.device, *, seed: int) -> nn.Module:
-    """The config's detector with random seeded weights on `device`, each residual block starting as its shortcut
-    (`zero_init_residuals`: a deep random trunk keeps finite activations, and every layer does its work)."""
+    """The config's detector built for `device` (MODEL.DEVICE: the settings a user of that device gets, e.g.
+    channels-last and chunked RoIs on the CPU only) with random seeded weights, each residual block starting as its
+    shortcut (`zero_init_residuals`: a deep random trunk keeps finite activations, and every layer does its work)."""
     torch.manual_seed(seed)
-    model = build_model(load_config_on(cfg, torch.device("cpu")))
+    model = build_model(merge_overrides(cfg, [f"MODEL.DEVICE={device}"]))
     zero_init_residuals(model)
-    return model.to(device)
+    return model
 
 
 CALIBRATION = {"objectness_logits": 2.0, "anchor_deltas": 0.1, "cls_score": 4.0, "bbox_pred": 0.5}
@@ -260,11 +262,6 @@ def calibrate_heads(model: nn.Module, inputs: list[dict], *, seed: int, rois: in
             weight = torch.randn(layer.weight.shape, generator=generator) * CALIBRATION[name] / spread
             layer.weight.copy_(weight.to(layer.weight))
             layer.bias.copy_((-weight.flatten(1) @ mean).to(layer.bias))
-
-
-def load_config_on(cfg, device: torch.device):
-    """`cfg` with MODEL.DEVICE set to `device` (models are built on the CPU and moved: the same weights)."""
-    return merge_overrides(cfg, [f"MODEL.DEVICE={device}"])
 
 
 def free_memory() -> None:
@@ -382,7 +379,8 @@ def check_cuda_vs_cpu(ctx: Context, record: dict) -> None:
     reference = random_detector(cfg, ctx.cpu, seed=ctx.seed).eval()
     inputs = synthetic_inputs(num_images=1, height=height, width=width, seed=ctx.seed)
     calibrate_heads(reference, inputs, seed=ctx.seed)
-    model = copy.deepcopy(reference).to(ctx.device).eval()
+    model = random_detector(cfg, ctx.device, seed=ctx.seed).eval()  # as built for CUDA, with the CPU's weights
+    model.load_state_dict(reference.state_dict())
     record.update(config=CONFIGS["r50"][int(ctx.dry_run)][0], image=[height, width])
     features_cpu, proposals_cpu, detections_cpu = run_inference_steps(reference, inputs)
     with strict_float32() as found:
@@ -500,8 +498,10 @@ def check_train_step(ctx: Context, record: dict) -> None:
         model = random_detector(cfg, ctx.device, seed=ctx.seed)
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
+        initial_scale = scaler.get_scale() if scaler is not None else None
+        iterations = FLOAT16_ITERATIONS if scaler is not None else TRAIN_ITERATIONS
         try:
-            steps = train_iterations(model, cfg, inputs, iterations=TRAIN_ITERATIONS, amp_dtype=amp_dtype,
+            steps = train_iterations(model, cfg, inputs, iterations=iterations, amp_dtype=amp_dtype,
                                      grad_scaler=scaler)  # fmt: skip
         except FloatingPointError as error:  # a non-finite loss: this precision fails, the others still run
             record["precisions"][dtype] = {"error": one_line(error)}
@@ -514,16 +514,21 @@ def check_train_step(ctx: Context, record: dict) -> None:
                  "iterations": steps, "last_losses": steps[-1]["losses"],
                  "peak_memory_mb": torch.cuda.max_memory_allocated(ctx.device) / 2**20
                  if ctx.device.type == "cuda" else None}  # fmt: skip
+        taken = sum(step["step_taken"] for step in steps)
         if scaler is not None:
-            entry["grad_scaler"] = {"initial_scale": 65536.0, "final_scale": steps[-1]["scale"], "note": note}
+            entry["grad_scaler"] = {"initial_scale": initial_scale, "final_scale": steps[-1]["scale"],
+                                    "steps_taken": taken, "note": note}  # fmt: skip
         record["precisions"][dtype] = entry
         if not all(math.isfinite(v) for step in steps for v in step["losses"].values()):
             problems.append(f"{dtype}: a loss is not finite")
-        if not steps[-1]["step_taken"]:
-            problems.append(f"{dtype}: the last optimizer step was not taken (scale {steps[-1]['scale']})")
+        if scaler is None and taken < len(steps):  # without a scaler every step must change the weights
+            problems.append(f"{dtype}: {len(steps) - taken} of {len(steps)} optimizer steps left the weights as "
+                            "they were")
+        if scaler is not None and taken == 0:  # the scaler skips steps whose gradients overflowed, halving its scale
+            problems.append(f"{dtype}: the gradient scaler skipped all {len(steps)} steps (scale "
+                            f"{initial_scale:g} -> {steps[-1]['scale']:g})")
         if scaler is not None and not (math.isfinite(steps[-1]["scale"]) and steps[-1]["scale"] > 0):
             problems.append(f"{dtype}: the gradient scaler's scale is {steps[-1]['scale']}")
-        taken = sum(step["step_taken"] for step in steps)
         parts.append(f"{dtype} loss {steps[-1]['losses']['total_loss']:.3f}, {taken}/{len(steps)} steps taken"
                      + (f", scale {steps[-1]['scale']:g}" if scaler is not None else ""))
     record["summary"] = "; ".join(parts)
@@ -938,7 +943,7 @@ def environment(ctx: Context) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if ctx.device.type == "cuda" else None,
+        "nccl": nccl_version() if ctx.device.type == "cuda" else None,
         "float32_precision": float32_precision(),
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
@@ -947,6 +952,14 @@ def environment(ctx: Context) -> dict:
         "budget_s": ctx.budget.total_s,
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def nccl_version() -> str | None:
+    try:
+        version = torch.cuda.nccl.version()
+    except (RuntimeError, AttributeError):  # a build without NCCL
+        return None
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
 def markdown(report: dict) -> str:

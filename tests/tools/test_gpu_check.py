@@ -102,7 +102,7 @@ def test_training_steps_in_three_precisions(dry_run):
     assert list(precisions) == ["float32", "bfloat16", "float16"]
     assert [precisions[name]["autocast"] for name in precisions] == [None, "bfloat16", "bfloat16"]
     for name, entry in precisions.items():
-        assert len(entry["iterations"]) == 3
+        assert len(entry["iterations"]) == (6 if name == "float16" else 3)  # float16: room for skipped steps
         assert all(iteration["step_taken"] for iteration in entry["iterations"])
         assert entry["last_losses"] == entry["iterations"][-1]["losses"]
         losses = entry["last_losses"]
@@ -113,8 +113,30 @@ def test_training_steps_in_three_precisions(dry_run):
     assert "grad_scaler" not in precisions["float32"] and "grad_scaler" not in precisions["bfloat16"]
     scaler = precisions["float16"]["grad_scaler"]
     assert scaler["initial_scale"] == scaler["final_scale"] == 65536.0  # no overflow: no step skipped, no halving
-    assert [iteration["scale"] for iteration in precisions["float16"]["iterations"]] == [65536.0] * 3
+    assert scaler["steps_taken"] == 6
+    assert [iteration["scale"] for iteration in precisions["float16"]["iterations"]] == [65536.0] * 6
     assert "amp_settings refuses float16 on the CPU" in scaler["note"]
+
+
+def test_steps_the_gradient_scaler_skips_are_seen(tmp_path, monkeypatch):
+    """Infinite gradients in the scaled steps: the scaler skips each of them and halves its scale."""
+    train_iterations = gpu_check.train_iterations
+
+    def overflowing(model, cfg, inputs, *, grad_scaler, **kwargs):
+        if grad_scaler is not None:
+            model.roi_heads.predictor.cls_score.weight.register_hook(lambda grad: grad * math.inf)
+        return train_iterations(model, cfg, inputs, grad_scaler=grad_scaler, **kwargs)
+
+    monkeypatch.setattr(gpu_check, "train_iterations", overflowing)
+    with pytest.raises(RuntimeError, match=r"steps failed \(train_step\)"):
+        gpu_check.main(["--dry-run", "--output", str(tmp_path), "--steps", "train_step"])
+    (step,) = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
+    assert step["error"] == "float16: the gradient scaler skipped all 6 steps (scale 65536 -> 1024)"
+    float16 = step["precisions"]["float16"]
+    assert [i["step_taken"] for i in float16["iterations"]] == [False] * 6
+    assert [i["scale"] for i in float16["iterations"]] == [32768.0, 16384.0, 8192.0, 4096.0, 2048.0, 1024.0]
+    assert float16["grad_scaler"]["steps_taken"] == 0 and float16["grad_scaler"]["final_scale"] == 1024.0
+    assert all(i["step_taken"] for i in step["precisions"]["bfloat16"]["iterations"])  # the others went on
 
 
 def test_syncbn_in_a_one_process_group(dry_run):
