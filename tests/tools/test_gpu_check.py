@@ -201,6 +201,7 @@ def test_the_markdown_report_has_a_row_per_step(dry_run):
 def test_a_failing_step_is_recorded_and_the_others_go_on(tmp_path, monkeypatch, capsys):
     def boom(ctx, record):
         record["measured"] = 1.5
+        record["on_disk"] = [s["name"] for s in json.loads((ctx.output / "gpu_check.json").read_text())["steps"]]
         raise ValueError("the kernel\nexploded")
 
     monkeypatch.setitem(gpu_check.STEPS, "train_step", gpu_check.Step("b. failing", boom, 0, 0))
@@ -214,6 +215,7 @@ def test_a_failing_step_is_recorded_and_the_others_go_on(tmp_path, monkeypatch, 
         ("cuda_vs_cpu", "ok"), ("train_step", "failed"), ("syncbn", "ok")]
     failed = report["steps"][1]
     assert failed["error"] == "ValueError: the kernel exploded" and failed["measured"] == 1.5
+    assert failed["on_disk"] == ["cuda_vs_cpu"]  # the json was written after the first step
     assert report["finished"] is True
     assert "| train_step | failed |" in (tmp_path / "gpu_check.md").read_text()
 
@@ -333,6 +335,40 @@ def test_detection_agreement_by_hand():
     empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
     assert gpu_check.detection_problems("d", gpu_check.detection_agreement(empty, empty)) == [
         "d: the CPU found no detection, nothing was compared"]
+
+
+def test_calibrated_heads_spread_their_outputs_around_zero():
+    """After `calibrate_heads`, the class logits of the RoIs it saw average 0 (the bias cancels their inputs' mean)
+    and spread with a standard deviation near its target 2; so do the RPN's objectness logits around 0 (target 2)."""
+    ctx = gpu_check.Context(device=torch.device("cpu"), dry_run=True, output=Path("."), budget=gpu_check.Budget(1),
+                            tests=[])  # fmt: skip
+    cfg = ctx.config("r50")
+    model = gpu_check.random_detector(cfg, ctx.cpu, seed=0).eval()
+    inputs = gpu_check.synthetic_inputs(num_images=1, height=64, width=96, seed=0)
+    before = model.roi_heads.predictor.cls_score.weight.clone()
+    gpu_check.calibrate_heads(model, inputs, seed=0)
+    assert not torch.equal(before, model.roi_heads.predictor.cls_score.weight)
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            seen[name] = output[0]  # logits of (logits, deltas); objectness of (objectness, deltas)
+
+        return hook
+
+    model.roi_heads.predictor.register_forward_hook(keep("logits"))
+    model.rpn.head.register_forward_hook(keep("objectness"))
+    with torch.no_grad():
+        prepared = model.prepare(inputs)
+        proposals = model.propose(prepared)
+        model.detection_candidates(inputs, prepared, [p[:32] for p in proposals])  # the RoIs it calibrated on
+    logits, objectness = seen["logits"], seen["objectness"]
+    assert logits.shape == (32, 4)  # 3 classes and background
+    assert logits.mean(dim=0).abs().max() < 1e-4
+    assert 1.0 < logits.std().item() < 3.0  # about 2, not the 0.01-scale spread of the random initialisation
+    per_anchor = objectness.permute(0, 2, 3, 1).reshape(-1, objectness.shape[1])  # (cells, anchors)
+    assert per_anchor.mean(dim=0).abs().max() < 1e-4
+    assert 1.0 < objectness.std().item() < 3.0  # about 2
 
 
 def test_junit_counts(tmp_path):
