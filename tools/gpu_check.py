@@ -14,18 +14,19 @@ raises is "failed" with its one-line error, and the others go on. After every st
 status 130 or 143) or a machine taken back keeps what was measured. The exit status is 1 when a step failed.
 
 Steps (docs/benchmarks.md, "The GPU check", states their tolerances):
-  cuda_vs_cpu  R50-C4 (configs/coco_r50.yaml, random seeded weights), one 600 x 1000 image: res4 features,
+  cuda_vs_cpu  R50-C4 (configs/coco_r50.yaml, random seeded weights, the RPN's and box predictor's last layers
+               spread by `calibrate_heads`), one 600 x 1000 image: res4 features,
                proposals and detections on CUDA against the CPU's with the same weights, in strict float32 (TF32
                off), and the res4 features with torch's default TF32 convolutions.
-  train_step   R50-C4 training steps (2 images, 4 boxes each) through `engine.trainer.Trainer` in float32, bfloat16
-               and float16 autocast (`engine.runner.amp_settings`: float16 with a GradScaler): finite losses, the
-               scaler's scale, whether each optimizer step was taken.
+  train_step   R50-C4 training steps (2 images, 4 boxes each) through `engine.trainer.Trainer`: 3 in float32 and
+               bfloat16, 6 in float16 autocast with its GradScaler (`engine.runner.amp_settings`): finite losses,
+               the scaler's scale, whether each optimizer step was taken.
   syncbn       A 1-process NCCL group (a FileStore): MODEL.BACKBONE.NORM=SyncBN converted to torch's
                `nn.SyncBatchNorm` in DistributedDataParallel, one training step against the same model with plain
                BatchNorm (losses, gradients, running statistics); torch's fused SyncBN kernels (the autograd function
                that `nn.SyncBatchNorm` calls with several processes) against `F.batch_norm` on one layer's input.
-  cuda_tests   `pytest -m cuda` (the tests that need CUDA) in a subprocess with a time limit: passed, failed and
-               skipped counts (OUTPUT/cuda_tests.log and cuda_tests.xml).
+  cuda_tests   `pytest -m cuda` (the tests that need CUDA) on the test files that mention `mark.cuda`, in a
+               subprocess with a time limit: passed, failed and skipped counts (OUTPUT/cuda_tests.log and .xml).
   benchmark    Images/s and peak memory (`torch.cuda.max_memory_allocated`) of R50-C4 and R101-C4
                (configs/d2_r50_c4.yaml, d2_r101_c4.yaml: detectron2's setup, 800 x 1067 images): inference in
                float32 and bfloat16 (`engine.benchmark.benchmark_models`), training steps (2 images) in float32 and
@@ -35,7 +36,7 @@ Steps (docs/benchmarks.md, "The GPU check", states their tolerances):
 
 `--dry-run` runs the same steps on the CPU ("cpu" where "cuda" stands, the CPU against itself) with a narrow
 ResNet-18 (configs/shapes_r18.yaml; a narrow ResNet-34 for R101) on 64 x 96 images with few RoIs, gloo in place of
-NCCL, one thread, in well under a minute; without it and without CUDA the tool stops with one line. Before anything
+NCCL, one thread, in under a minute; without it and without CUDA the tool stops with one line. Before anything
 runs, `--output`'s files are checked against what the tool reads (utils.paths.check_tool_paths).
 """
 
@@ -413,8 +414,9 @@ def check_cuda_vs_cpu(ctx: Context, record: dict) -> None:
         problems.append(f"res4 relative error with the default precision "
                         f"{record['features_default_precision']['rel_error']:.3g} > {FEATURES_TF32_REL_TOL}")
     if record["proposals"]["topk_overlap"] < PROPOSALS_MIN_OVERLAP:
-        problems.append(f"proposals: top-{record['proposals']['topk']} overlap {record['proposals']['topk_overlap']:.3f}"
-                        f" < {PROPOSALS_MIN_OVERLAP}")
+        proposals = record["proposals"]
+        problems.append(f"proposals: top-{proposals['topk']} overlap {proposals['topk_overlap']:.3f} < "
+                        f"{PROPOSALS_MIN_OVERLAP}")
     problems += detection_problems("detections", record["detections"])
     problems += detection_problems("detections from the CPU's proposals", record["detections_same_proposals"])
     d = record["detections"]
@@ -788,8 +790,6 @@ def benchmark_entry(ctx: Context, name: str, mode: str, dtype: str, *, warmup: i
                   "images_per_s": len(inputs) / median, "seconds_per_iteration": median,
                   "peak_memory_mb": torch.cuda.max_memory_allocated(ctx.device) / 2**20
                   if ctx.device.type == "cuda" else None}  # fmt: skip
-    del model
-    free_memory()
     file = CONFIGS[name][int(ctx.dry_run)][0]
     label = {"bench_r50": "R50-C4", "bench_r101": "R101-C4"}[name]
     images = 1 if mode == "infer" else cfg.SOLVER.IMS_PER_BATCH
@@ -814,9 +814,10 @@ def check_benchmark(ctx: Context, record: dict) -> None:
         try:
             entry = benchmark_entry(ctx, name, mode, dtype, warmup=warmup, runs=runs)
         except (RuntimeError, ValueError, FloatingPointError) as error:  # e.g. out of memory: the next entry runs
-            free_memory()
             record["entries"].append({"entry": label, "status": "failed", "error": one_line(error)})
             continue
+        finally:
+            free_memory()  # the entry's model is gone with its function
         record["entries"].append({"entry": label, "status": "ok", **entry})
     done = [e for e in record["entries"] if e["status"] == "ok"]
     record["summary"] = ", ".join(f"{e['entry']} {e['images_per_s']:.2f} img/s" for e in done) or "nothing measured"
@@ -998,8 +999,9 @@ def markdown(report: dict) -> str:
                 continue
             memory = "n/a" if e["peak_memory_mb"] is None else f"{e['peak_memory_mb'] / 1024:.2f} GiB"
             published = DETECTRON2_PUBLISHED.get((e["model"], e["mode"], e["precision"]), "")
-            lines.append(f"| {e['entry']} | {e['config']} | {e['autocast'] or 'none'} | {'x'.join(map(str, e['input']))}"
-                         f" | {e['images_per_s']:.2f} | {e['median_s']:.3f} | {memory} | {published} |")
+            shape = "x".join(map(str, e["input"]))
+            lines.append(f"| {e['entry']} | {e['config']} | {e['autocast'] or 'none'} | {shape} | "
+                         f"{e['images_per_s']:.2f} | {e['median_s']:.3f} | {memory} | {published} |")
     return "\n".join(lines) + "\n"
 
 
@@ -1080,9 +1082,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[{index + 1}/{len(names)}] {STEPS[name].title} ...", flush=True)
             record, interruption = run_step(ctx, name)
             report["steps"].append(json_safe(record))
-            print(f"    {record['status']} in {record['seconds']:.1f} s: "
-                  f"{record.get('summary') if record['status'] == 'ok' else record.get('error') or record.get('reason')}",
-                  flush=True)  # fmt: skip
+            said = record.get("summary") if record["status"] == "ok" else record.get("error") or record.get("reason")
+            print(f"    {record['status']} in {record['seconds']:.1f} s: {said}", flush=True)
             if interruption is not None:
                 for rest in names[index + 1 :]:
                     report["steps"].append({"name": rest, "title": STEPS[rest].title, "status": "skipped",

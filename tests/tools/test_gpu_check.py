@@ -288,7 +288,8 @@ def test_bad_arguments_are_refused_in_one_line(tmp_path, capsys):
     assert run_tool(gpu_check.main, [*argv, "--output", str(tests / "out")]) == 1
     assert f"lies inside the input --tests {tests}" in capsys.readouterr().err
     assert run_tool(gpu_check.main, [*argv, "--output", str(tmp_path / "o"), "--steps", "export,speed"]) == 1
-    assert "--steps 'export,speed': unknown step speed; the steps are cuda_vs_cpu,train_step," in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--steps 'export,speed': unknown step speed; the steps are cuda_vs_cpu,train_step," in err
     assert run_tool(gpu_check.main, [*argv, "--output", str(tmp_path / "o"), "--budget-s", "-1"]) == 1
     assert "--budget-s must be a number of seconds >= 0, got -1.0" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
