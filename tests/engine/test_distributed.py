@@ -285,6 +285,7 @@ def test_tool_options_are_refused_before_any_process_trains(shapes, tmp_path):
                         "--num-gpus", "2"])  # fmt: skip
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_amp_training_on_cuda_with_float16_and_bfloat16(shapes, tmp_path, caplog):
     for dtype in ("float16", "bfloat16"):
