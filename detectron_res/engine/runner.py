@@ -427,7 +427,8 @@ def train(
         last = checkpointer.last_checkpoint() if comm.is_main_process() else None
         error.add_note(
             f"after {trainer.done} of {cfg.SOLVER.MAX_ITER} iterations; "
-            + (f"the newest checkpoint is {last}: run the same command with --resume to continue from it"
+            + ("rank 0 names the checkpoint to resume from" if not comm.is_main_process()
+               else f"the newest checkpoint is {last}: run the same command with --resume to continue from it"
                if last is not None else "no checkpoint had been written yet")
         )
         raise

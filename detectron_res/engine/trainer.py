@@ -121,8 +121,8 @@ class Trainer:
                         hook.after_step()
                     if self.stop_agreed:
                         self.stopped = True
-                        logger.warning("SIGTERM: stopping after iteration %d%s", self.done,
-                                       f" (all {comm.get_world_size()} ranks)" if comm.is_distributed() else "")
+                        logger.info("SIGTERM: stopping after iteration %d%s", self.done,
+                                    f" (all {comm.get_world_size()} ranks)" if comm.is_distributed() else "")
                         raise Terminated("SIGTERM")
             self.iter = self.max_iter
             self.completed = True
