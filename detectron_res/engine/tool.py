@@ -26,7 +26,7 @@ def run_tool(main: Callable[[list[str]], object], argv: Sequence[str]) -> int:
     `sigterm_deferred`, which first checkpoints the step every rank stops after) unwind the tool, so that its
     data-loading workers are stopped, leave the distributed job without waiting for the other ranks, and print one
     line (for training: the newest checkpoint and how to resume); the exit status is 130 or 143, as a shell reports
-    those signals (143 is what a SLURM script reads as "preempted: requeue", docs/distributed.md).
+    those signals (under torchrun the agent itself then exits 1; docs/distributed.md, "Preemption").
 
     In a distributed job the line names the rank, and the error also goes to the error file of torchrun's agent
     (TORCHELASTIC_ERROR_FILE, as `torch.distributed.elastic`'s `@record` writes it), so that torchrun's failure
