@@ -29,7 +29,7 @@ class IterationTimer(HookBase):
         storage.put_scalar("memory_mb", peak_memory_mb(next(self.trainer.model.parameters()).device))
 
     def after_train(self) -> None:
-        done = self.trainer.iter - self.trainer.start_iter
+        done = self.trainer.done - self.trainer.start_iter
         total = time.perf_counter() - self._train_start
         logger.info("Ran %d iterations in %.1f s (%.3f s / iteration)", done, total, total / max(done, 1))
 
@@ -48,7 +48,9 @@ class LRScheduler(HookBase):
 class PeriodicCheckpointer(HookBase):
     """Saves `model_XXXXXXX.pth` every `period` iterations and `model_final.pth` when training completes, each with
     the trainer's state for an exact resume. A run that fails (e.g. a non-finite loss) writes nothing more: the last
-    good checkpoint stays the newest. A run that had nothing left to do (resumed at `max_iter`) rewrites nothing.
+    good checkpoint stays the newest. A run that had nothing left to do (resumed at `max_iter`) rewrites nothing. A
+    run stopped by SIGTERM (`trainer.stopped`, a preemption) saves `model_XXXXXXX.pth` of the iteration it stopped
+    after, so that `--resume` loses no step.
 
     In a distributed job every rank runs the hook (the trainer state gathers all ranks' random states) and only the
     one built with `write` (rank 0) writes."""
@@ -71,6 +73,10 @@ class PeriodicCheckpointer(HookBase):
     def after_train(self) -> None:
         if self.trainer.completed and self.trainer.max_iter > self.trainer.start_iter:
             self._save(FINAL_CHECKPOINT)
+        elif self.trainer.stopped:
+            done = self.trainer.done
+            if done % self.period != 0 or done >= self.trainer.max_iter:  # else after_step has just saved it
+                self._save(f"model_{done:07d}")
 
 
 def scalar_metrics(results: Mapping, prefix: str = "") -> dict[str, float]:

@@ -3,7 +3,7 @@ the same elastic agent `torchrun --standalone --nproc_per_node=N` runs, with its
 port. Each worker process finds RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in its environment and
 joins the job in `runner.setup` (`utils.comm.init_distributed`), exactly as under torchrun.
 
-A worker that fails writes its error to the agent's error file (`runner.run_tool` does it), and the agent stops the
+A worker that fails writes its error to the agent's error file (`tool.run_tool` does it), and the agent stops the
 others at once; `launch` then raises `DistributedJobError` with the first failing rank and its message.
 """
 
@@ -17,6 +17,8 @@ from typing import Any
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from .tool import run_tool
 
 
 class DistributedJobError(RuntimeError):
@@ -63,8 +65,6 @@ def launch(main: Callable[[list[str]], Any], argv: Sequence[str], *, num_process
 def _worker(main: Callable[[list[str]], Any], argv: list[str]) -> Any:
     """One worker: runs the tool's `main` like `run_tool` does, and exits with status 1 when it fails so that the
     agent stops the job (`run_tool` has written the error file the agent reports)."""
-    from .runner import run_tool  # the runner imports this module
-
     result: list[Any] = []
     status = run_tool(lambda args: result.append(main(args)), argv)
     if status:

@@ -7,14 +7,12 @@ import functools
 import logging
 import os
 import random
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
 from ..config import config_files, load_config, merge_overrides, save_config
 from ..data.datasets.base import DetectionDataset
@@ -25,15 +23,14 @@ from ..layers.norm import SyncBatchNorm
 from ..modeling import build_model
 from ..modeling.build import check_weight_settings, compile_for_inference, resolve_device
 from ..utils import comm, remove_orphaned_temporary_files
-from ..utils.malloc import keep_freed_memory
 from ..utils.paths import RunFolderLock, check_tool_paths
-from ..utils.signals import interruption_exit_status, interruption_name, sigterm_raises
 from .checkpoint import Checkpointer, unwrap_model
 from .events import ConsoleWriter, JSONWriter, TensorboardWriter
 from .hooks import EvalHook, IterationTimer, LRScheduler, PeriodicCheckpointer, PeriodicWriter
 from .launch import launch
 from .logger import setup_logging
 from .solver import build_lr_scheduler, build_optimizer
+from .tool import error_summary, run_tool  # noqa: F401 (the tools import run_tool from here)
 from .trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -218,65 +215,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_tool(main: Callable[[list[str]], object], argv: Sequence[str]) -> int:
-    """Runs a tool's `main(argv)`; an error it stops on (bad config, missing file, unreadable image, diverged
-    training, a dead data-loading worker, a failed rank, ...) prints one line to stderr and returns 1, and its
-    traceback goes to the output folder's log.txt when logging to one had started. Other exceptions (bugs)
-    propagate with their traceback. Ctrl-C and SIGTERM (`utils.signals.sigterm_raises`) unwind the tool, so that its
-    data-loading workers are stopped, and print one line (for training: the newest checkpoint and how to resume);
-    the exit status is 130 or 143, as a shell reports those signals.
-
-    In a distributed job the line names the rank, and the error also goes to the error file of torchrun's agent
-    (TORCHELASTIC_ERROR_FILE, as `torch.distributed.elastic`'s `@record` writes it), so that torchrun's failure
-    summary shows it; the agent then stops the other ranks.
-
-    glibc's malloc is first set to keep freed memory for reuse (`utils.malloc.keep_freed_memory`): without it, the
-    large per-RoI buffers are page-faulted afresh at every step (docs/benchmarks.md)."""
-    keep_freed_memory()
-    try:
-        with sigterm_raises():
-            main(list(argv))
-    except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (utils.signals): one line, where to resume from
-        message = f"interrupted by {interruption_name(error)}" + "".join(
-            f"{'; ' if i else ' '}{note}" for i, note in enumerate(getattr(error, "__notes__", ()))
-        )
-        _log_to_files(logging.WARNING, "Stopped: %s", message)
-        print(f"{Path(sys.argv[0]).name}: {message}", file=sys.stderr)
-        return interruption_exit_status(error)
-    except (ValueError, OSError, FloatingPointError, RuntimeError) as error:
-        message = error_summary(error)
-        _log_to_files(logging.ERROR, "Stopped: %s", message, exc_info=(type(error), error, error.__traceback__))
-        where = f" (rank {comm.get_rank()} of {comm.get_world_size()})" if comm.is_distributed() else ""
-        print(f"{Path(sys.argv[0]).name}: error{where}: {message}", file=sys.stderr)
-        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
-            ErrorHandler().record_exception(error)
-        return 1
-    except BaseException as error:
-        if os.environ.get("TORCHELASTIC_ERROR_FILE") and not isinstance(error, SystemExit):
-            ErrorHandler().record_exception(error)  # a bug's traceback for torchrun's summary, then propagate
-        raise
-    comm.destroy_distributed()
-    return 0
-
-
-def _log_to_files(level: int, message: str, *args: object, exc_info=None) -> None:
-    """A record for the package's log files only (log.txt and the other ranks' files), not for the console."""
-    package_logger = logging.getLogger("detectron_res")
-    record = package_logger.makeRecord(package_logger.name, level, __file__, 0, message, args, exc_info)
-    for handler in package_logger.handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
-
-
-def error_summary(error: BaseException) -> str:
-    """The message of `error` and its notes; for an error re-raised from a data-loading worker (whose message holds
-    the worker's traceback), the worker's own last line, e.g. `BadImageError: truncated JPEG ...: a.jpg`."""
-    message = str(error).strip() or type(error).__name__
-    if "Original Traceback" in message:
-        message = message.splitlines()[-1].strip()
-    return " ".join([message, *getattr(error, "__notes__", ())])
-
-
 def evaluate(
     cfg, model: torch.nn.Module, *, progress: bool = True, timing: InferenceTiming | None = None
 ) -> dict:
@@ -394,9 +332,17 @@ def train(
 
     Nothing is written before these checks pass: a resume point beyond SOLVER.MAX_ITER, and a fresh start in a folder
     that already holds checkpoints (they would be overwritten), are errors.
+
+    Workers that torchrun restarted after a failure (`--max-restarts`, `comm.elastic_restart`) resume as with
+    `resume`: the job goes on from the newest checkpoint, and a log line says so.
     """
     output_dir = Path(cfg.OUTPUT_DIR)
     rank, world_size = comm.get_rank(), comm.get_world_size()
+    restart = comm.elastic_restart()
+    if restart and not resume:
+        logger.info("torchrun restarted the workers (restart %d): resuming from the newest checkpoint in %s, as "
+                    "--resume would", restart, output_dir)
+        resume = True
     if dataset is None:
         with comm.main_process_first():  # rank 0 generates a synthetic data set; the others then read it
             dataset = build_train_dataset(cfg)
@@ -481,7 +427,8 @@ def train(
         last = checkpointer.last_checkpoint() if comm.is_main_process() else None
         error.add_note(
             f"after {trainer.done} of {cfg.SOLVER.MAX_ITER} iterations; "
-            + (f"the newest checkpoint is {last}: run the same command with --resume to continue from it"
+            + ("rank 0 names the checkpoint to resume from" if not comm.is_main_process()
+               else f"the newest checkpoint is {last}: run the same command with --resume to continue from it"
                if last is not None else "no checkpoint had been written yet")
         )
         raise

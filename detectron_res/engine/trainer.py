@@ -9,6 +9,10 @@ holds every rank's random generators and the world size.
 
 Distributed (DistributedDataParallel) and mixed-precision (autocast, with a gradient scaler for float16) training
 run through the same step: the losses are averaged over the ranks for the log and checked everywhere at once.
+
+A SIGTERM during the loop (a scheduler preempting the job) does not interrupt a step: the ranks learn of it through
+the step's all-reduce of the losses, so that all of them stop after the same step; the hooks then write a checkpoint
+there (`stopped`) and `Terminated` is raised (`utils.signals.sigterm_deferred`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 
 from ..utils import comm
+from ..utils.signals import Terminated, sigterm_deferred, sigterm_requested
 from .events import MetricsStorage
 
 logger = logging.getLogger(__name__)
@@ -91,6 +96,8 @@ class Trainer:
         self.grad_scaler = grad_scaler
         self.storage = MetricsStorage(start_iter=start_iter)
         self.completed = False  # set once every iteration ran without error
+        self.stop_agreed = False  # a rank received SIGTERM before this step's all-reduce (see the module)
+        self.stopped = False  # the loop stopped on it after `done` iterations
         self.hooks: list[HookBase] = []
         for hook in hooks:
             hook.trainer = self
@@ -103,14 +110,20 @@ class Trainer:
         try:
             for hook in self.hooks:
                 hook.before_train()
-            for self.iter in range(self.start_iter, self.max_iter):
-                self.storage.iter = self.iter
-                for hook in self.hooks:
-                    hook.before_step()
-                self.run_step()
-                self.done = self.iter + 1
-                for hook in self.hooks:
-                    hook.after_step()
+            with sigterm_deferred():
+                for self.iter in range(self.start_iter, self.max_iter):
+                    self.storage.iter = self.iter
+                    for hook in self.hooks:
+                        hook.before_step()
+                    self.run_step()
+                    self.done = self.iter + 1
+                    for hook in self.hooks:
+                        hook.after_step()
+                    if self.stop_agreed:
+                        self.stopped = True
+                        logger.info("SIGTERM: stopping after iteration %d%s", self.done,
+                                    f" (all {comm.get_world_size()} ranks)" if comm.is_distributed() else "")
+                        raise Terminated("SIGTERM")
             self.iter = self.max_iter
             self.completed = True
         finally:
@@ -161,7 +174,8 @@ class Trainer:
         with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             losses = self.model(batch)
         total = sum(losses.values())
-        values = all_ranks_losses(losses, total, iteration=self.iter, batch=batch)
+        values, self.stop_agreed = all_ranks_losses(losses, total, iteration=self.iter, batch=batch,
+                                                    stop=sigterm_requested())
         self.optimizer.zero_grad(set_to_none=True)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(total).backward()
@@ -180,22 +194,26 @@ class Trainer:
 
 
 def all_ranks_losses(
-    losses: dict[str, torch.Tensor], total: torch.Tensor, *, iteration: int, batch: Sequence[dict] = ()
-) -> dict[str, float]:
-    """{"total_loss": ..., loss name: ...}: the means over all ranks of `total` and `losses` (this process's values
-    in a single process), after checking that they are finite everywhere. A rank whose loss is not raises
-    `NonFiniteLossError` naming its images, every other rank one saying that another rank's loss is not, all at the
-    same step, so that no rank is left waiting for the others."""
+    losses: dict[str, torch.Tensor], total: torch.Tensor, *, iteration: int, batch: Sequence[dict] = (),
+    stop: bool = False,
+) -> tuple[dict[str, float], bool]:
+    """({"total_loss": ..., loss name: ...}, whether any rank asks to stop): the means over all ranks of `total` and
+    `losses` (this process's values in a single process), after checking that they are finite everywhere, and
+    whether `stop` was true on any rank (a SIGTERM), agreed in the same all-reduce so that every rank stops after
+    the same step. A rank whose loss is not finite raises `NonFiniteLossError` naming its images, every other rank
+    one saying that another rank's loss is not, all at the same step, so that no rank is left waiting for the
+    others."""
     local = torch.stack([value.detach().float().reshape(()) for value in (total, *losses.values())])
     finite = torch.isfinite(local).all().float().reshape(1)
-    reduced = comm.all_reduce_mean(torch.cat([local, finite]))
+    stops = torch.tensor([float(stop)])
+    reduced = comm.all_reduce_mean(torch.cat([local, finite, stops]))
     check_losses_finite(losses, iteration=iteration, batch=batch)
-    if reduced[-1].item() < 1:
+    if reduced[-2].item() < 1:
         raise NonFiniteLossError(
             f"Loss became non-finite at iteration {iteration + 1} on another rank (see its error); rank "
             f"{comm.get_rank()} stops with it"
         )
-    return dict(zip(["total_loss", *losses], reduced[:-1].tolist()))
+    return dict(zip(["total_loss", *losses], reduced[:-2].tolist())), reduced[-1].item() > 0
 
 
 def check_losses_finite(losses: dict[str, torch.Tensor], *, iteration: int, batch: Sequence[dict] = ()) -> None:

@@ -73,6 +73,7 @@ def init_distributed(*, backend: str = "", timeout_s: float = 1800.0, device_typ
     backend = backend or ("nccl" if device_type == "cuda" else "gloo")
     if backend == "nccl" and device_type != "cuda":
         raise ValueError("DISTRIBUTED.BACKEND=nccl needs CUDA; use gloo (or '') to train on CPUs")
+    check_restartable_store()
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -80,6 +81,45 @@ def init_distributed(*, backend: str = "", timeout_s: float = 1800.0, device_typ
     global _object_group
     _object_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     return True
+
+
+def check_restartable_store() -> None:
+    """Refuses a torchrun job that may restart its workers (`--max-restarts` > 0) while they share the agent's store
+    (TORCHELASTIC_USE_AGENT_STORE=True, torchrun's default since torch 2.4).
+
+    That store outlives a restart with the keys of the first attempt in it: a restarted rank reads the address its
+    dead predecessor listened on, before the new one overwrote it, and `init_process_group` fails ("Gloo
+    connectFullMesh failed ... Connection refused"; NCCL reads a stale unique id: pytorch/pytorch#135712). A prefix
+    per attempt cannot fix it from here: TORCHELASTIC_RESTART_COUNT differs between the machines of a job (an agent
+    that restarts its healthy workers for another machine's failure does not count it). With
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 the agents hand each attempt a fresh store, hosted by its rank 0.
+
+    Raises:
+        ValueError: the combination above, with the variable to set.
+    """
+    max_restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+    if max_restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise ValueError(
+            f"torchrun --max-restarts={max_restarts} with the agent's shared store: restarted workers would read "
+            "the addresses of the dead ones from it and fail to connect (pytorch/pytorch#135712); start torchrun "
+            "with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (docs/distributed.md)"
+        )
+
+
+def elastic_restart() -> int:
+    """How many times torchrun's agents restarted this job's workers (`--max-restarts`), agreed by all ranks: the
+    largest TORCHELASTIC_RESTART_COUNT of any rank (the count is per machine; see `check_restartable_store`).
+    0 outside torchrun. A collective in a distributed job."""
+    return max(all_gather(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))))
+
+
+def leave_distributed() -> None:
+    """Leaves the job at once, without waiting for the other ranks (an interruption: a rank may be dead or stopped
+    elsewhere, and a barrier could wait for it until the timeout)."""
+    global _object_group
+    if is_distributed():
+        dist.destroy_process_group()
+    _object_group = None
 
 
 def destroy_distributed() -> None:

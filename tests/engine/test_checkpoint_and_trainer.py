@@ -5,7 +5,9 @@ repeats an iteration."""
 import itertools
 import json
 import logging
+import os
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -15,7 +17,8 @@ from torch import nn
 from detectron_res.engine.checkpoint import Checkpointer, NonFiniteCheckpointError
 from detectron_res.engine.events import JSONWriter, MetricsStorage
 from detectron_res.engine.hooks import PeriodicCheckpointer, scalar_metrics
-from detectron_res.engine.trainer import NonFiniteLossError, Trainer
+from detectron_res.engine.trainer import HookBase, NonFiniteLossError, Trainer
+from detectron_res.utils.signals import Terminated, sigterm_raises
 
 
 class ToyModel(nn.Module):
@@ -80,6 +83,40 @@ def test_interrupted_save_leaves_previous_checkpoint_and_no_temporary_file(tmp_p
     assert good.read_bytes() == before
     assert checkpointer.last_checkpoint() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000002.pth"]
+
+
+class SendSigterm(HookBase):
+    """Sends this process SIGTERM before the step of iteration `at` (0-based), as a scheduler preempting it would."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def before_step(self) -> None:
+        if self.trainer.iter == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize(
+    ("at", "written"),
+    [(2, ["model_0000002.pth", "model_0000003.pth"]), (3, ["model_0000002.pth", "model_0000004.pth"])],
+)
+def test_sigterm_in_the_loop_finishes_the_step_checkpoints_it_and_raises(tmp_path, caplog, at, written):
+    model = ToyModel()
+    trainer, checkpointer = make_trainer(model, tmp_path, max_iter=10)
+    trainer.hooks.append(SendSigterm(at))
+    trainer.hooks[-1].trainer = trainer
+    try:
+        with pytest.raises(Terminated), sigterm_raises(), caplog.at_level(logging.INFO):  # as run_tool runs it
+            trainer.train()
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert (trainer.done, trainer.stopped, trainer.completed) == (at + 1, True, False)
+    assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == written
+    assert [r.getMessage().rsplit("/", 1)[-1] for r in caplog.records if "Saved checkpoint" in r.getMessage()] == written
+    state = torch.load(checkpointer.last_checkpoint(), weights_only=True)
+    # w <- w - 0.1 * 2 (w - 3) = 0.8 w + 0.6 from 0: 0.6, 1.08, 1.464, 1.7712 after 1..4 steps
+    assert state["iteration"] == state["trainer"]["iteration"] == at + 1
+    torch.testing.assert_close(state["model"]["w"], torch.tensor([[0.6, 1.08, 1.464, 1.7712][at]]))
 
 
 def test_resume_restores_model_optimizer_scheduler_and_iteration(tmp_path):
@@ -256,16 +293,28 @@ def test_autocast_runs_the_forward_in_its_dtype_and_steps_in_float32(dtype):
 def test_a_non_finite_loss_on_another_rank_stops_this_one_at_the_same_step(monkeypatch):
     from detectron_res.engine import trainer as trainer_module
 
-    # this rank's loss is 2.0; the mean over 2 ranks of (total, loss, finite flag) says one rank's was not finite
-    monkeypatch.setattr(trainer_module.comm, "all_reduce_mean", lambda t: torch.tensor([float("nan")] * 2 + [0.5]))
+    # this rank's loss is 2.0; the mean over 2 ranks of (total, loss, finite flag, stop flag) says one rank's was not
+    # finite
+    sent = []
+
+    def all_reduce_mean(tensor):
+        sent.append(tensor.tolist())
+        return replies.pop(0)
+    monkeypatch.setattr(trainer_module.comm, "all_reduce_mean", all_reduce_mean)
+    replies = [torch.tensor([float("nan")] * 2 + [0.5, 0.0])]
     loss = torch.tensor(2.0)
     with pytest.raises(NonFiniteLossError) as stopped:
         trainer_module.all_ranks_losses({"loss": loss}, loss, iteration=4)
     assert str(stopped.value) == (
         "Loss became non-finite at iteration 5 on another rank (see its error); rank 0 stops with it"
     )
-    monkeypatch.setattr(trainer_module.comm, "all_reduce_mean", lambda t: torch.tensor([3.0, 1.0, 1.0]))
-    assert trainer_module.all_ranks_losses({"loss": loss}, loss, iteration=4) == {"total_loss": 3.0, "loss": 1.0}
+    # a SIGTERM on this rank (stop=True) or on another (a stop flag mean of 0.5) stops every rank after this step
+    replies = [torch.tensor([3.0, 1.0, 1.0, stop]) for stop in (0.0, 0.5, 0.5)]
+    means = {"total_loss": 3.0, "loss": 1.0}
+    assert trainer_module.all_ranks_losses({"loss": loss}, loss, iteration=4) == (means, False)
+    assert trainer_module.all_ranks_losses({"loss": loss}, loss, iteration=4) == (means, True)
+    assert trainer_module.all_ranks_losses({"loss": loss}, loss, iteration=4, stop=True)[1] is True
+    assert sent[1:] == [[2.0, 2.0, 1.0, 0.0], [2.0, 2.0, 1.0, 0.0], [2.0, 2.0, 1.0, 1.0]]  # this rank's flags
 
 
 def test_a_gradient_scaler_scales_the_backward_and_its_state_goes_into_the_trainer_state(tmp_path):

@@ -7,7 +7,14 @@ import time
 
 import pytest
 
-from detectron_res.utils.signals import Terminated, interruption_exit_status, interruption_name, sigterm_raises
+from detectron_res.utils.signals import (
+    Terminated,
+    interruption_exit_status,
+    interruption_name,
+    sigterm_deferred,
+    sigterm_raises,
+    sigterm_requested,
+)
 
 
 def test_sigterm_raises_terminated_once_then_the_default_action_is_back(monkeypatch):
@@ -63,3 +70,35 @@ def test_the_previous_handler_comes_back_after_the_block():
         assert signal.getsignal(signal.SIGTERM) is previous
     finally:
         signal.signal(signal.SIGTERM, original)
+
+
+def test_sigterm_deferred_records_a_request_and_a_second_sigterm_finds_the_default_action():
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(Terminated):
+            with sigterm_deferred():
+                assert not sigterm_requested()
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)  # the handler runs at once; nothing is raised
+                assert sigterm_requested()
+                assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+                raise Terminated("SIGTERM")  # what the training loop does once every rank agreed to stop
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and not sigterm_requested()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_request_not_acted_on_raises_when_the_block_ends_and_none_restores_the_handler():
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(Terminated):
+            with sigterm_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)
+        with sigterm_raises():
+            raising = signal.getsignal(signal.SIGTERM)
+            with sigterm_deferred():
+                pass
+            assert signal.getsignal(signal.SIGTERM) is raising
+    finally:
+        signal.signal(signal.SIGTERM, before)
