@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import logging
 import os
 import random
@@ -25,6 +26,7 @@ from ..layers.norm import SyncBatchNorm
 from ..modeling import build_model
 from ..modeling.build import check_weight_settings, compile_for_inference, resolve_device
 from ..utils import comm, remove_orphaned_temporary_files
+from ..utils.main_guard import check_not_bootstrapping
 from ..utils.malloc import keep_freed_memory
 from ..utils.paths import RunFolderLock, check_tool_paths
 from ..utils.signals import interruption_exit_status, interruption_name, sigterm_raises
@@ -166,10 +168,12 @@ def release_run_folders() -> None:
 def releasing_run_folders(main: Callable[..., Any]) -> Callable[..., Any]:
     """Decorates a tool's `main` so that the run folders its `setup` locked are released when it returns or
     raises: a caller in Python (a notebook, a test) may run the tool again, or launch it on N processes, on the
-    same folder."""
+    same folder. A worker process importing a script that called `main` at its top level is stopped with the fix
+    (`utils.main_guard.check_not_bootstrapping`) instead of starting a second run."""
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        check_not_bootstrapping(f"{Path(inspect.getfile(main)).name}'s main()")
         try:
             return main(*args, **kwargs)
         finally:
