@@ -206,7 +206,7 @@ def test_quick_start_then_the_python_examples(sandbox, quick_start):
     for page in ("README.md", "docs/training.md"):
         run_python_block(sandbox, page, f"example_{Path(page).stem}.py")
     run_command(sandbox, page_command("README.md", r"^python tools/demo\.py"))
-    assert sorted(p.name for p in (sandbox / "drawn").iterdir()) == ["photo0.png", "photo1.png"]
+    assert sorted(p.name for p in (sandbox / "drawn").glob("*.png")) == ["photo0.png", "photo1.png"]
     run_command(sandbox, page_command("README.md", r"^python tools/plot_log\.py"))
     assert (quick_start / "plots" / "losses.png").is_file()
     run_command(sandbox, page_command("README.md", r"^python tools/export\.py"))
