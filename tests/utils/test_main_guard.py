@@ -33,7 +33,8 @@ dataset = DetectionDataset(name="none", records=[], class_names=["a"], category_
 
 def test_a_loader_started_from_the_unguarded_top_level_is_refused_naming_the_line(tmp_path, monkeypatch):
     script = tmp_path / "train_parts.py"
-    script.write_text(LOADER + "build_test_loader(dataset, mapper=len,\n                  num_workers=2)\n")
+    script.write_text(LOADER + "loader = (  # the statement's first line is named\n"
+                               "    build_test_loader(dataset, mapper=len, num_workers=2)\n)\n")
     with pytest.raises(RuntimeError) as refused:
         run_as_main(script, monkeypatch)
     assert str(refused.value) == (
@@ -57,6 +58,12 @@ def test_the_same_call_under_the_guard_in_a_function_or_without_workers_is_not(t
                                "x = 1\nmain()\n")
     with pytest.raises(RuntimeError, match=rf"^{script_re(called)}, line 8, starts 1 data-loading"):
         run_as_main(called, monkeypatch)
+    # an `if` that does not test __name__ is no guard
+    other_if = tmp_path / "other_if.py"
+    other_if.write_text(LOADER + "if len(dataset.records) == 0:\n    build_test_loader(dataset, mapper=len, "
+                                 "num_workers=1)\n")
+    with pytest.raises(RuntimeError, match=rf"^{script_re(other_if)}, line 4, starts 1 data-loading"):
+        run_as_main(other_if, monkeypatch)
 
 
 def script_re(path: Path) -> str:
