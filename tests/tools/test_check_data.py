@@ -51,6 +51,11 @@ def make_loc(root: Path) -> Path:
         "ImageId,PredictionString\n" + "".join(f"{i},n01440764 3 4 30 20 \n" for i in ids))
     for image_id in ids:
         write_jpeg(base / "ILSVRC" / "Data" / "CLS-LOC" / "val" / f"{image_id}.JPEG")
+    train_ids = ["n01440764_10026", "n01443537_2"]  # the training layout: train/<wnid>/<wnid>_<n>.JPEG
+    (base / "LOC_train_solution.csv").write_text(
+        "ImageId,PredictionString\n" + "".join(f"{i},{i.split('_')[0]} 3 4 30 20 \n" for i in train_ids))
+    for image_id in train_ids:
+        write_jpeg(base / "ILSVRC" / "Data" / "CLS-LOC" / "train" / image_id.split("_")[0] / f"{image_id}.JPEG")
     return base
 
 
@@ -116,6 +121,12 @@ def test_incomplete_voc_and_cls_loc(tmp_path, capsys, monkeypatch):
     loc_images = base / "ILSVRC" / "Data" / "CLS-LOC" / "val"
     (loc_images / "ILSVRC2012_val_00000001.JPEG").unlink()
     (loc_images / "ILSVRC2012_val_00000003.JPEG").write_bytes(b"")
+    status, lines, err = run(capsys, tmp_path, ["imagenet_loc_train"], [])
+    assert (status, lines[0].split(" (")[0]) == (0, "imagenet_loc_train: complete, 2 images")
+    train_image = base / "ILSVRC/Data/CLS-LOC/train/n01443537/n01443537_2.JPEG"
+    train_image.unlink()
+    status, lines, err = run(capsys, tmp_path, ["imagenet_loc_train"], [])
+    assert (status, lines[1:]) == (1, [f"  missing: {train_image}"])  # the path of its layout is named
     status, lines, err = run(capsys, tmp_path, ["voc_2007_test"], ["imagenet_loc_val"])
     assert status == 1
     assert err == "check_data.py: error: 2 of 2 data sets incomplete: voc_2007_test, imagenet_loc_val"
