@@ -200,18 +200,23 @@ def quick_start(sandbox) -> Path:
     return sandbox / "output" / "shapes"
 
 
-def test_quick_start_then_the_python_examples(sandbox, quick_start):
-    """After the quick start, README's and training.md's Predictor examples and the demo, plot_log and export lines
-    of README's "Using it" run on its model as written; then docs/tools.md's Python example reads README's ONNX file
-    (as shapes_r18.onnx) and a TorchScript export of the same model (shapes_r18.ts), as the page's transcript makes
-    them."""
+def test_predictor_examples_of_readme_and_training_md(sandbox, quick_start):
+    """After the quick start, README's and training.md's Predictor examples run on its model as written."""
     assert {"config.yaml", "model_final.pth", "metrics.json"} <= {p.name for p in quick_start.iterdir()}
     for page in ("README.md", "docs/training.md"):
         run_python_block(sandbox, page, f"example_{Path(page).stem}.py")
+
+
+def test_demo_and_plot_log_lines_of_readme(sandbox, quick_start):
     run_command(sandbox, page_command("README.md", r"^python tools/demo\.py"))
     assert sorted(p.name for p in (sandbox / "drawn").glob("*.png")) == ["photo0.png", "photo1.png"]
     run_command(sandbox, page_command("README.md", r"^python tools/plot_log\.py"))
     assert (quick_start / "plots" / "losses.png").is_file()
+
+
+def test_export_line_of_readme_and_the_example_of_tools_md(sandbox, quick_start):
+    """README's export line writes m.onnx; docs/tools.md's Python example then reads it (as shapes_r18.onnx) and a
+    TorchScript export of the same model (shapes_r18.ts), as the page's transcript makes them, and image.png."""
     run_command(sandbox, page_command("README.md", r"^python tools/export\.py"))
     shutil.copy(sandbox / "m.onnx", sandbox / "shapes_r18.onnx")
     run(sandbox, [sys.executable, "tools/export.py", "--cfg", "output/shapes/config.yaml", "--ckpt",
