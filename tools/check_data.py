@@ -78,8 +78,8 @@ def expected_images(name: str, root: str) -> tuple[list[ExpectedImage], str]:
         image_dir = base / "imagenet" / "ILSVRC" / "Data" / "CLS-LOC" / split
         images = _loc_images(csv_file, image_dir, base / "imagenet" / "LOC_synset_mapping.txt")
         return images, f"{csv_file}, images in {image_dir}"
-    if name.startswith("voc_"):
-        _, year, split = name.split("_", 2)
+    if name.startswith("voc_") and name.count("_") == 2:  # else get_dataset's error names the known sets
+        _, year, split = name.split("_")
         for voc_root in (base / "VOCdevkit" / f"VOC{year}", base / f"VOC{year}"):
             if (voc_root / "ImageSets" / "Main" / f"{split}.txt").is_file():
                 dataset = load_voc(voc_root, split, name=name, check_files=False)

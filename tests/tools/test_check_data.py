@@ -150,6 +150,8 @@ def test_a_data_set_that_cannot_be_read_is_one_line(tmp_path, capsys, monkeypatc
                         f"{tmp_path / 'coco/annotations/instances_val2017.json'} (images in {tmp_path / 'coco/val2017'}); "
                         f"set DATASETS.ROOT or $DETECTRON_RES_DATASETS to the folder holding coco/")
     assert err == "check_data.py: error: 1 of 2 data sets incomplete: coco_2017_val"
+    status, lines, err = run(capsys, tmp_path, ["voc_2007"], [])
+    assert status == 1 and lines[0].startswith("voc_2007: error: unknown data set 'voc_2007' (did you mean 'voc_2007_")
     status = check_data.main(["--cfg", str(tmp_path / "none.yaml")])
     _, err = capsys.readouterr()
     assert status == 1 and err.startswith("check_data.py: error: ") and "none.yaml" in err and "\n" not in err.strip()
