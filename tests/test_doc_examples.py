@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import pytest
 
-from detectron_res.data.datasets import generate_shapes
+from detectron_res.data.datasets import generate_loc_shapes, generate_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "datasets" / "README.md"]
@@ -43,6 +43,9 @@ COMMANDS: list[tuple[str, str]] = [
     (r"^python tools/export\.py --cfg output/shapes/config\.yaml --ckpt output/shapes/model_final\.pth --format onnx",
      RUN),
     (r"^python train_parts\.py", RUN),
+    (r"^python tools/train_loc\.py --cfg configs/loc_shapes_r18\.yaml$", RUN),
+    (r"^python tools/localize\.py --cfg configs/loc_shapes_r18\.yaml --images datasets/loc_shapes/val --out "
+     r"submission\.txt --csv-out submission\.csv --gt datasets/loc_shapes/LOC_val_solution\.csv$", RUN),
     # not runnable here
     (r'^pip install -e "\.\[test\]" && python -m pytest', "the test suite itself"),
     (r"^pip install", "installs packages (network)"),
@@ -62,7 +65,7 @@ COMMANDS: list[tuple[str, str]] = [
      "a transcript of docs/tools.md; its messages are asserted by tests/tools (test_demo, test_plot_log, "
      "test_tool_paths, test_export)"),
     (r"shapes_r18\.yaml --output output/shapes_(single|ddp)", "the 1500-iteration schedule of docs/results.md"),
-    (r"loc_shapes", "both localization stages for minutes; tests/tools/test_localize_tools.py runs them at tiny size"),
+    (r"loc_shapes", "localization.md's quick start (run above) with other file names (results.md's record)"),
 ]
 
 TINY_SHAPES = 64
@@ -239,3 +242,20 @@ def test_own_data_script(sandbox):
     assert "Resum" in done.stdout + done.stderr
     iterations = [json.loads(line)["iteration"] for line in (sandbox / "output/parts/metrics.jsonl").open()]
     assert iterations == [1, 2]  # LOG_PERIOD 20: each run's last iteration; the second continued the first
+
+
+def test_localization_quick_start(sandbox):
+    """docs/localization.md's quick start, as written with tiny overrides: both stages train on a small loc_shapes
+    set generated where the built-in one would be, then localize.py writes and scores the val submission."""
+    root = sandbox / "datasets" / "loc_shapes"
+    generate_loc_shapes(root, num_train=10, num_val=4, seed=3)
+    common = ["MODEL.DEVICE=cpu", "DATALOADER.NUM_WORKERS=0", "MODEL.RPN.POST_NMS_TOPK_TEST=4"]
+    run_command(sandbox, page_command("docs/localization.md", r"^python tools/train_loc\.py"), [
+        *common, f"DATASETS.TRAIN=[{root}/LOC_train_solution.csv:{root}/train]",
+        f"DATASETS.TEST=[{root}/LOC_val_solution.csv:{root}/val]", "SOLVER.IMS_PER_BATCH=4", "SOLVER.MAX_ITER=2",
+        "SOLVER.STEPS=[]", "LOC.RCNN.IMS_PER_BATCH=4", "LOC.RCNN.MAX_ITER=2", "LOC.RCNN.STEPS=[]"])
+    assert (sandbox / "output/loc_shapes_r18/rcnn/model_final.pth").is_file()
+    done = run_command(sandbox, page_command("docs/localization.md", r"^python tools/localize\.py"), common)
+    assert "submission for 4 images written to submission.txt" in done.stdout
+    assert len((sandbox / "submission.txt").read_text().splitlines()) == 4
+    assert (sandbox / "submission.images.txt").is_file() and (sandbox / "submission.synsets.txt").is_file()
