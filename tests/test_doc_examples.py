@@ -47,6 +47,7 @@ COMMANDS: list[tuple[str, str]] = [
     (r"^python tools/localize\.py --cfg configs/loc_shapes_r18\.yaml --images datasets/loc_shapes/val --out "
      r"submission\.txt --csv-out submission\.csv --gt datasets/loc_shapes/LOC_val_solution\.csv$", RUN),
     # not runnable here
+    (r"loc_shapes", "localization.md's quick start (run above) with other file names (results.md's record)"),
     (r'^pip install -e "\.\[test\]" && python -m pytest', "the test suite itself"),
     (r"^pip install", "installs packages (network)"),
     (r"coco_r101|coco_r50\.yaml --output output/coco128|instances_val2017\.json|coco128|\$C/",
@@ -65,7 +66,6 @@ COMMANDS: list[tuple[str, str]] = [
      "a transcript of docs/tools.md; its messages are asserted by tests/tools (test_demo, test_plot_log, "
      "test_tool_paths, test_export)"),
     (r"shapes_r18\.yaml --output output/shapes_(single|ddp)", "the 1500-iteration schedule of docs/results.md"),
-    (r"loc_shapes", "localization.md's quick start (run above) with other file names (results.md's record)"),
 ]
 
 TINY_SHAPES = 64
@@ -250,12 +250,14 @@ def test_localization_quick_start(sandbox):
     root = sandbox / "datasets" / "loc_shapes"
     generate_loc_shapes(root, num_train=10, num_val=4, seed=3)
     common = ["MODEL.DEVICE=cpu", "DATALOADER.NUM_WORKERS=0", "MODEL.RPN.POST_NMS_TOPK_TEST=4"]
-    run_command(sandbox, page_command("docs/localization.md", r"^python tools/train_loc\.py"), [
+    train_loc = page_command("docs/localization.md", r"^python tools/train_loc\.py --cfg configs/loc_shapes")
+    run_command(sandbox, train_loc, [
         *common, f"DATASETS.TRAIN=[{root}/LOC_train_solution.csv:{root}/train]",
         f"DATASETS.TEST=[{root}/LOC_val_solution.csv:{root}/val]", "SOLVER.IMS_PER_BATCH=4", "SOLVER.MAX_ITER=2",
         "SOLVER.STEPS=[]", "LOC.RCNN.IMS_PER_BATCH=4", "LOC.RCNN.MAX_ITER=2", "LOC.RCNN.STEPS=[]"])
     assert (sandbox / "output/loc_shapes_r18/rcnn/model_final.pth").is_file()
-    done = run_command(sandbox, page_command("docs/localization.md", r"^python tools/localize\.py"), common)
+    localize = page_command("docs/localization.md", r"^python tools/localize\.py --cfg configs/loc_shapes")
+    done = run_command(sandbox, localize, common)
     assert "submission for 4 images written to submission.txt" in done.stdout
     assert len((sandbox / "submission.txt").read_text().splitlines()) == 4
     assert (sandbox / "submission.images.txt").is_file() and (sandbox / "submission.synsets.txt").is_file()

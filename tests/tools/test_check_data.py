@@ -146,8 +146,9 @@ def test_a_data_set_that_cannot_be_read_is_one_line(tmp_path, capsys, monkeypatc
     status, lines, err = run(capsys, tmp_path, ["voc_2007_test", "coco_2017_val"], [])
     assert status == 1
     assert lines[0] == f"voc_2007_test: complete, 2 images ({tmp_path / 'VOCdevkit/VOC2007'}, split test)"
+    coco = tmp_path / "coco"
     assert lines[1] == (f"coco_2017_val: error: data set 'coco_2017_val' needs "
-                        f"{tmp_path / 'coco/annotations/instances_val2017.json'} (images in {tmp_path / 'coco/val2017'}); "
+                        f"{coco / 'annotations/instances_val2017.json'} (images in {coco / 'val2017'}); "
                         f"set DATASETS.ROOT or $DETECTRON_RES_DATASETS to the folder holding coco/")
     assert err == "check_data.py: error: 1 of 2 data sets incomplete: coco_2017_val"
     status, lines, err = run(capsys, tmp_path, ["voc_2007"], [])
