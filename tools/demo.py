@@ -339,7 +339,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Runs the demo; returns one record per input file: {"input", "output" (the annotated file), "kind": "image",
     "detections" (those drawn: boxes, scores, labels, class_names), "seconds" (the model's)} or {"input", "output",
     "kind": "video", "frames", "size" (width, height), "fps", "detections" (one dict as above per frame), "seconds"}."""
-    parser = default_argument_parser(__doc__.splitlines()[0])
+    parser = default_argument_parser(
+        __doc__.splitlines()[0], output_help="folder of the annotated files and log.txt (default: <OUTPUT_DIR>/demo)"
+    )
     parser.add_argument("--ckpt", default=None, help="checkpoint (default: MODEL.WEIGHTS, else OUTPUT_DIR's newest)")
     parser.add_argument("--input", required=True, help="an image, a video, a folder or a glob pattern (quoted)")
     parser.add_argument(

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
+from ..utils.main_guard import check_main_guard
 from .datasets.base import DetectionDataset
 from .mapper import BadImageError
 from .samplers import GroupedBatchSampler, InferenceSampler, TrainingSampler, aspect_ratio_group_ids
@@ -300,7 +301,9 @@ def _data_loader(
     dataset: Dataset, *, batch_sampler, num_workers: int, seed: int, rank: int, timeout: float, persistent_workers: bool
 ) -> DataLoader:
     """A DataLoader whose workers come from the fork server and whose own random draws (the workers' base seed)
-    use a private generator, leaving the global torch random state to the model."""
+    use a private generator, leaving the global torch random state to the model. Workers import the main script
+    again: one started from its unguarded top level is refused (`utils.main_guard`)."""
+    check_main_guard(num_workers)
     return WatchedDataLoader(
         dataset,
         batch_sampler=batch_sampler,

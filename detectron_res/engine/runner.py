@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import logging
 import os
 import random
@@ -23,6 +24,7 @@ from ..layers.norm import SyncBatchNorm
 from ..modeling import build_model
 from ..modeling.build import check_weight_settings, compile_for_inference, resolve_device
 from ..utils import comm, remove_orphaned_temporary_files
+from ..utils.main_guard import check_not_bootstrapping
 from ..utils.paths import RunFolderLock, check_tool_paths
 from .checkpoint import Checkpointer, unwrap_model
 from .events import ConsoleWriter, JSONWriter, TensorboardWriter
@@ -42,14 +44,16 @@ CONFIG_FILE = "config.yaml"
 EVAL_CONFIG_FILE = "inference/config.yaml"  # evaluation tools keep a training run's config.yaml as it is
 
 
-def default_argument_parser(description: str) -> argparse.ArgumentParser:
+def default_argument_parser(
+    description: str, *, output_help: str = "output folder (default: the config's OUTPUT_DIR)"
+) -> argparse.ArgumentParser:
     """`--cfg`, `--output` and trailing `KEY=VALUE` overrides; parse with `parse_args`, which lets flags come
-    before, between or after the overrides."""
+    before, between or after the overrides. `output_help` is for a tool whose --output is not OUTPUT_DIR itself."""
     parser = argparse.ArgumentParser(
         description=description, epilog="KEY=VALUE arguments override config keys, e.g. SOLVER.BASE_LR=0.02"
     )
     parser.add_argument("--cfg", required=True, help="config file (YAML)")
-    parser.add_argument("--output", default=None, help="output folder (default: the config's OUTPUT_DIR)")
+    parser.add_argument("--output", default=None, help=output_help)
     parser.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides")
     return parser
 
@@ -163,10 +167,12 @@ def release_run_folders() -> None:
 def releasing_run_folders(main: Callable[..., Any]) -> Callable[..., Any]:
     """Decorates a tool's `main` so that the run folders its `setup` locked are released when it returns or
     raises: a caller in Python (a notebook, a test) may run the tool again, or launch it on N processes, on the
-    same folder."""
+    same folder. A worker process importing a script that called `main` at its top level is stopped with the fix
+    (`utils.main_guard.check_not_bootstrapping`) instead of starting a second run."""
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        check_not_bootstrapping(f"{Path(inspect.getfile(main)).name}'s main()")
         try:
             return main(*args, **kwargs)
         finally:
@@ -322,13 +328,15 @@ def train(
     dataset: DetectionDataset | None = None,
     build_loader: Callable[..., Iterable[list[dict]]] | None = None,
     evaluate_fn: Callable[[torch.nn.Module], dict] | None = None,
+    batch_unit: str = "images (SOLVER.IMS_PER_BATCH)",
 ) -> dict:
     """Trains the config's model on DATASETS.TRAIN, checkpointing and logging as it goes, then evaluates on
     DATASETS.TEST. With `resume`, continues from the newest usable checkpoint in OUTPUT_DIR when there is one,
     exactly where it stopped (same batches, same random draws).
 
     Another model family (the localization stages) passes its own `model`, training `dataset`, `build_loader(cfg,
-    dataset, *, start_iter)` and `evaluate_fn(model) -> metrics`; the defaults are the detector's.
+    dataset, *, start_iter)` and `evaluate_fn(model) -> metrics`; the defaults are the detector's. `batch_unit` says
+    in the log what SOLVER.IMS_PER_BATCH counts and which key set it (the R-CNN stage's: RoIs, LOC.RCNN.IMS_PER_BATCH).
 
     Nothing is written before these checks pass: a resume point beyond SOLVER.MAX_ITER, and a fresh start in a folder
     that already holds checkpoints (they would be overwritten), are errors.
@@ -364,8 +372,9 @@ def train(
         logger.info("Resolved config saved to %s", output_dir / CONFIG_FILE)
     amp_dtype, grad_scaler = amp_settings(cfg.SOLVER.AMP, device=next(model.parameters()).device)
     logger.info(
-        "Training on %d process%s: global batch %d images (SOLVER.IMS_PER_BATCH), %d per process, base LR %g%s",
-        world_size, "es" if world_size > 1 else "", cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.IMS_PER_BATCH // world_size,
+        "Training on %d process%s: global batch %d %s, %d per process, base LR %g%s",
+        world_size, "es" if world_size > 1 else "", cfg.SOLVER.IMS_PER_BATCH, batch_unit,
+        cfg.SOLVER.IMS_PER_BATCH // world_size,
         cfg.SOLVER.BASE_LR, f", {cfg.SOLVER.AMP.DTYPE} autocast" if amp_dtype is not None else "",
     )
     data_loader = build_loader(cfg, dataset, start_iter=start_iter, rank=rank, world_size=world_size)

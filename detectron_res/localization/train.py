@@ -138,6 +138,7 @@ def train_rcnn_stage(cfg, *, rpn_checkpoint: str | Path | None = None, resume: b
         dataset=pool,
         build_loader=build_rcnn_train_loader,
         evaluate_fn=lambda m: evaluate_localizer(stage, rpn, m, classifier=classifier_weights(cfg)),
+        batch_unit="RoIs (LOC.RCNN.IMS_PER_BATCH)",
     )
 
 

@@ -248,7 +248,9 @@ def test_both_localization_stages_train_and_evaluate_on_two_processes(tmp_path):
     assert results[0]["rcnn"] == json.loads((out / "rcnn/metrics.json").read_text())
     assert results[0]["rcnn"]["loc_oracle"]["num_images"] == 4
     assert (out / "rpn/model_final.pth").is_file() and (out / "rcnn/model_final.pth").is_file()
-    assert (out / "log.txt").read_text().count("Training on 2 processes: global batch 4 images") == 2  # both stages
+    log = (out / "log.txt").read_text()
+    assert log.count("Training on 2 processes: global batch 4 images (SOLVER.IMS_PER_BATCH), 2 per process") == 1
+    assert log.count("Training on 2 processes: global batch 4 RoIs (LOC.RCNN.IMS_PER_BATCH), 2 per process") == 1
 
 
 # -- failures -----------------------------------------------------------------------------------------------------

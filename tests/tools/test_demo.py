@@ -352,3 +352,12 @@ def test_a_model_failure_names_the_file_in_one_line(tiny, tmp_path, monkeypatch)
         run_demo(checkpoint, source, tmp_path / "out")
     assert str(caught.value) == (f"{source}: 1 validation error for InitSchema height Input should be greater than or "
                                  "equal to 1")
+
+
+def test_help_gives_the_output_folder_the_demo_really_uses(capsys):
+    with pytest.raises(SystemExit) as exited:
+        demo.main(["--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--output OUTPUT folder of the annotated files and log.txt (default: <OUTPUT_DIR>/demo)" in text
+    assert "the config's OUTPUT_DIR)" not in text

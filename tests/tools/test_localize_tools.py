@@ -65,6 +65,9 @@ def test_train_loc_trains_and_evaluates_every_stage(trained):
     assert (output / "rcnn" / "rcnn_rois.pth").is_file()
     saved = json.loads((output / "rcnn" / "metrics.json").read_text())
     assert saved["loc_oracle"] == results["rcnn"]["loc_oracle"]
+    log = (output / "log.txt").read_text()  # the R-CNN stage's batch is RoIs, set by LOC.RCNN.IMS_PER_BATCH
+    assert "Training on 1 process: global batch 4 images (SOLVER.IMS_PER_BATCH), 4 per process" in log
+    assert "Training on 1 process: global batch 4 RoIs (LOC.RCNN.IMS_PER_BATCH), 4 per process" in log
 
 
 def test_localize_writes_a_submission_whose_score_is_the_evaluators(trained, tmp_path, capsys):

@@ -19,6 +19,7 @@ from .shapes import ensure_shapes, generate_shapes, load_shapes
 from .voc import VOC_CLASSES, load_voc, voc_dataset_names
 
 __all__ = [
+    "COCO_FILES",
     "DATASET_CATALOG",
     "DATASETS_ENV_VAR",
     "DatasetFunction",
@@ -145,13 +146,19 @@ def _loc_shapes(split: str) -> DatasetFunction:
     return load
 
 
+# built-in COCO names -> (json under <root>/coco/annotations/, image folder under <root>/coco/); tools/check_data.py
+# reads them too
+COCO_FILES: dict[str, tuple[str, str]] = {
+    "coco_2017_train": ("instances_train2017.json", "train2017"),
+    "coco_2017_val": ("instances_val2017.json", "val2017"),
+    "coco_2014_train": ("instances_train2014.json", "train2014"),
+    "coco_2014_val": ("instances_val2014.json", "val2014"),
+    "coco_2014_minival": ("instances_minival2014.json", "val2014"),
+    "coco_2014_valminusminival": ("instances_valminusminival2014.json", "val2014"),
+}
+
 for _name, _fn in {
-    "coco_2017_train": _coco("instances_train2017.json", "train2017"),
-    "coco_2017_val": _coco("instances_val2017.json", "val2017"),
-    "coco_2014_train": _coco("instances_train2014.json", "train2014"),
-    "coco_2014_val": _coco("instances_val2014.json", "val2014"),
-    "coco_2014_minival": _coco("instances_minival2014.json", "val2014"),
-    "coco_2014_valminusminival": _coco("instances_valminusminival2014.json", "val2014"),
+    **{name: _coco(*files) for name, files in COCO_FILES.items()},
     "imagenet_loc_train": _imagenet_loc("train"),
     "imagenet_loc_val": _imagenet_loc("val"),
     "shapes_train": _shapes("train"),
