@@ -58,7 +58,7 @@ def test_a_trainer_step_under_cuda_autocast_casts_the_trunk_and_steps_the_weight
 
 
 def test_the_export_wrapper_on_a_cuda_image_gives_the_cpu_detections():
-    detector = ExportableDetector(model=tiny_detector())
+    detector = ExportableDetector(model=tiny_detector("MODEL.ROI_HEADS.GLOBAL_CONTEXT=true"))  # its whole-image RoI too
     reference = copy.deepcopy(detector)
     image = random_image(EXAMPLE_SIZE, seed=0)
     with torch.no_grad():

@@ -23,6 +23,7 @@ from fake_cuda import (
 from test_detector import make_batch, tiny_config
 
 from detectron_res.config import merge_overrides
+from detectron_res.layers import ROIPooler
 from detectron_res.modeling import DetectorEnsemble, TestTimeAugmentation, build_model
 
 ADDONS = TestTimeAugmentation(scales=(48, 64, 96), reference_size=32, flip=True, refine_nms_thresh=0.3,
@@ -161,3 +162,18 @@ def test_inference_under_cuda_autocast_runs_the_trunk_in_that_dtype_and_keeps_bo
     for image in found:
         assert image["boxes"].device == CUDA and image["boxes"].dtype == torch.float32
         assert image["scores"].dtype == torch.float32 and len(image["boxes"]) > 0
+
+
+@pytest.mark.parametrize("kind, kernel", [("ROIAlign", "bag"), ("ROIAlign", "auto"), ("ROIPool", "auto")])
+def test_the_roi_poolers_on_cuda_give_the_cpu_features(kind, kernel):
+    """The embedding-bag RoIAlign (MODEL.ROI_HEADS.ROI_ALIGN_KERNEL=bag also on a GPU), torchvision's and RoIPool."""
+    pooler = ROIPooler(kind=kind, output_size=4, spatial_scale=0.5, sampling_ratio=0, roi_align_kernel=kernel)
+    features = torch.rand(2, 3, 10, 12, generator=torch.Generator().manual_seed(0))
+    boxes = [torch.tensor([[1.0, 2.0, 15.0, 17.0], [0.0, 0.0, 23.5, 19.0]]), torch.tensor([[4.0, 3.0, 9.0, 30.0]])]
+    reference = ROIPooler(kind=kind, output_size=4, spatial_scale=0.5, sampling_ratio=0,
+                          roi_align_kernel="torchvision" if kernel == "auto" else kernel)
+    expected = reference(features, boxes)
+    with fake_cuda():
+        found = pooler(features.to("cuda"), [b.to("cuda") for b in boxes])
+    assert found.device == CUDA and found.shape == (3, 3, 4, 4)
+    torch.testing.assert_close(to_cpu(found), expected, rtol=0, atol=0)
