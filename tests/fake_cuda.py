@@ -105,7 +105,7 @@ class FakeCudaMode(TorchDispatchMode):
         flat, _ = tree_flatten((args, kwargs))
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         cuda = [t for t in tensors if isinstance(t, CudaTagged)]
-        named_device = any(isinstance(a, (torch.device, str)) and str(a).startswith("cuda") for a in flat)
+        named_device = kwargs.get("device") is not None or any(isinstance(a, torch.device) for a in flat)
         if cuda and func not in COPIES and any(not isinstance(t, CudaTagged) and t.dim() > 0 for t in tensors):
             raise DeviceMixError(f"{func} mixes devices: {_describe(tensors)}, at {_package_line()}")
         if named_device or (cuda and len(cuda) < len(tensors)):

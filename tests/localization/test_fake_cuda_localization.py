@@ -12,6 +12,7 @@ from fake_cuda import CUDA, fake_backward, fake_cuda, to_cpu, to_fake_cuda
 from test_rcnn_stage import make_localizer
 from test_rpn_stage import image, tiny_rpn
 
+from detectron_res.localization.pipeline import Localizer
 from detectron_res.localization.rpn_stage import best_per_class
 
 
@@ -53,6 +54,26 @@ def test_rpn_stage_training_on_cuda_gives_the_cpu_losses_and_gradients():
     assert_equal_gradients(model, reference)
 
 
+def test_the_class_specific_rpn_takes_the_classes_of_an_image_without_boxes_from_the_cpu():
+    """A direct caller's CPU `image_classes`: the anchors of a box-less crop train classes drawn from them."""
+    model = tiny_rpn().rpn
+    reference = copy.deepcopy(model)
+    args = dict(gt_boxes=[torch.zeros(0, 4)], gt_classes=[torch.zeros(0, dtype=torch.long)],
+                image_classes=[torch.tensor([4, 1])], image_sizes=[(32, 48)])
+    torch.manual_seed(4)
+    expected = reference.label_and_sample_anchors(reference.anchor_generator((2, 3)), **args)
+    with fake_cuda():
+        to_fake_cuda(model)
+        gt = {"gt_boxes": [torch.zeros(0, 4, device="cuda")],
+              "gt_classes": [torch.zeros(0, dtype=torch.long, device="cuda")]}
+        torch.manual_seed(4)
+        found = model.label_and_sample_anchors(model.anchor_generator((2, 3)), **{**args, **gt})
+    assert set(to_cpu(found[1]).flatten().tolist()) == {4, 1}  # 2 x 3 cells x 5 anchors drew both classes
+    for value, reference_value in zip(found, expected):
+        assert value.device == CUDA
+        torch.testing.assert_close(to_cpu(value), reference_value, rtol=0, atol=0)
+
+
 def test_rpn_stage_inference_on_cuda_gives_the_cpu_boxes_for_given_classes_its_own_best_and_a_pyramid():
     model = tiny_rpn(**{"LOC.CANDIDATE_CLASSES": 2}).eval()
     reference = copy.deepcopy(model)
@@ -64,10 +85,15 @@ def test_rpn_stage_inference_on_cuda_gives_the_cpu_boxes_for_given_classes_its_o
     ]
     own = [{"image": im, "height": 128, "width": 160}]  # no classes: the RPN's two best
     expected = reference(batch), reference(own), reference(batch[:1] + [{**own[0], "classes": [2]}])
+    with torch.no_grad():  # the RPN's boxes for classes given as a CPU tensor, as a direct caller may give them
+        expected_direct = reference.rpn.class_boxes(*reference.features([im]), [torch.tensor([4, 1])])
     with fake_cuda():
         to_fake_cuda(model)
         found = model(batch), model(own), model(batch[:1] + [{**own[0], "classes": [2]}])
         best = best_per_class(found[0][0], image_size=(256, 320))
+        with torch.no_grad():
+            direct = model.rpn.class_boxes(*model.features([im]), [torch.tensor([4, 1])])
+    assert_equal_outputs(direct, expected_direct)
     for result, reference_result in zip(found, expected):
         assert_equal_outputs(result, reference_result)
     assert all(len(result["boxes"]) > 0 for results in found for result in results)
@@ -106,10 +132,31 @@ def test_rcnn_stage_inference_on_cuda_in_chunks_gives_the_cpu_scores_and_boxes()
     batch = [
         {"original": original, "image": original[:, :10], "proposals": torch.tensor([[0.0, 0, 20, 20], [10, 5, 40, 35],
          [2, 3, 48, 39]]), "proposal_labels": torch.tensor([2, 0, 1])},
-        {"image": image(30, 30, 6), "proposals": torch.zeros(0, 4), "proposal_labels": torch.zeros(0, dtype=torch.long)},
+        {"image": image(30, 30, 6), "proposals": torch.zeros(0, 4),
+         "proposal_labels": torch.zeros(0, dtype=torch.long)},
     ]
-    expected = reference(batch)
+    boxes = [torch.tensor([[1.0, 2.0, 30.0, 25.0]]), torch.tensor([[0.0, 0.0, 12.0, 30.0]])]  # CPU boxes: moved
+    expected = reference(batch), reference.crops([original, batch[1]["image"]], boxes)
     with fake_cuda():
-        found = to_fake_cuda(model)(batch)
-    assert_equal_outputs(found, expected)
-    assert len(found[0]["boxes"]) == 3 and len(found[1]["boxes"]) == 0
+        found = to_fake_cuda(model)(batch), model.crops([original, batch[1]["image"]], boxes)
+    assert_equal_outputs(found[0], expected[0])
+    assert found[1].device == CUDA and torch.equal(to_cpu(found[1]), expected[1])
+    assert len(found[0][0]["boxes"]) == 3 and len(found[0][1]["boxes"]) == 0
+
+
+def test_the_two_stage_localizer_on_cuda_gives_the_cpu_classes_boxes_and_scores():
+    """RPN, R-CNN re-scoring and the best box per class, for the system's own classes and for a class table."""
+    rpn = tiny_rpn(**{"LOC.CANDIDATE_CLASSES": 2})
+    rcnn = make_localizer(num_classes=5)
+    inputs = [{"image": image(96, 128, 7), "original": image(96, 128, 7), "height": 96, "width": 128, "image_id": 1},
+              {"image": image(64, 64, 8), "original": image(128, 128, 9), "height": 128, "width": 128, "image_id": 2}]
+    cpu = [copy.deepcopy(rpn), copy.deepcopy(rcnn)]
+    expected = [Localizer(rpn=cpu[0], rcnn=cpu[1]).eval()(inputs),
+                Localizer(rpn=cpu[0], rcnn=cpu[1], classes={"1": [3], "2": [0, 4]}).eval()(inputs)]
+    with fake_cuda():
+        to_fake_cuda(rpn), to_fake_cuda(rcnn)
+        found = [Localizer(rpn=rpn, rcnn=rcnn).eval()(inputs),
+                 Localizer(rpn=rpn, rcnn=rcnn, classes={"1": [3], "2": [0, 4]}).eval()(inputs)]
+    for result, reference in zip(found, expected):
+        assert_equal_outputs(result, reference)
+    assert [len(r["classes"]) for r in found[0]] == [2, 2] and to_cpu(found[1][1]["classes"]).tolist() == [0, 4]
