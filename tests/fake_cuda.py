@@ -73,6 +73,13 @@ class CudaTagged(torch.Tensor):
         with unset_fake_temporarily():
             return self.elem.tolist()
 
+    def numpy(self, *, force: bool = False):  # refused for a cuda tensor, with CUDA's message
+        raise TypeError(f"can't convert {self.device} device type tensor to numpy. Use Tensor.cpu() to copy the "
+                        "tensor to host memory first.")
+
+    def __array__(self, dtype=None, copy=None):
+        return self.numpy()
+
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         raise RuntimeError(f"{func} got a fake cuda tensor outside fake_cuda()")
