@@ -106,9 +106,10 @@ class ExportableDetector(nn.Module):
         (w, h, w, h) of its boxes."""
         # Under torch.jit.trace, image.shape holds 0-dim tensors and the arithmetic on them is recorded, so the
         # padding and everything after it follow the image's size; `torch._shape_as_tensor` gives the size as a
-        # tensor in both modes (ONNX: Shape), for the clipping limits.
+        # tensor in both modes (ONNX: Shape), for the clipping limits. That tensor is always on the CPU: moved to
+        # the image's device, or clipping boxes on a GPU would mix devices.
         model = self.model
-        limits = torch._shape_as_tensor(image)[[2, 1, 2, 1]].to(torch.float32)
+        limits = torch._shape_as_tensor(image)[[2, 1, 2, 1]].to(device=image.device, dtype=torch.float32)
         x = model.normalize(image)  # (3, h, w) float, the trunk's channel order
         divisor = model.size_divisibility
         if divisor > 1:  # zero padding at the bottom and right, as `structures.batch_images`
