@@ -205,7 +205,7 @@ def all_ranks_losses(
     others."""
     local = torch.stack([value.detach().float().reshape(()) for value in (total, *losses.values())])
     finite = torch.isfinite(local).all().float().reshape(1)
-    stops = torch.tensor([float(stop)])
+    stops = torch.tensor([float(stop)], device=local.device)  # NCCL reduces CUDA tensors only
     reduced = comm.all_reduce_mean(torch.cat([local, finite, stops]))
     check_losses_finite(losses, iteration=iteration, batch=batch)
     if reduced[-2].item() < 1:
