@@ -175,7 +175,7 @@ def build_rcnn_train_loader(cfg, rois: DetectionDataset, *, start_iter: int = 0,
     return build_train_data_loader(cfg, rois, mapper=mapper, start_iter=start_iter, rank=rank, world_size=world_size)
 
 
-LOC_TEST_MODES = ("center_crop", "dense", "dense_multiscale")  # Table 13's "LOC testing"
+LOC_TEST_MODES = ("center_crop", "dense", "dense_multiscale")  # Table 13's testing column
 
 
 def build_localization_test_mapper(cfg) -> DatasetMapper | CenterCropTestMapper:

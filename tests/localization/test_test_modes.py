@@ -34,6 +34,10 @@ def test_center_crop_is_the_middle_square_of_the_resized_image_and_its_window_in
     portrait = CenterCropTestMapper(size=8, crop_size=4).map_image(random_image(15, 10))
     # 12 x 8: top round(4) = 4, left round(2) = 2 -> [2, 6) * 10 / 8 x [4, 8) * 15 / 12
     assert portrait["window"].tolist() == [2.5, 5.0, 7.5, 10.0]
+    odd = CenterCropTestMapper(size=8, crop_size=5).map_image(image)
+    # 8 x 12: top round(1.5) = 2, left round(3.5) = 4 (torchvision's rounding): [4, 9) * 15 / 12 x [2, 7) * 10 / 8
+    assert odd["window"].tolist() == [5.0, 2.5, 11.25, 8.75]
+    assert np.array_equal(odd["image"].permute(1, 2, 0).numpy(), resized[2:7, 4:9])
     with pytest.raises(ValueError, match=r"the center crop \(9\) must be <= the resized shorter side \(8\)"):
         CenterCropTestMapper(size=8, crop_size=9)
 
