@@ -11,7 +11,7 @@ and the R-CNN stage, or score a submission file.
 Writing: one line per image of --images in sorted file-name order, up to five `label x1 y1 x2 y2` groups (labels
 1..C in synset-mapping order, inclusive integer pixels), one box per class. The classes come from --cls-preds (a
 file of another classifier's top-5), --oracle-gt (the ground truth), --classifier (a torchvision ResNet
-classification state_dict, --cls-crop center or 10crop), or by default from the system itself (the RPN's best
+classification state_dict, --cls-crop center, 10crop or dense), or by default from the system itself (the RPN's best
 LOC.CANDIDATE_CLASSES classes, ranked by their best box's score).
 --ckpt and --rcnn-ckpt default to the newest checkpoints in OUTPUT_DIR/rpn and OUTPUT_DIR/rcnn (the R-CNN stage is
 skipped with --no-rcnn or LOC.RCNN.ENABLED=false). With --gt the written submission is scored right away.
@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     classes.add_argument("--cls-preds", help="top-5 classes per image from a file (docs/localization.md)")
     classes.add_argument("--oracle-gt", help="the ground-truth classes of this LOC_*_solution.csv")
     classes.add_argument("--classifier", help="a torchvision ResNet classification state_dict that predicts them")
-    parser.add_argument("--cls-crop", choices=("center", "10crop"), help="the classifier's test crops (LOC.CLASSIFIER.TEST_CROP)")
+    parser.add_argument(
+        "--cls-crop", choices=("center", "10crop", "dense"),
+        help="the classifier's test (LOC.CLASSIFIER.TEST_CROP; dense: the paper's, at LOC.CLASSIFIER.DENSE_SCALES)",
+    )
     parser.add_argument("--out", help="the submission file to write")
     parser.add_argument("--csv-out", help="also write the CSV form (ImageId,PredictionString with wnids)")
     parser.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides")

@@ -182,6 +182,29 @@ def _loc_crop_fits_scales(cfg: Mapping[str, Any]) -> ConfigProblem | None:
     )
 
 
+def _loc_center_crop_fits_test_size(cfg: Mapping[str, Any]) -> ConfigProblem | None:
+    if lookup(cfg, "LOC.TEST_MODE") != "center_crop":
+        return None
+    crop, size = lookup(cfg, "LOC.CROP_SIZE"), lookup(cfg, "INPUT.MIN_SIZE_TEST")
+    if crop <= size:
+        return None
+    return ConfigProblem(
+        ("LOC.CROP_SIZE", "INPUT.MIN_SIZE_TEST"),
+        f"LOC.TEST_MODE='center_crop' takes a LOC.CROP_SIZE={crop!r} square from the image at "
+        f"INPUT.MIN_SIZE_TEST={size!r}: the crop must be <= that size",
+    )
+
+
+def _localization_multi_scale_is_loc_test_mode(cfg: Mapping[str, Any]) -> ConfigProblem | None:
+    if lookup(cfg, "MODEL.META_ARCHITECTURE") != "LocalizationRPN" or not lookup(cfg, "TEST.MULTI_SCALE.ENABLED"):
+        return None
+    return ConfigProblem(
+        ("TEST.MULTI_SCALE.ENABLED", "LOC.TEST_MODE"),
+        "TEST.MULTI_SCALE.ENABLED=true is the detector's multi-scale test; a LocalizationRPN config tests at several "
+        "scales with LOC.TEST_MODE=dense_multiscale (its scales: LOC.TEST_SCALES)",
+    )
+
+
 def _gn_groups_divide_width(cfg: Mapping[str, Any]) -> ConfigProblem | None:
     if lookup(cfg, "MODEL.BACKBONE.NORM") != "GN":
         return None
@@ -273,7 +296,11 @@ VALUE_RULES: tuple[tuple[str, Check], ...] = (
     ("LOC.CLASSES_PER_IMAGE", between(1, 5)),
     ("LOC.CANDIDATE_CLASSES", at_least(1)),
     ("LOC.CLASSIFIER.RESIZE", at_least(16)),
-    ("LOC.CLASSIFIER.TEST_CROP", one_of("center", "10crop")),
+    ("LOC.TEST_MODE", one_of("center_crop", "dense", "dense_multiscale")),  # localization.build.LOC_TEST_MODES
+    ("LOC.TEST_SCALES", all_of(_POSITIVE_LIST, strictly_increasing())),
+    ("LOC.CLASSIFIER.TEST_CROP", one_of("center", "10crop", "dense")),  # class_predictions.CLASSIFIER_TESTS
+    ("LOC.CLASSIFIER.DENSE_SCALES", all_of(_POSITIVE_LIST, strictly_increasing(), each(at_least(16)))),
+    ("LOC.RCNN.CLS_LOSS", one_of("sigmoid", "softmax")),  # localization.rcnn_stage.CLS_LOSSES
     ("LOC.RCNN.CROP_SIZE", at_least(16)),
     ("LOC.RCNN.SAMPLING_RATIO", at_least(0)),
     ("LOC.RCNN.FG_IOU_THRESH", _IOU),
@@ -318,6 +345,8 @@ CROSS_KEY_RULES: tuple[CrossKeyRule, ...] = (
     key_at_most("LOC.RCNN.STEPS", "LOC.RCNN.MAX_ITER"),
     key_at_most("LOC.CROP_SIZE", "LOC.CLASSIFIER.RESIZE"),
     _loc_crop_fits_scales,
+    _loc_center_crop_fits_test_size,
+    _localization_multi_scale_is_loc_test_mode,
     key_at_most("INPUT.MIN_SIZE_TRAIN", "INPUT.MAX_SIZE_TRAIN"),
     key_at_most("INPUT.MIN_SIZE_TEST", "INPUT.MAX_SIZE_TEST"),
     _gn_groups_divide_width,

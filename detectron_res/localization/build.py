@@ -8,17 +8,18 @@ from torch import nn
 from torchvision.models.detection._utils import BoxCoder
 
 from ..config import merge_overrides
-from ..data.build import build_test_mapper, build_train_data_loader
+from ..data.build import build_train_data_loader
 from ..data.datasets.base import DetectionDataset
 from ..data.loader import build_test_loader
+from ..data.mapper import DatasetMapper
 from ..layers import get_norm
 from ..modeling.backbone import ResNetTrunk, build_res5
 from ..modeling.build import build_backbone, load_backbone_weights, resolve_device, rpn_settings
 from ..modeling.roi_heads import FastRCNNOutputLayers
 from ..modeling.rpn.class_specific_rpn import ClassSpecificRPN, ClassSpecificRPNHead
 from .class_predictions import TorchvisionClassifier
-from .mappers import LocCropMapper, OriginalImageMapper, RoIMapper
-from .rcnn_stage import RCNNLocalizer
+from .mappers import CenterCropTestMapper, LocCropMapper, OriginalImageMapper, RoIMapper
+from .rcnn_stage import CLS_LOSSES, PerClassLogisticOutputs, RCNNLocalizer
 from .rpn_stage import LocalizationRPN
 
 RPN_FOLDER = "rpn"
@@ -63,7 +64,8 @@ def build_localization_rpn(cfg) -> LocalizationRPN:
 
 def build_rcnn_localizer(cfg) -> RCNNLocalizer:
     """The R-CNN stage (a whole ResNet of MODEL.BACKBONE's depth, width and norm) on MODEL.DEVICE, with
-    MODEL.BACKBONE.WEIGHTS loaded (their fc unused: the classifier here has C + 1 outputs)."""
+    MODEL.BACKBONE.WEIGHTS loaded (their fc unused), and LOC.RCNN.CLS_LOSS's output layers: "sigmoid", the paper's
+    per-class logistic outputs (C), or "softmax", Fast R-CNN's (C + 1)-way classifier; 4C box regressors in both."""
     b, r = cfg.MODEL.BACKBONE, cfg.LOC.RCNN
     norm = get_norm(b.NORM, gn_groups=b.GN_GROUPS)
     trunk = ResNetTrunk(
@@ -71,15 +73,24 @@ def build_rcnn_localizer(cfg) -> RCNNLocalizer:
     )
     res5, channels = build_res5(depth=b.DEPTH, width=b.WIDTH, norm_layer=norm, stride_in_1x1=b.STRIDE_IN_1X1)
     _load_backbone_weights(cfg, trunk, res5)
-    predictor = FastRCNNOutputLayers(
-        in_channels=channels,
-        num_classes=cfg.MODEL.NUM_CLASSES,
-        box_coder=BoxCoder(tuple(cfg.MODEL.ROI_HEADS.BBOX_REG_WEIGHTS)),
-        smooth_l1_beta=cfg.MODEL.ROI_HEADS.SMOOTH_L1_BETA,
-        score_thresh=0.0,  # unused: the R-CNN stage re-scores given boxes, it does not select detections
-        nms_thresh=1.0,
-        detections_per_image=1,
-    )
+    box_coder = BoxCoder(tuple(cfg.MODEL.ROI_HEADS.BBOX_REG_WEIGHTS))
+    if r.CLS_LOSS not in CLS_LOSSES:
+        raise ValueError(f"LOC.RCNN.CLS_LOSS must be one of {list(CLS_LOSSES)}, got {r.CLS_LOSS!r}")
+    if r.CLS_LOSS == "sigmoid":
+        predictor = PerClassLogisticOutputs(
+            in_channels=channels, num_classes=cfg.MODEL.NUM_CLASSES, box_coder=box_coder,
+            smooth_l1_beta=cfg.MODEL.ROI_HEADS.SMOOTH_L1_BETA,
+        )
+    else:
+        predictor = FastRCNNOutputLayers(
+            in_channels=channels,
+            num_classes=cfg.MODEL.NUM_CLASSES,
+            box_coder=box_coder,
+            smooth_l1_beta=cfg.MODEL.ROI_HEADS.SMOOTH_L1_BETA,
+            score_thresh=0.0,  # unused: the R-CNN stage re-scores given boxes, it does not select detections
+            nms_thresh=1.0,
+            detections_per_image=1,
+        )
     model = RCNNLocalizer(
         trunk=trunk,
         res5=res5,
@@ -127,12 +138,14 @@ class ClassifierOnOriginal:
 
 
 def build_class_predictor(cfg, weights: str | Path) -> ClassifierOnOriginal:
-    """The classifier of `weights` with LOC.CLASSIFIER's test (RESIZE, then LOC.CROP_SIZE center or 10-crop)."""
+    """The classifier of `weights` with LOC.CLASSIFIER's test: TEST_CROP center or 10crop (RESIZE, then LOC.CROP_SIZE
+    crops), or dense (the whole image at each of DENSE_SCALES, fully convolutional)."""
     classifier = TorchvisionClassifier(
         state_dict_path=weights,
         crop=cfg.LOC.CLASSIFIER.TEST_CROP,
         resize=cfg.LOC.CLASSIFIER.RESIZE,
         crop_size=cfg.LOC.CROP_SIZE,
+        scales=tuple(cfg.LOC.CLASSIFIER.DENSE_SCALES),
         device=resolve_device(cfg.MODEL.DEVICE),
     )
     if classifier.num_classes != cfg.MODEL.NUM_CLASSES:
@@ -162,11 +175,34 @@ def build_rcnn_train_loader(cfg, rois: DetectionDataset, *, start_iter: int = 0,
     return build_train_data_loader(cfg, rois, mapper=mapper, start_iter=start_iter, rank=rank, world_size=world_size)
 
 
+LOC_TEST_MODES = ("center_crop", "dense", "dense_multiscale")  # Table 13's testing column
+
+
+def build_localization_test_mapper(cfg) -> DatasetMapper | CenterCropTestMapper:
+    """The RPN's test input by LOC.TEST_MODE: "center_crop", the central LOC.CROP_SIZE square of the image at
+    INPUT.MIN_SIZE_TEST; "dense", the whole image at INPUT.MIN_SIZE_TEST (capped by MAX_SIZE_TEST); "dense_multiscale",
+    that plus the image at each of LOC.TEST_SCALES (the pyramid whose boxes `LocalizationRPN` merges)."""
+    mode = cfg.LOC.TEST_MODE
+    if mode not in LOC_TEST_MODES:
+        raise ValueError(f"LOC.TEST_MODE must be one of {list(LOC_TEST_MODES)}, got {mode!r}")
+    if mode == "center_crop":
+        return CenterCropTestMapper(
+            size=cfg.INPUT.MIN_SIZE_TEST, crop_size=cfg.LOC.CROP_SIZE, resize_backend=cfg.INPUT.RESIZE_BACKEND
+        )
+    return DatasetMapper(
+        min_size=cfg.INPUT.MIN_SIZE_TEST,
+        max_size=cfg.INPUT.MAX_SIZE_TEST,
+        is_train=False,
+        test_scales=tuple(cfg.LOC.TEST_SCALES) if mode == "dense_multiscale" else (),
+        resize_backend=cfg.INPUT.RESIZE_BACKEND,
+    )
+
+
 def build_localization_test_loader(cfg, dataset: DetectionDataset, *, rank: int = 0, world_size: int = 1):
-    """Inference batches of one image: the RPN's input (INPUT.MIN_SIZE_TEST, TEST.MULTI_SCALE) and the original."""
+    """Inference batches of one image: the RPN's input (`build_localization_test_mapper`) and the original."""
     return build_test_loader(
         dataset,
-        mapper=OriginalImageMapper(test_mapper=build_test_mapper(cfg)),
+        mapper=OriginalImageMapper(test_mapper=build_localization_test_mapper(cfg)),
         num_workers=cfg.DATALOADER.NUM_WORKERS,
         rank=rank,
         world_size=world_size,

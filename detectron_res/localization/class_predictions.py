@@ -215,6 +215,20 @@ def _load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+CLASSIFIER_TESTS = ("center", "10crop", "dense")
+PAPER_DENSE_SCALES = (224, 256, 384, 480, 640)  # the paper's multi-scale classification test (its 4.6 % top-5)
+
+
+def dense_probabilities(score_maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The dense, multi-scale test of a classifier (the ResNet paper's, after VGG's dense evaluation): per scale a
+    (C, h_s, w_s) class score map (the classifier applied fully convolutionally to the whole image at that scale)
+    is averaged spatially into C scores and turned into probabilities by a softmax; the result is the mean of
+    the scales' probabilities, (C,) float32."""
+    if not score_maps:
+        raise ValueError("dense_probabilities needs the score map of at least one scale")
+    return torch.stack([torch.softmax(m.float().mean(dim=(-2, -1)), dim=0) for m in score_maps]).mean(dim=0)
+
+
 class TorchvisionClassifier:
     """A torchvision ResNet (18/34/50/101/152) classification checkpoint as a class predictor.
 
@@ -225,10 +239,17 @@ class TorchvisionClassifier:
     weights loaded strictly (running-stat counters ``num_batches_tracked`` may be absent, as in torchvision's own
     files).
 
-    An image is resized so that its shorter side is ``resize`` (bilinear, antialiased, on the uint8 image like
-    torchvision's reference evaluation), cropped to ``crop_size`` squares (``"center"``: the center crop;
-    ``"10crop"``: the 4 corners, the center and their horizontal flips), scaled to [0, 1], normalised with
+    ``crop="center"`` or ``"10crop"``: an image is resized so that its shorter side is ``resize`` (bilinear,
+    antialiased, on the uint8 image like torchvision's reference evaluation), cropped to ``crop_size`` squares (the
+    center crop; or the 4 corners, the center and their horizontal flips), scaled to [0, 1], normalised with
     ``mean`` / ``std`` and run in eval mode; the result is the mean of the crops' softmax probabilities.
+
+    ``crop="dense"``: the paper's test of its 4.6 % top-5 classifier ("fully-convolutional form ... average the
+    scores at multiple scales", shorter sides {224, 256, 384, 480, 640}; no flips are mentioned, none are taken):
+    the whole image resized to each of ``scales`` (same resize and normalisation), the network applied fully
+    convolutionally (its ``fc`` as a 1x1 conv on layer4's map: `score_map`), and `dense_probabilities` of the
+    score maps. The spatial mean of the score map equals the logits of the network's own global average pooling
+    on the whole image; it is computed from the map so that the test is the paper's form.
 
     Raises (in ``__init__``):
         ValueError naming the file: not a loadable state_dict, a depth that the keys do not give, the first
@@ -242,12 +263,16 @@ class TorchvisionClassifier:
         crop: str = "center",
         resize: int = 256,
         crop_size: int = 224,
+        scales: Sequence[int] = PAPER_DENSE_SCALES,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
         device: str | torch.device = "cpu",
     ):
-        if crop not in ("center", "10crop"):
-            raise ValueError(f"crop must be 'center' or '10crop', got {crop!r}")
+        if crop not in CLASSIFIER_TESTS:
+            raise ValueError(f"crop must be 'center', '10crop' or 'dense', got {crop!r}")
+        if not scales or not all(isinstance(v, (int, np.integer)) and v >= 16 for v in scales):
+            raise ValueError(f"the dense test's scales must be integers >= 16, got {list(scales)!r}")
+        self.scales = tuple(int(v) for v in scales)
         if not (int(resize) == resize >= 1 and int(crop_size) == crop_size >= 1 and crop_size <= resize):
             raise ValueError(f"need integers 1 <= crop_size <= resize, got crop_size={crop_size!r}, resize={resize!r}")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
@@ -291,14 +316,20 @@ class TorchvisionClassifier:
             )
         self.model = model.to(self.device).eval()
 
-    def crops(self, image: np.ndarray) -> torch.Tensor:
-        """The normalised crops (N, 3, crop_size, crop_size) float32 of an (H, W, 3) uint8 RGB image: N = 1 for the
-        center crop, 10 for 10-crop (in `ten_crop`'s order)."""
+    @staticmethod
+    def _tensor(image: np.ndarray) -> torch.Tensor:
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        tensor = F.resize(tensor, [self.resize], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+
+    def crops(self, image: np.ndarray) -> torch.Tensor:
+        """The normalised crops (N, 3, crop_size, crop_size) float32 of an (H, W, 3) uint8 RGB image: N = 1 for the
+        center crop, 10 for 10-crop (in `ten_crop`'s order)."""
+        if self.crop == "dense":
+            raise ValueError("the dense test takes no crops: see scaled_images")
+        bilinear = F.InterpolationMode.BILINEAR
+        tensor = F.resize(self._tensor(image), [self.resize], interpolation=bilinear, antialias=True)
         if self.crop == "center":
             crops = torch.stack([F.center_crop(tensor, [self.crop_size])])
         else:
@@ -306,10 +337,31 @@ class TorchvisionClassifier:
         crops = F.to_dtype(crops, torch.float32, scale=True)
         return F.normalize(crops, mean=self.mean, std=self.std)
 
+    def scaled_images(self, image: np.ndarray) -> list[torch.Tensor]:
+        """The dense test's inputs: the whole (H, W, 3) uint8 RGB image with its shorter side resized to each of
+        `scales`, normalised, (3, h_s, w_s) float32 each."""
+        tensor = self._tensor(image)
+        images = []
+        for scale in self.scales:
+            resized = F.resize(tensor, [scale], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+            images.append(F.normalize(F.to_dtype(resized, torch.float32, scale=True), mean=self.mean, std=self.std))
+        return images
+
+    def score_map(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, h, w) normalised images -> (N, C, h', w') class score maps: the network up to layer4, then its fc
+        applied at every position (a 1x1 convolution)."""
+        m = self.model
+        features = m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(images))))))))
+        return torch.einsum("nchw,kc->nkhw", features, m.fc.weight) + m.fc.bias.view(1, -1, 1, 1)
+
     def __call__(self, image: np.ndarray) -> torch.Tensor:
-        """The class probabilities (C,) float32 on the CPU of an (H, W, 3) uint8 RGB image, averaged over its crops."""
-        crops = self.crops(image).to(self.device)
+        """The class probabilities (C,) float32 on the CPU of an (H, W, 3) uint8 RGB image: averaged over its crops,
+        or over the scales of the dense test."""
         with torch.inference_mode():
+            if self.crop == "dense":
+                maps = [self.score_map(x[None].to(self.device))[0] for x in self.scaled_images(image)]
+                return dense_probabilities(maps).cpu()
+            crops = self.crops(image).to(self.device)
             probabilities = torch.softmax(self.model(crops).float(), dim=1).mean(dim=0)
         return probabilities.cpu()
 

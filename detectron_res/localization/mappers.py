@@ -7,7 +7,8 @@
   ``image_classes``).
 - `RoIMapper` (R-CNN stage, training): the whole image (optionally flipped) with one RoI of the record's pool and
   the ground truth; the model crops and warps the RoI itself, batched.
-- `OriginalImageMapper` (inference): the detector's test mapper plus the decoded image at full resolution, from which
+- `OriginalImageMapper` (inference): the RPN's test input (the detector's test mapper: the whole image at one scale
+  or several; or `CenterCropTestMapper`: the central square) plus the decoded image at full resolution, from which
   the R-CNN stage crops.
 """
 
@@ -17,7 +18,14 @@ import cv2
 import numpy as np
 import torch
 
-from ..data.mapper import BadImageError, DatasetMapper, read_image_rgb
+from ..data.mapper import (
+    BadImageError,
+    DatasetMapper,
+    check_image_array,
+    read_image_rgb,
+    resize_image,
+    resize_shortest_edge_shape,
+)
 from ..structures.boxes import clip_boxes
 
 
@@ -152,6 +160,36 @@ class RoIMapper:
         }
 
 
+class CenterCropTestMapper:
+    """Table 13's "center crop" test of the RPN: the image's shorter side resized to `size` (bilinear, the
+    longer side uncapped), then its central `crop_size` square (the top-left corner at round((side - crop) / 2), as
+    torchvision's center crop) is the RPN's input. ``window`` is that square's region in the original image's
+    pixels, continuous [x1, y1, x2, y2], by which `LocalizationRPN` maps the boxes found in the crop back to the
+    original image; nothing outside the square can be found.
+    """
+
+    def __init__(self, *, size: int, crop_size: int, resize_backend: str = "opencv") -> None:
+        if not 1 <= int(crop_size) <= int(size):
+            raise ValueError(f"the center crop ({crop_size}) must be <= the resized shorter side ({size})")
+        self.size, self.crop_size, self.resize_backend = int(size), int(crop_size), resize_backend
+
+    def map_image(self, image: np.ndarray) -> dict:
+        """An (H, W, 3) uint8 RGB image -> {"image" (3, crop, crop) uint8, "height", "width", "window" (4,)}."""
+        check_image_array(image)
+        height, width = image.shape[:2]
+        new_height, new_width = resize_shortest_edge_shape(height, width, short_side=self.size, max_size=2**31)
+        new_height, new_width = max(new_height, self.crop_size), max(new_width, self.crop_size)
+        resized = resize_image(image, height=new_height, width=new_width, backend=self.resize_backend)
+        top = int(round((new_height - self.crop_size) / 2.0))
+        left = int(round((new_width - self.crop_size) / 2.0))
+        crop = resized[top : top + self.crop_size, left : left + self.crop_size]
+        sx, sy = width / new_width, height / new_height
+        window = [left * sx, top * sy, (left + self.crop_size) * sx, (top + self.crop_size) * sy]
+        return {
+            "image": _chw(crop), "height": height, "width": width, "window": torch.tensor(window, dtype=torch.float64)
+        }
+
+
 class OriginalImageMapper:
     """Inference: `test_mapper`'s output (the RPN's resized input, and its pyramid) plus ``original``, the decoded
     uint8 (3, height, width) image the R-CNN stage crops from; the image is decoded once.
@@ -160,7 +198,7 @@ class OriginalImageMapper:
     resize that fails) is a `BadImageError` naming the file, so that ``DATALOADER.ON_BAD_IMAGE=skip`` skips it.
     """
 
-    def __init__(self, *, test_mapper: DatasetMapper) -> None:
+    def __init__(self, *, test_mapper: DatasetMapper | CenterCropTestMapper) -> None:
         self.test_mapper = test_mapper
 
     def __call__(self, record: dict) -> dict:

@@ -1,5 +1,6 @@
 """The RPN stage: the ResNet trunk (to res4, as the detector's) and the class-specific RPN, trained on random crops
-(`LocCropMapper`) and tested fully convolutionally on the whole image, at one scale or several.
+(`LocCropMapper`) and tested fully convolutionally on the whole image, at one scale or several, or on its central
+crop (LOC.TEST_MODE; an input's ``window`` says which region of the original image it shows).
 
 Input dicts as the detector's (``image`` uint8 (3, h, w) RGB, ``height``/``width`` of the original); training also
 needs ``gt_boxes``, ``gt_classes``, ``image_classes`` (and optionally ``ignore_boxes``). At inference ``classes`` (0-based, best first) says which
@@ -87,9 +88,10 @@ class LocalizationRPN(nn.Module):
             else scores.topk(min(self.candidate_classes, len(scores))).indices
             for x, scores in zip(batched_inputs, class_scores)
         ]
-        scale_results = [self._to_original(self.rpn.class_boxes(features, sizes, classes), sizes, batched_inputs)]
         num_scales = {len(x["pyramid"]) for x in batched_inputs if "pyramid" in x}
-        if num_scales and len(num_scales) == 1 and all("pyramid" in x for x in batched_inputs):
+        if not (num_scales and len(num_scales) == 1 and all("pyramid" in x for x in batched_inputs)):
+            scale_results = [self._to_original(self.rpn.class_boxes(features, sizes, classes), sizes, batched_inputs)]
+        else:  # the boxes of every scale of the pyramid (the input scale's class scores pick the candidates)
             scale_results = []
             for index in range(num_scales.pop()):
                 images = [x["pyramid"][index] for x in batched_inputs]
@@ -113,10 +115,14 @@ class LocalizationRPN(nn.Module):
     def _to_original(
         results: list[dict[str, Tensor]], sizes: list[tuple[int, int]], batched_inputs: list[dict]
     ) -> list[dict[str, Tensor]]:
+        """Boxes in an input of size (h, w) -> the original image's pixels: the input shows the input's ``window``
+        of the original ([x1, y1, x2, y2], a center crop's) or, without one, the whole image."""
         out = []
         for result, (h, w), x in zip(results, sizes, batched_inputs):
-            scale = result["boxes"].new_tensor([x["width"] / w, x["height"] / h] * 2)
-            out.append({**result, "boxes": clip_boxes_to_image(result["boxes"] * scale, (x["height"], x["width"]))})
+            x1, y1, x2, y2 = (float(v) for v in x["window"]) if "window" in x else (0.0, 0.0, x["width"], x["height"])
+            scale = result["boxes"].new_tensor([(x2 - x1) / w, (y2 - y1) / h] * 2)
+            boxes = result["boxes"] * scale + result["boxes"].new_tensor([x1, y1, x1, y1])
+            out.append({**result, "boxes": clip_boxes_to_image(boxes, (x["height"], x["width"]))})
         return out
 
 

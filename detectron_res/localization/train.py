@@ -143,8 +143,9 @@ def train_rcnn_stage(cfg, *, rpn_checkpoint: str | Path | None = None, resume: b
 
 
 def roi_pool(cfg, rpn: LocalizationRPN, dataset: DetectionDataset, *, rpn_checkpoint: Path) -> DetectionDataset:
-    """`rcnn_training_records`, cached in OUTPUT_DIR/rcnn_rois.pth for this RPN checkpoint (its bytes' hash), data
-    set and RPN settings, so that a resumed stage 2 does not run the RPN over the training set again.
+    """`rcnn_training_records` (the RPN run in LOC.TEST_MODE, so that the R-CNN stage trains on the kind of boxes it
+    will re-score), cached in OUTPUT_DIR/rcnn_rois.pth for this RPN checkpoint (its bytes' hash), data set, RPN
+    settings and test mode, so that a resumed stage 2 does not run the RPN over the training set again.
 
     The cache is read with a weights-only load (`read_roi_cache`): a file that cannot be read (truncated by a full
     disk or a killed copy, of an older version, or crafted to run code when unpickled) is made again, with a warning
@@ -156,6 +157,7 @@ def roi_pool(cfg, rpn: LocalizationRPN, dataset: DetectionDataset, *, rpn_checkp
             "images": len(dataset.records),
             "rpn_cfg": {k: v for k, v in cfg.MODEL.RPN.items() if not isinstance(v, dict)},
             "input": [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST],
+            "test_mode": [cfg.LOC.TEST_MODE, list(cfg.LOC.TEST_SCALES), cfg.LOC.CROP_SIZE],  # how the RPN saw them
             "fg_iou": cfg.LOC.RCNN.FG_IOU_THRESH,
         },
         sort_keys=True,

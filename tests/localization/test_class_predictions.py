@@ -8,7 +8,14 @@ import torch
 import torchvision
 from torchvision.transforms.v2 import functional as F
 
-from detectron_res.localization.class_predictions import TorchvisionClassifier, oracle_classes, read_class_predictions
+from detectron_res.config import load_config
+from detectron_res.localization.build import build_class_predictor
+from detectron_res.localization.class_predictions import (
+    TorchvisionClassifier,
+    dense_probabilities,
+    oracle_classes,
+    read_class_predictions,
+)
 
 # labels 1..7 in this order
 WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331", "n01498041"]
@@ -261,8 +268,10 @@ def test_files_that_are_not_resnet_state_dicts_name_the_key(tmp_path):
 
 def test_bad_settings_and_images_are_refused(tmp_path):
     path, _ = save_resnet(tmp_path)
-    with pytest.raises(ValueError, match="crop must be 'center' or '10crop'"):
+    with pytest.raises(ValueError, match="crop must be 'center', '10crop' or 'dense'"):
         TorchvisionClassifier(state_dict_path=path, crop="5crop")
+    with pytest.raises(ValueError, match=r"the dense test's scales must be integers >= 16, got \[224, 8\]"):
+        TorchvisionClassifier(state_dict_path=path, crop="dense", scales=(224, 8))
     with pytest.raises(ValueError, match="crop_size <= resize"):
         TorchvisionClassifier(state_dict_path=path, resize=8, crop_size=9)
     classifier = TorchvisionClassifier(state_dict_path=path, resize=8, crop_size=4)
@@ -270,3 +279,53 @@ def test_bad_settings_and_images_are_refused(tmp_path):
         classifier(np.zeros((10, 10, 3), dtype=np.float32))
     with pytest.raises(ValueError, match=r"expected an \(H, W, 3\) uint8 RGB image"):
         classifier(np.zeros((10, 10), dtype=np.uint8))
+
+
+# -- the paper's dense, multi-scale test (LOC.CLASSIFIER.TEST_CROP=dense) -----------------------------------------
+def test_dense_probabilities_average_each_score_map_spatially_then_the_scales_softmaxes_by_hand():
+    ln3 = float(np.log(3.0))
+    # scale A, a 1 x 2 map: class 0 scores (0, 0), class 1 (ln 3 - 3, ln 3 + 3): means (0, ln 3) -> (1/4, 3/4)
+    scale_a = torch.tensor([[[0.0, 0.0]], [[ln3 - 3, ln3 + 3]]])
+    # scale B, a 2 x 1 map: class 0 (1, -1), class 1 (0, 0): means (0, 0) -> (1/2, 1/2)
+    scale_b = torch.tensor([[[1.0], [-1.0]], [[0.0], [0.0]]])
+    torch.testing.assert_close(dense_probabilities([scale_a, scale_b]), torch.tensor([3 / 8, 5 / 8]))
+    torch.testing.assert_close(dense_probabilities([scale_a]), torch.tensor([1 / 4, 3 / 4]))
+    # the softmax comes after the spatial mean: a softmax per position, then averaged, is another number
+    per_position = torch.softmax(scale_a.flatten(1), dim=0).mean(dim=1)
+    assert abs(float(per_position[1]) - 0.75) > 0.1
+    with pytest.raises(ValueError, match="at least one scale"):
+        dense_probabilities([])
+
+
+def test_dense_test_runs_the_network_fully_convolutionally_on_the_whole_image_at_each_scale(tmp_path):
+    path, model = save_resnet(tmp_path)
+    image = np.random.default_rng(2).integers(0, 256, size=(30, 45, 3), dtype=np.uint8)
+    classifier = TorchvisionClassifier(state_dict_path=path, crop="dense", scales=(32, 64))
+    inputs = classifier.scaled_images(image)
+    assert [tuple(x.shape) for x in inputs] == [(3, 32, 48), (3, 64, 96)]  # shorter side 30 -> 32 and 64, whole image
+    resized = [F.resize(torch.from_numpy(image).permute(2, 0, 1), [s], antialias=True) for s in (32, 64)]
+    with torch.no_grad():
+        maps = [classifier.score_map(x[None])[0] for x in inputs]
+        # layer4's map at stride 32: 1 x 2 and 2 x 3 positions, each scored by the fc
+        assert [tuple(m.shape) for m in maps] == [(10, 1, 2), (10, 2, 3)]
+        # the score map's spatial mean is the network's own logits (global average pooling, then fc)
+        normalised = (resized[1].float() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor(
+            [0.229, 0.224, 0.225]
+        ).view(3, 1, 1)
+        torch.testing.assert_close(maps[1].mean(dim=(1, 2)), model(normalised[None])[0], atol=1e-5, rtol=1e-5)
+    # the result: the mean over the scales of the softmax of the whole image's scores
+    torch.testing.assert_close(classifier(image), by_hand(model, resized), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(classifier(image), by_hand(model, resized[:1]), atol=1e-6)  # both scales count
+    with pytest.raises(ValueError, match="takes no crops"):
+        classifier.crops(image)
+
+
+def test_the_configs_test_reaches_the_classifier(tmp_path):
+    path, _ = save_resnet(tmp_path, num_classes=5)
+    config = "configs/loc_shapes_r18.yaml"
+    dense = build_class_predictor(load_config(config, ["MODEL.DEVICE=cpu", "LOC.CLASSIFIER.TEST_CROP=dense"]), path)
+    assert dense.classifier.crop == "dense" and dense.classifier.scales == (96, 112, 160, 208, 272)
+    ten = build_class_predictor(load_config(config, ["MODEL.DEVICE=cpu", "LOC.CLASSIFIER.TEST_CROP=10crop"]), path)
+    assert (ten.classifier.crop, ten.classifier.resize, ten.classifier.crop_size) == ("10crop", 112, 96)
+    paper = load_config("configs/ilsvrc_loc_r101.yaml")
+    assert paper.LOC.CLASSIFIER.TEST_CROP == "dense" and paper.LOC.CLASSIFIER.DENSE_SCALES == [224, 256, 384, 480, 640]

@@ -94,10 +94,10 @@ def test_the_cache_holds_no_pickled_class_and_gives_back_every_value_exactly(tmp
         assert_same(getattr(read, name), getattr(pool, name), name)
 
 
-def roi_pool_setup(tmp_path, monkeypatch):
+def roi_pool_setup(tmp_path, monkeypatch, overrides=()):
     """A config whose OUTPUT_DIR is tmp_path, a one-record data set, an RPN checkpoint file, and
     `rcnn_training_records` replaced by a stand-in that returns `sample_pool()` and counts its calls."""
-    cfg = load_config(CONFIG, [f"OUTPUT_DIR={tmp_path}", "MODEL.DEVICE=cpu", "DATALOADER.NUM_WORKERS=0"])
+    cfg = load_config(CONFIG, [f"OUTPUT_DIR={tmp_path}", "MODEL.DEVICE=cpu", "DATALOADER.NUM_WORKERS=0", *overrides])
     dataset = DetectionDataset(name="train", records=[{"file_name": "a.JPEG", "image_id": "n01_1", "height": 300,
                                                        "width": 400, "annotations": []}],
                                class_names=["a", "b"], category_ids=[1, 2])
@@ -174,6 +174,20 @@ def test_a_cache_made_for_another_rpn_is_made_again_and_the_same_one_is_read(tmp
     (tmp_path / "rpn.pth").write_bytes(b"another RPN checkpoint")
     make()
     assert calls == ["train", "train"]
+
+
+def test_a_cache_made_in_another_localization_test_mode_is_made_again(tmp_path, monkeypatch):
+    """The RoIs are the RPN's boxes in LOC.TEST_MODE: another mode or other scales give other boxes."""
+    make, calls = roi_pool_setup(tmp_path, monkeypatch)
+    make()
+    multi, multi_calls = roi_pool_setup(tmp_path, monkeypatch, ["LOC.TEST_MODE=dense_multiscale"])
+    multi()
+    multi()
+    assert calls == ["train"] and multi_calls == ["train"]  # made again once, then read
+    scales, scale_calls = roi_pool_setup(tmp_path, monkeypatch, ["LOC.TEST_MODE=dense_multiscale",
+                                                                 "LOC.TEST_SCALES=[96,160]"])
+    scales()
+    assert scale_calls == ["train"]
 
 
 @pytest.fixture(scope="module")
