@@ -1,6 +1,6 @@
 """The Appendix B tools end to end on a tiny shapes set: `test_det.py --ablation` (Table 9's rows, ablation.json),
 `ensemble_det.py` (one model equals test_det; two models, one with global context, with every add-on on the union
-of their proposals), and the errors for an empty pyramid, a non-positive scale and models with other classes."""
+of their proposals; the per-RoI average and the NMS merge), and the errors for an empty pyramid, a non-positive scale and models with other classes."""
 
 import json
 import sys
@@ -118,6 +118,24 @@ def test_every_add_on_at_once_in_an_ensemble_of_a_plain_and_a_context_model(trai
     assert "GLOBAL_CONTEXT: false" in config and "FLIP: true" in config  # the first model's config, evaluated
     written = json.loads((tmp_path / "all" / "metrics.json").read_text())
     assert written["bbox"]["AP"] == pytest.approx(metrics["bbox"]["AP"])
+
+
+def test_the_union_averages_per_roi_by_default_and_the_nms_merge_is_named(trained, tmp_path):
+    runs = trained["runs"]
+    test_overrides = [o for o in trained["overrides"] if o.startswith("DATASETS.TEST")]
+    both = [*member(runs["plain"]), *member(runs["context"]), "--proposals", "union"]
+    average = ensemble_det.main([*both, "--output", str(tmp_path / "avg"), *test_overrides])
+    nms = ensemble_det.main([*both, "--merge", "nms", "--output", str(tmp_path / "nms"), *test_overrides])
+    assert json.loads((tmp_path / "avg" / "ensemble.json").read_text())["merge"] == "average"
+    assert json.loads((tmp_path / "nms" / "ensemble.json").read_text())["merge"] == "nms"
+    assert average["bbox"] != nms["bbox"]  # two merges of the same two models
+    # the average merge post-processes as configured (no voting forced); the nms merge votes unless told not to
+    assert "ENABLED: false" in (tmp_path / "avg" / "inference" / "config.yaml").read_text().split("BOX_VOTING:")[1]
+    assert "ENABLED: true" in (tmp_path / "nms" / "inference" / "config.yaml").read_text().split("BOX_VOTING:")[1]
+    with pytest.raises(ValueError, match="--merge average averages every model's predictions .* needs --proposals union"):
+        ensemble_det.main([*member(runs["plain"]), *member(runs["context"]), "--merge", "average",
+                           "--output", str(tmp_path / "own")])
+    assert not (tmp_path / "own").exists()
 
 
 @pytest.mark.parametrize(
