@@ -158,3 +158,38 @@ def test_accumulate_below_one_is_refused(tiny_shapes, tmp_path):
     with pytest.raises(ValueError, match="accumulate must be at least 1, got 0"):
         Trainer(model=MeanSquare(), data_loader=iter([]), optimizer=torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1),
                 max_iter=1, accumulate=0)
+
+
+class RecordsSync(MeanSquare):
+    """Stands in for DistributedDataParallel: records whether each forward and backward ran inside `no_sync`."""
+
+    def __init__(self):
+        super().__init__()
+        self.inside = False
+        self.calls: list[bool] = []
+
+    def no_sync(self):
+        model = self
+
+        class NoSync:
+            def __enter__(self):
+                model.inside = True
+
+            def __exit__(self, *exc):
+                model.inside = False
+
+        return NoSync()
+
+    def forward(self, batch):
+        self.calls.append(self.inside)
+        loss = super().forward(batch)["loss"]
+        loss.register_hook(lambda grad: self.calls.append(self.inside) or grad)  # runs during the backward
+        return {"loss": loss}
+
+
+def test_under_ddp_only_the_last_batch_of_a_step_synchronises_its_gradients():
+    model = RecordsSync()
+    batches = iter([[{"x": 1.0, "y": 0.0}]] * 6)
+    train(model, batches, accumulate=3, max_iter=2)
+    # per step: forward, backward of batches 1 and 2 inside no_sync, batch 3's outside (its backward all-reduces)
+    assert model.calls == [True, True, True, True, False, False] * 2
