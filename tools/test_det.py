@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
         "--ckpt", default=None, help="checkpoint to evaluate (default: MODEL.WEIGHTS, else the output folder's newest)"
     )
     parser.add_argument(
-        "--ablation", action="store_true", help="evaluate Table 9's rows of test-time add-ons, one change per row; writes ablation.json"
+        "--ablation", action="store_true",
+        help="evaluate Table 9's rows of test-time add-ons, one change per row; writes ablation.json",
     )
     add_num_gpus_argument(parser)
     args = parse_args(parser, argv)

@@ -156,8 +156,8 @@ def test_accumulate_below_one_is_refused(tiny_shapes, tmp_path):
         train_det.main([*train_args(tiny_shapes, tmp_path / "x", 2), "SOLVER.ACCUMULATE=0"])
     assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="accumulate must be at least 1, got 0"):
-        Trainer(model=MeanSquare(), data_loader=iter([]), optimizer=torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1),
-                max_iter=1, accumulate=0)
+        optimizer = torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1)
+        Trainer(model=MeanSquare(), data_loader=iter([]), optimizer=optimizer, max_iter=1, accumulate=0)
 
 
 class RecordsSync(MeanSquare):

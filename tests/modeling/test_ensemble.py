@@ -13,7 +13,8 @@ from detectron_res.modeling.ensemble import average_predictions, averaged_candid
 from detectron_res.modeling.test_time import FeaturePyramid
 from test_detector import make_batch
 from test_roi_heads import coordinate_features, make_heads
-from test_test_time import assert_same_detections, tiny_model  # noqa: F401 (a fixture)
+from test_test_time import assert_same_detections
+from test_test_time import tiny_model  # noqa: F401 (a fixture)
 
 SIZES = [(96, 128), (96, 128)]
 
@@ -45,7 +46,8 @@ def test_each_roi_is_scored_and_regressed_by_every_model_and_averaged():
     # image 0, the 64 x 32 box centred at x 48: A's class 0 box moves by 6.4 -> [22.4, 16, 86.4, 48]; B's doubles
     # to 128 wide -> [-16, 16, 112, 48], clipped to [0, 16, 112, 48]; their mean [11.2, 16, 99.2, 48]. Class 1: the
     # box itself in both. Scores: class 0 (3/5 + 1/4) / 2 = 0.425, class 1 (1/5 + 1/2) / 2 = 0.35.
-    torch.testing.assert_close(candidates[0]["boxes"], torch.tensor([[11.2, 16.0, 99.2, 48.0], [16.0, 16.0, 80.0, 48.0]]))
+    expected = torch.tensor([[11.2, 16.0, 99.2, 48.0], [16.0, 16.0, 80.0, 48.0]])
+    torch.testing.assert_close(candidates[0]["boxes"], expected)
     torch.testing.assert_close(candidates[0]["scores"], torch.tensor([0.425, 0.35]))
     assert candidates[0]["labels"].tolist() == [0, 1]
     # image 1, 20 x 80 centred at x 50: A -> [42, 8, 62, 88]; B -> [30, 8, 70, 88]; mean [36, 8, 66, 88]

@@ -1,6 +1,7 @@
 """The Appendix B tools end to end on a tiny shapes set: `test_det.py --ablation` (Table 9's rows, ablation.json),
 `ensemble_det.py` (one model equals test_det; two models, one with global context, with every add-on on the union
-of their proposals; the per-RoI average and the NMS merge), and the errors for an empty pyramid, a non-positive scale and models with other classes."""
+of their proposals; the per-RoI average and the NMS merge), and the errors for an empty pyramid, a non-positive scale
+and models with other classes."""
 
 import json
 import sys
@@ -132,7 +133,7 @@ def test_the_union_averages_per_roi_by_default_and_the_nms_merge_is_named(traine
     # the average merge post-processes as configured (no voting forced); the nms merge votes unless told not to
     assert "ENABLED: false" in (tmp_path / "avg" / "inference" / "config.yaml").read_text().split("BOX_VOTING:")[1]
     assert "ENABLED: true" in (tmp_path / "nms" / "inference" / "config.yaml").read_text().split("BOX_VOTING:")[1]
-    with pytest.raises(ValueError, match="--merge average averages every model's predictions .* needs --proposals union"):
+    with pytest.raises(ValueError, match="--merge average averages every model's .* needs --proposals union"):
         ensemble_det.main([*member(runs["plain"]), *member(runs["context"]), "--merge", "average",
                            "--output", str(tmp_path / "own")])
     assert not (tmp_path / "own").exists()
