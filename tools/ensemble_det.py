@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Evaluate an ensemble of trained detectors: each model runs on every test image, and their detections are merged
-by one per-class NMS and box voting.
+"""Evaluate an ensemble of trained detectors: each model runs on every test image; on the union of their proposals
+each RoI's predictions are averaged over the models (the paper's ensemble), or all models' detections go through one
+per-class NMS with box voting.
 
     python tools/ensemble_det.py --model configs/coco_r101.yaml output/coco_r101/model_final.pth \
         --model output/coco_r101_context/config.yaml output/coco_r101_context/model_final.pth \
@@ -8,11 +9,16 @@ by one per-class NMS and box voting.
 
 Each model is built from its own config (depth, global context, ...). The first config, with the KEY=VALUE
 overrides, is the evaluation's: its data sets, test input size and test-time add-ons (TEST.*) apply to every model;
-the overrides also apply to every model's config. Box voting is on unless TEST.BOX_VOTING.ENABLED=false is given
-(every model votes too, so an ensemble of one model is that model with voting). `--proposals own` (default): each model classifies its own RPN's
-proposals; `union`: every model classifies the union of all models' proposals, as in the paper. The models must have
-the same classes. Writes metrics.json, the evaluation config (inference/config.yaml) and ensemble.json (the
-members) to the output folder (default: the first config's OUTPUT_DIR/ensemble).
+the overrides also apply to every model's config. The models must have the same classes.
+
+`--proposals own` (default): each model classifies its own RPN's proposals; `union`: every model classifies the
+union of all models' proposals. `--merge average` (the default with `union`, the paper's "ensemble of per-region
+classifiers"): each RoI's class probabilities and decoded boxes are averaged over the models, then post-processed
+once as TEST.* says (refinement, NMS, voting); needs `union`. `--merge nms` (the default with `own`; not in the
+paper): every model's candidates go through one per-class NMS and box voting, which is on unless
+TEST.BOX_VOTING.ENABLED=false is given (every model votes too, so an ensemble of one model is that model with
+voting). Writes metrics.json, the evaluation config (inference/config.yaml) and ensemble.json (the members, the
+proposals and the merge) to the output folder (default: the first config's OUTPUT_DIR/ensemble).
 """
 
 from __future__ import annotations
@@ -34,12 +40,14 @@ from detectron_res.engine.runner import (
     setup,
 )
 from detectron_res.modeling import DetectorEnsemble, build_test_time
+from detectron_res.modeling.ensemble import ENSEMBLE_MERGES
 from detectron_res.utils import atomic_write_text
 
 logger = logging.getLogger("detectron_res.ensemble")
 
-# the paper's merge is NMS then box voting: on unless the command line says TEST.BOX_VOTING.ENABLED=false
-DEFAULT_OVERRIDES = ("TEST.BOX_VOTING.ENABLED=true",)
+# the "nms" merge is NMS then box voting over every model's candidates: voting on unless the command line says
+# TEST.BOX_VOTING.ENABLED=false. The "average" merge post-processes as configured, like one model.
+NMS_MERGE_OVERRIDES = ("TEST.BOX_VOTING.ENABLED=true",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--proposals", choices=("own", "union"), default="own", help="which proposals each model classifies"
+    )
+    parser.add_argument(
+        "--merge", choices=ENSEMBLE_MERGES, default=None,
+        help="average: each RoI's predictions averaged over the models (the paper's; default with --proposals union); "
+        "nms: all models' detections through one NMS with voting (default with --proposals own)",
     )
     parser.add_argument(
         "--output", default=None, help="output folder (default: the first config's OUTPUT_DIR/ensemble)"
@@ -87,7 +100,13 @@ def check_class_names(members: list[tuple[str, str]], metadata: list[dict]) -> N
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(build_parser(), argv)
     members = [(config, ckpt) for config, ckpt in args.model]
-    overrides = [*DEFAULT_OVERRIDES, *args.opts]
+    merge = args.merge or ("average" if args.proposals == "union" else "nms")
+    if merge == "average" and args.proposals == "own" and len(members) > 1:
+        raise ValueError(
+            "--merge average averages every model's predictions for the same RoIs: it needs --proposals union "
+            "(or --merge nms for each model's own proposals)"
+        )
+    overrides = [*(NMS_MERGE_OVERRIDES if merge == "nms" else ()), *args.opts]
     first = load_config(members[0][0], overrides)
     output = args.output or str(Path(first.OUTPUT_DIR) / "ensemble")
     cfg = setup(
@@ -104,13 +123,11 @@ def main(argv: list[str] | None = None) -> dict:
         models.append(model)
         metadata.append(meta)
     check_class_names(members, metadata)
-    logger.info("Ensemble of %d models, %s proposals: %s", len(models), args.proposals, members)
-    atomic_write_text(
-        Path(cfg.OUTPUT_DIR) / "ensemble.json",
-        json.dumps({"models": [{"config": c, "checkpoint": k} for c, k in members], "proposals": args.proposals}, indent=2)
-        + "\n",
-    )
-    ensemble = DetectorEnsemble(models=models, shared_proposals=args.proposals == "union")
+    logger.info("Ensemble of %d models, %s proposals, %s merge: %s", len(models), args.proposals, merge, members)
+    written = {"models": [{"config": c, "checkpoint": k} for c, k in members], "proposals": args.proposals,
+               "merge": merge}
+    atomic_write_text(Path(cfg.OUTPUT_DIR) / "ensemble.json", json.dumps(written, indent=2) + "\n")
+    ensemble = DetectorEnsemble(models=models, shared_proposals=args.proposals == "union", merge=merge)
     return evaluate(cfg, ensemble)
 
 

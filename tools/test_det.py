@@ -6,9 +6,10 @@
 
 The results, metrics.json and the evaluation's config (inference/config.yaml) go to the output folder; a training
 run's own config.yaml there is left as it is. The test-time add-ons (box refinement, voting, multi-scale, flip) are
-TEST.* keys (docs/addons.md). `--ablation` evaluates the checkpoint once per row of the paper's Table 9 (baseline,
-+ box refinement with voting, + multi-scale testing) into ablation/<row>/, prints the table and writes
-ablation.json. Flags may come before or after KEY=VALUE overrides.
+TEST.* keys (docs/addons.md). `--ablation` evaluates the checkpoint once per row of the paper's Table 9, each row
+changing one thing from the row above (baseline, NMS at the refinement's 0.3 where the config's differs, + box
+refinement, + box voting, + multi-scale testing), into ablation/<row>/, prints the table with each row's changed keys
+and NMS threshold, and writes ablation.json. Flags may come before or after KEY=VALUE overrides.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
         "--ckpt", default=None, help="checkpoint to evaluate (default: MODEL.WEIGHTS, else the output folder's newest)"
     )
     parser.add_argument(
-        "--ablation", action="store_true", help="evaluate Table 9's rows of test-time add-ons; writes ablation.json"
+        "--ablation", action="store_true",
+        help="evaluate Table 9's rows of test-time add-ons, one change per row; writes ablation.json",
     )
     add_num_gpus_argument(parser)
     args = parse_args(parser, argv)

@@ -312,6 +312,7 @@ VALUE_RULES: tuple[tuple[str, Check], ...] = (
     ("LOC.RCNN.STEPS", all_of(each(at_least(0)), strictly_increasing())),
     ("LOC.RCNN.WARMUP_ITERS", at_least(0)),
     ("SOLVER.IMS_PER_BATCH", at_least(1)),
+    ("SOLVER.ACCUMULATE", at_least(1)),
     ("SOLVER.BASE_LR", greater_than(0)),
     ("SOLVER.MOMENTUM", between(0.0, 1.0, include_high=False)),
     ("SOLVER.WEIGHT_DECAY", at_least(0)),

@@ -371,13 +371,17 @@ def train(
         save_config(cfg, output_dir / CONFIG_FILE)
         logger.info("Resolved config saved to %s", output_dir / CONFIG_FILE)
     amp_dtype, grad_scaler = amp_settings(cfg.SOLVER.AMP, device=next(model.parameters()).device)
+    accumulate = cfg.SOLVER.ACCUMULATE
     logger.info(
-        "Training on %d process%s: global batch %d %s, %d per process, base LR %g%s",
+        "Training on %d process%s: global batch %d %s, %d per process, base LR %g%s%s",
         world_size, "es" if world_size > 1 else "", cfg.SOLVER.IMS_PER_BATCH, batch_unit,
         cfg.SOLVER.IMS_PER_BATCH // world_size,
         cfg.SOLVER.BASE_LR, f", {cfg.SOLVER.AMP.DTYPE} autocast" if amp_dtype is not None else "",
+        f"; the gradients of {accumulate} batches summed per step (SOLVER.ACCUMULATE): "
+        f"{cfg.SOLVER.IMS_PER_BATCH * accumulate} images per step" if accumulate > 1 else "",
     )
-    data_loader = build_loader(cfg, dataset, start_iter=start_iter, rank=rank, world_size=world_size)
+    # the loader's position counts batches: `accumulate` per iteration
+    data_loader = build_loader(cfg, dataset, start_iter=start_iter * accumulate, rank=rank, world_size=world_size)
     if world_size > 1:
         seed_everything((cfg.SEED + rank) % 2**32)  # the ranks sample anchors and RoIs independently; the model alike
     trained = wrap_distributed(model, cfg)
@@ -418,6 +422,7 @@ def train(
         clip_grad_norm=cfg.SOLVER.CLIP_GRAD_NORM,
         amp_dtype=amp_dtype,
         grad_scaler=grad_scaler,
+        accumulate=accumulate,
     )
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)

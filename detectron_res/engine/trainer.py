@@ -17,6 +17,7 @@ there (`stopped`) and `Terminated` is raised (`utils.signals.sigterm_deferred`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -70,6 +71,7 @@ class Trainer:
         clip_grad_norm: float = 0.0,
         amp_dtype: torch.dtype | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
+        accumulate: int = 1,
     ):
         """
         Args:
@@ -83,7 +85,12 @@ class Trainer:
             amp_dtype: run the model's forward under autocast to this dtype (torch.bfloat16 or torch.float16) on
                 its device; None = float32. The model keeps its losses and box decoding in float32.
             grad_scaler: scales the loss for float16 (`torch.amp.GradScaler`); None = no scaling.
+            accumulate: batches per iteration (SOLVER.ACCUMULATE, Caffe's `iter_size`): the gradients of this many
+                batches, each loss divided by it, are summed before the one optimizer step of the iteration, so an
+                iteration is one step on `accumulate` x the loader's batch. The logged losses are their means.
         """
+        if accumulate < 1:
+            raise ValueError(f"accumulate must be at least 1, got {accumulate}")
         self.model = model
         self.data_loader = data_loader
         self.optimizer = optimizer
@@ -94,6 +101,7 @@ class Trainer:
         self.clip_grad_norm = clip_grad_norm
         self.amp_dtype = amp_dtype
         self.grad_scaler = grad_scaler
+        self.accumulate = accumulate
         self.storage = MetricsStorage(start_iter=start_iter)
         self.completed = False  # set once every iteration ran without error
         self.stop_agreed = False  # a rank received SIGTERM before this step's all-reduce (see the module)
@@ -167,21 +175,34 @@ class Trainer:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
 
     def run_step(self) -> None:
-        start = time.perf_counter()
-        batch = next(self._data_iter)
-        data_time = time.perf_counter() - start
+        """One optimizer step on the gradients of `accumulate` batches (each backward adds to them); under DDP the
+        first `accumulate - 1` backward passes skip the gradient all-reduce (`no_sync`), the last reduces the sum."""
         device = next(self.model.parameters()).device
-        with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            losses = self.model(batch)
-        total = sum(losses.values())
-        values, self.stop_agreed = all_ranks_losses(losses, total, iteration=self.iter, batch=batch,
-                                                    stop=sigterm_requested())
         self.optimizer.zero_grad(set_to_none=True)
+        data_time, logged = 0.0, []
+        for index in range(self.accumulate):
+            start = time.perf_counter()
+            batch = next(self._data_iter)
+            data_time += time.perf_counter() - start
+            syncing = index == self.accumulate - 1 or not hasattr(self.model, "no_sync")
+            with contextlib.nullcontext() if syncing else self.model.no_sync():
+                with torch.autocast(
+                    device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+                ):
+                    losses = self.model(batch)
+                total = sum(losses.values())
+                values, stop = all_ranks_losses(losses, total, iteration=self.iter, batch=batch,
+                                                stop=sigterm_requested())
+                logged.append(values)
+                self.stop_agreed = self.stop_agreed or stop  # every rank sees each reduce: they agree
+                if self.accumulate > 1:
+                    total = total / self.accumulate  # the step's loss: the mean of the batches' losses
+                if self.grad_scaler is not None:
+                    self.grad_scaler.scale(total).backward()
+                else:
+                    total.backward()
         if self.grad_scaler is not None:
-            self.grad_scaler.scale(total).backward()
             self.grad_scaler.unscale_(self.optimizer)  # clip (and the optimizer) see the true gradients
-        else:
-            total.backward()
         if self.clip_grad_norm > 0:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
@@ -190,6 +211,7 @@ class Trainer:
             self.grad_scaler.update()
         else:
             self.optimizer.step()
+        values = {name: sum(v[name] for v in logged) / len(logged) for name in logged[0]}
         self.storage.put_scalars(data_time=data_time, **values)
 
 

@@ -220,7 +220,7 @@ def test_the_torchvision_equivalent_computes_our_function():
     matcher = theirs.roi_heads.proposal_matcher
     assert (matcher.high_threshold, matcher.low_threshold) == (0.5, 0.5)
     assert (theirs.rpn.proposal_matcher.high_threshold, theirs.rpn.proposal_matcher.low_threshold) == (0.7, 0.3)
-    assert theirs.roi_heads.fg_bg_sampler.batch_size_per_image == 512
+    assert theirs.roi_heads.fg_bg_sampler.batch_size_per_image == 128  # base_c4: py-faster-rcnn's end-to-end value
 
 
 def test_the_torchvision_equivalent_needs_a_standard_resnet():

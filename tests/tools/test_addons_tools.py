@@ -1,6 +1,7 @@
 """The Appendix B tools end to end on a tiny shapes set: `test_det.py --ablation` (Table 9's rows, ablation.json),
 `ensemble_det.py` (one model equals test_det; two models, one with global context, with every add-on on the union
-of their proposals), and the errors for an empty pyramid, a non-positive scale and models with other classes."""
+of their proposals; the per-RoI average and the NMS merge), and the errors for an empty pyramid, a non-positive scale
+and models with other classes."""
 
 import json
 import sys
@@ -57,27 +58,38 @@ def member(run: Path) -> list[str]:
     return ["--model", str(run / "config.yaml"), str(run / "model_final.pth")]
 
 
-def test_ablation_rows_are_cumulative_and_the_first_is_plain_inference(trained, tmp_path, capsys):
+def test_ablation_rows_are_cumulative_change_one_thing_each_and_the_first_is_plain_inference(trained, tmp_path, capsys):
     run = trained["runs"]["context"]
     cfg = str(run / "config.yaml")
     ckpt = str(run / "model_final.pth")
     test_overrides = [o for o in trained["overrides"] if o.startswith("DATASETS.TEST")]
     plain = test_det.main(["--cfg", cfg, "--ckpt", ckpt, "--output", str(tmp_path / "plain"), *test_overrides])
+    at_03 = test_det.main(["--cfg", cfg, "--ckpt", ckpt, "--output", str(tmp_path / "nms03"), *test_overrides,
+                           "MODEL.ROI_HEADS.NMS_THRESH_TEST=0.3"])
     rows = test_det.main(["--cfg", cfg, "--ckpt", ckpt, "--output", str(tmp_path / "abl"), "--ablation", *test_overrides])
     written = json.loads((tmp_path / "abl" / "ablation.json").read_text())
     assert [row["name"] for row in written] == [
-        "baseline (global context)", "+ box refinement, voting", "+ multi-scale testing"
+        "baseline (global context)", "NMS at 0.3", "+ box refinement", "+ box voting", "+ multi-scale testing"
     ]
     assert written[0]["bbox"] == json.loads(json.dumps(plain["bbox"]))  # the first row is test_det's plain run
+    # the NMS row is test_det at NMS 0.3 (the loaded model's threshold changed), which scores otherwise here
+    assert written[1]["bbox"] == json.loads(json.dumps(at_03["bbox"])) and at_03["bbox"] != plain["bbox"]
+    assert [row["changes"] for row in written] == [
+        {}, {"MODEL.ROI_HEADS.NMS_THRESH_TEST": 0.3}, {"TEST.BOX_REFINEMENT.ENABLED": True},
+        {"TEST.BOX_VOTING.ENABLED": True}, {"TEST.MULTI_SCALE.ENABLED": True},
+    ]
+    assert [row["nms_thresh"] for row in written] == [0.5, 0.3, 0.3, 0.3, 0.3]
     assert written[0]["overrides"][:2] == ["TEST.BOX_REFINEMENT.ENABLED=false", "TEST.BOX_VOTING.ENABLED=false"]
-    assert "TEST.BOX_REFINEMENT.ENABLED=true" in written[1]["overrides"]
-    assert "TEST.MULTI_SCALE.ENABLED=true" in written[2]["overrides"]
-    assert "TEST.BOX_REFINEMENT.ENABLED=true" in written[2]["overrides"]  # cumulative
+    assert "TEST.BOX_REFINEMENT.ENABLED=true" in written[2]["overrides"]
+    assert "TEST.MULTI_SCALE.ENABLED=true" in written[4]["overrides"]
+    assert "TEST.BOX_REFINEMENT.ENABLED=true" in written[4]["overrides"]  # cumulative
     for row in written:
         assert set(row["bbox"]) >= {"AP", "AP50"} and row["seconds_per_image"] > 0
-    assert len(rows) == 3 and {p.name for p in (tmp_path / "abl" / "ablation").iterdir()} == {"0", "1", "2"}
-    table = capsys.readouterr().out
-    assert "mAP@.5" in table and "mAP@[.5:.95]" in table and "+ multi-scale testing" in table
+    assert len(rows) == 5 and {p.name for p in (tmp_path / "abl" / "ablation").iterdir()} == {"0", "1", "2", "3", "4"}
+    table = capsys.readouterr().out.splitlines()
+    assert "mAP@.5" in table[-6] and "mAP@[.5:.95]" in table[-6] and "changed from the row above" in table[-6]
+    assert table[-5].endswith(" 0.5  -") and table[-4].endswith(" 0.3  MODEL.ROI_HEADS.NMS_THRESH_TEST=0.3")
+    assert table[-1].startswith("+ multi-scale testing") and table[-1].endswith("TEST.MULTI_SCALE.ENABLED=true")
 
 
 def test_an_ensemble_of_one_model_scores_like_test_det_with_voting(trained, tmp_path):
@@ -107,6 +119,24 @@ def test_every_add_on_at_once_in_an_ensemble_of_a_plain_and_a_context_model(trai
     assert "GLOBAL_CONTEXT: false" in config and "FLIP: true" in config  # the first model's config, evaluated
     written = json.loads((tmp_path / "all" / "metrics.json").read_text())
     assert written["bbox"]["AP"] == pytest.approx(metrics["bbox"]["AP"])
+
+
+def test_the_union_averages_per_roi_by_default_and_the_nms_merge_is_named(trained, tmp_path):
+    runs = trained["runs"]
+    test_overrides = [o for o in trained["overrides"] if o.startswith("DATASETS.TEST")]
+    both = [*member(runs["plain"]), *member(runs["context"]), "--proposals", "union"]
+    average = ensemble_det.main([*both, "--output", str(tmp_path / "avg"), *test_overrides])
+    nms = ensemble_det.main([*both, "--merge", "nms", "--output", str(tmp_path / "nms"), *test_overrides])
+    assert json.loads((tmp_path / "avg" / "ensemble.json").read_text())["merge"] == "average"
+    assert json.loads((tmp_path / "nms" / "ensemble.json").read_text())["merge"] == "nms"
+    assert average["bbox"] != nms["bbox"]  # two merges of the same two models
+    # the average merge post-processes as configured (no voting forced); the nms merge votes unless told not to
+    assert "ENABLED: false" in (tmp_path / "avg" / "inference" / "config.yaml").read_text().split("BOX_VOTING:")[1]
+    assert "ENABLED: true" in (tmp_path / "nms" / "inference" / "config.yaml").read_text().split("BOX_VOTING:")[1]
+    with pytest.raises(ValueError, match="--merge average averages every model's .* needs --proposals union"):
+        ensemble_det.main([*member(runs["plain"]), *member(runs["context"]), "--merge", "average",
+                           "--output", str(tmp_path / "own")])
+    assert not (tmp_path / "own").exists()
 
 
 @pytest.mark.parametrize(

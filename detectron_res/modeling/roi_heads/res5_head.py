@@ -7,6 +7,8 @@ ground-truth box, background below, at most 25% foreground.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -195,20 +197,13 @@ class Res5ROIHeads(nn.Module):
         second pools each RoI's first-pass box of its top-scoring class (one more box per RoI, so the cost of the
         head doubles at most, the paper's 300 + 300 predictions)."""
         options = {"flip": test_time.flip, "reference_size": test_time.reference_size}
-        probs, boxes = self.predict(pyramid, proposals, image_sizes, **options)
-        if test_time.refine_nms_thresh is not None:
-            regressed = [b[torch.arange(len(b), device=b.device), p.argmax(dim=1)] for p, b in zip(probs, boxes)]
-            second_probs, second_boxes = self.predict(pyramid, regressed, image_sizes, **options)
-            probs = [torch.cat(pair) for pair in zip(probs, second_probs)]
-            boxes = [torch.cat(pair) for pair in zip(boxes, second_boxes)]
-        candidates = []
-        for image_probs, image_boxes in zip(probs, boxes):
-            found = detection_candidates(
-                image_boxes, image_probs, score_thresh=self.predictor.score_thresh,
-                empty_boxes=self.predictor.empty_boxes,
-            )
-            candidates.append(dict(zip(("boxes", "scores", "labels"), found)))
-        return candidates
+        return refined_candidates(
+            lambda boxes: self.predict(pyramid, boxes, image_sizes, **options),
+            proposals,
+            refine=test_time.refine_nms_thresh is not None,
+            score_thresh=self.predictor.score_thresh,
+            empty_boxes=self.predictor.empty_boxes,
+        )
 
     def select_detections(
         self, candidates: list[dict[str, Tensor]], test_time: TestTimeAugmentation
@@ -262,6 +257,31 @@ class Res5ROIHeads(nn.Module):
             roi_classes.append(target[sampled])
             roi_gt_boxes.append(gt[matched[sampled]])
         return rois, roi_classes, roi_gt_boxes
+
+
+def refined_candidates(
+    predict: Callable[[list[Tensor]], tuple[list[Tensor], list[Tensor]]],
+    proposals: list[Tensor],
+    *,
+    refine: bool,
+    score_thresh: float,
+    empty_boxes: str,
+) -> list[dict[str, Tensor]]:
+    """The candidates of `Res5ROIHeads.detection_candidates` from any per-RoI predictor: `predict(boxes)` gives
+    class probabilities (R_i, K) and class-specific boxes (R_i, K, 4) for per-image boxes (one model's head, or an
+    ensemble's per-RoI average). With `refine`, each RoI's predicted box of its top class is predicted again and
+    both passes' (RoI, class) pairs are kept."""
+    probs, boxes = predict(proposals)
+    if refine:
+        regressed = [b[torch.arange(len(b), device=b.device), p.argmax(dim=1)] for p, b in zip(probs, boxes)]
+        second_probs, second_boxes = predict(regressed)
+        probs = [torch.cat(pair) for pair in zip(probs, second_probs)]
+        boxes = [torch.cat(pair) for pair in zip(boxes, second_boxes)]
+    candidates = []
+    for image_probs, image_boxes in zip(probs, boxes):
+        found = detection_candidates(image_boxes, image_probs, score_thresh=score_thresh, empty_boxes=empty_boxes)
+        candidates.append(dict(zip(("boxes", "scores", "labels"), found)))
+    return candidates
 
 
 def _to_scale(boxes: Tensor, size: tuple[int, int], scaled_size: tuple[int, int], flipped: bool) -> Tensor:
