@@ -58,6 +58,8 @@ COMMANDS: list[tuple[str, str]] = [
     (r"coco_r50\.yaml", DOWNLOAD + "COCO and torchvision's ResNet-50 weights; costs hours on a CPU"),
     (r"output/mine|data/mine", "needs your own data (data/mine); the same path runs as train_parts.py above"),
     (r"CONFIG|OUTPUT_DIR \[|A\.yaml|\[--", "a synopsis with placeholders, not a command"),
+    (r"^python tools/gpu_check\.py --output", "needs a GPU (its --dry-run is run by tests/tools/test_gpu_check.py)"),
+    (r"--output s128 DATASETS\.TRAIN=\[\$R/", "the ensemble comparison's models of docs/results.md (350 iterations)"),
     (r"^torchrun|--num-gpus", "several processes: tests/engine/test_distributed.py runs them at tiny size"),
     (r"^mutmut|^rm -rf mutants", "the mutation run of docs/testing.md (hours)"),
     (r"^tensorboard|^python -c|^ls /tmp", "part of a transcript whose output the page shows"),

@@ -29,6 +29,8 @@ KNOWN_SAFE = {
         1, "Loader=_UniqueKeyLoader, a yaml.SafeLoader subclass (checked below) that only adds duplicate-key errors"),
     ("tools/export.py", "torch.jit.load"): (
         1, "loads the TorchScript file the tool has just written (--output) to check it against the model"),
+    ("tools/gpu_check.py", "torch.jit.load"): (
+        1, "loads the TorchScript file its export step has just written to a temporary folder, to run it on the GPU"),
 }
 
 # calls that can run code from what they read, whatever their arguments (qualified names after import aliases)
