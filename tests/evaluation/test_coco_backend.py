@@ -153,6 +153,19 @@ def test_backends_agree_with_crowd_boxes_empty_classes_and_str_image_ids():
     assert subset["faster_coco_eval"][1]["AP-dog"] is None  # its image left out
 
 
+def test_tied_scores_across_str_image_ids_break_in_pycocotools_order():
+    # pycocotools walks images in sorted id order ("a" before "b", whatever the file's order) and ranks equal scores
+    # in that order: the TP in "a" comes before the FP in "b": recall .5 at precision 1, then 1/2 -> AP 51 / 101.
+    # (In the file's order, FP then TP, it would be 25.5 / 101.)
+    gt = {"images": [{"id": name, "width": 50, "height": 50} for name in ("b", "a")],
+          "categories": [{"id": 1, "name": "cat"}],
+          "annotations": [{"id": index, "image_id": image, "category_id": 1, "bbox": [0, 0, 20, 20], "area": 400}
+                          for index, image in enumerate(("a", "b"), start=1)]}
+    results = [{"image_id": "b", "category_id": 1, "bbox": [25, 25, 20, 20], "score": 0.5},
+               {"image_id": "a", "category_id": 1, "bbox": [0, 0, 20, 20], "score": 0.5}]
+    assert assert_same(run_both(gt, results))["AP"] == pytest.approx(51 / 101 * 100, abs=1e-9)
+
+
 def test_backends_agree_without_any_detection():
     gt, _ = crowd_case()
     metrics = assert_same(run_both(gt, []))
