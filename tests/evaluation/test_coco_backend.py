@@ -277,6 +277,10 @@ def test_eval_det_backend_flag(tmp_path, monkeypatch, capsys):
                                  "--backend", "faster_coco_eval"]) == 1
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "pip install faster-coco-eval" in error
+    with pytest.raises(SystemExit):
+        run_tool("eval_det", ["--format", "voc", "--voc-root", str(tmp_path), "--dets", str(tmp_path),
+                              "--backend", "faster_coco_eval"])
+    assert "--backend is for --format coco" in capsys.readouterr().err
 
 
 def test_synthetic_coco_evaluation_and_its_timing():
@@ -297,3 +301,9 @@ def test_benchmark_tool_coco_eval_mode(tmp_path):
                                      "--json-out", str(tmp_path / "times.json")])
     assert json.loads((tmp_path / "times.json").read_text())["images"] == 10
     assert results["speedup"] > 0 and results["max_metric_difference"] < 1e-6
+
+
+def test_benchmark_tool_other_modes_still_need_a_config(capsys):
+    with pytest.raises(SystemExit):
+        run_tool("benchmark", ["--mode", "infer"])
+    assert "--mode infer needs --cfg" in capsys.readouterr().err
