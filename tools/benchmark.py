@@ -6,6 +6,7 @@
     python tools/benchmark.py --cfg configs/coco_r50.yaml --compare torchvision --json-out r50_vs_torchvision.json
     PYTHONPATH=path/to/detectron2 python tools/benchmark.py --cfg configs/d2_r50_c4.yaml --compare detectron2 \
         INPUT.MAX_SIZE_TEST=1067
+    python tools/benchmark.py --mode coco-eval --runs 3 --json-out coco_eval_times.json
 
 Inference: one random image of the config's test size (INPUT.MIN_SIZE_TEST x MAX_SIZE_TEST) with its test
 proposal count (MODEL.RPN.POST_NMS_TOPK_TEST); training: SOLVER.IMS_PER_BATCH random images of the training size
@@ -19,6 +20,11 @@ for run in turn with ours; "speedup" is our images/s over torchvision's. `--comp
 detectron2's own GeneralizedRCNN (`engine.benchmark.detectron2_equivalent`; detectron2 must be importable, e.g. its
 source on PYTHONPATH, and the config one that detectron2 can express, e.g. configs/d2_r50_c4.yaml). See
 docs/benchmarks.md. KEY=VALUE arguments override config keys.
+
+`--mode coco-eval` (no config, no model) times COCO evaluation with each backend of TEST.COCO_BACKEND, pycocotools
+and faster_coco_eval, in turn in this process (`engine.benchmark.coco_eval_times`) on a synthetic ground truth and
+detections of COCO val2017's size (`engine.benchmark.synthetic_coco_evaluation`: --images images, ~7 boxes each
+over 80 classes, 100 detections per image), and says the largest difference of any metric between them.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from detectron_res.engine.benchmark import (
     TORCHVISION_TIMED_STAGES,
     Candidate,
     benchmark_models,
+    coco_eval_times,
     conv_reference,
     detectron2_call,
     detectron2_config_problem,
@@ -46,6 +53,7 @@ from detectron_res.engine.benchmark import (
     detectron2_inputs,
     import_detectron2,
     loader_throughput,
+    synthetic_coco_evaluation,
     synthetic_inputs,
     torchvision_equivalent,
     torchvision_inputs,
@@ -53,6 +61,7 @@ from detectron_res.engine.benchmark import (
 )
 from detectron_res.data.build import build_train_data_loader, build_train_dataset
 from detectron_res.engine.runner import run_tool
+from detectron_res.evaluation.coco import COCO_BACKENDS, check_coco_backend
 from detectron_res.engine.solver import build_optimizer
 from detectron_res.modeling import build_model, compile_for_inference
 from detectron_res.utils import atomic_write_text
@@ -64,11 +73,12 @@ COMPARED = ("torchvision", "detectron2")
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cfg", required=True, help="config file (YAML)")
+    parser.add_argument("--cfg", default=None, help="config file (YAML); every mode but coco-eval needs one")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--mode", choices=("infer", "train", "data"), default="infer",
+    parser.add_argument("--mode", choices=("infer", "train", "data", "coco-eval"), default="infer",
                         help="data: images/s of the training loader (DATASETS.TRAIN, decode, resize, flip, batch) for "
-                        "each --workers count, no model")
+                        "each --workers count, no model; coco-eval: seconds of COCO evaluation with each backend")
+    parser.add_argument("--images", type=int, default=5000, help="--mode coco-eval: images of the synthetic data")
     parser.add_argument("--workers", default="0,1,2", help="--mode data: the DATALOADER.NUM_WORKERS values to time")
     parser.add_argument("--runs", type=int, default=5, help="timed runs (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first")
@@ -79,6 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json-out", default=None, help="write the results here as JSON")
     parser.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_intermixed_args(argv)
+    if args.mode == "coco-eval":
+        return coco_eval_benchmark(args)
+    if args.cfg is None:
+        parser.error(f"--mode {args.mode} needs --cfg, the config file")
     cfg = load_config(args.cfg, [*args.opts, f"MODEL.DEVICE={args.device}"])
     check_tool_paths(  # before the minutes of timing: --json-out must not overwrite what was read
         inputs={"--cfg": args.cfg, "MODEL.WEIGHTS": cfg.MODEL.WEIGHTS,
@@ -147,6 +161,34 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json_out:
         atomic_write_text(args.json_out, json.dumps(results, indent=2) + "\n")
     return results
+
+
+def coco_eval_benchmark(args: argparse.Namespace) -> dict:
+    """--mode coco-eval: both COCOeval backends timed in turn, --runs times each, on synthetic data of --images."""
+    if args.images < 1 or args.runs < 1:
+        raise ValueError(f"--mode coco-eval needs --images >= 1 and --runs >= 1, got {args.images} and {args.runs}")
+    check_tool_paths(inputs={}, outputs={"--json-out": args.json_out})
+    check_coco_backend("faster_coco_eval")  # the comparison needs it: one line saying how to install it
+    gt, detections = synthetic_coco_evaluation(num_images=args.images)
+    results = {"mode": "coco-eval", "threads": torch.get_num_threads(),
+               **coco_eval_times(gt, detections, backends=COCO_BACKENDS, runs=args.runs)}  # fmt: skip
+    results["speedup"] = (results["backends"]["pycocotools"]["median_s"]
+                          / results["backends"]["faster_coco_eval"]["median_s"])  # fmt: skip
+    print(format_coco_eval_results(results))
+    if args.json_out:
+        atomic_write_text(args.json_out, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def format_coco_eval_results(results: dict) -> str:
+    lines = [f"COCO evaluation of {results['detections']} detections on {results['images']} images "
+             f"({results['annotations']} boxes), {results['threads']} threads"]  # fmt: skip
+    for name, timed in results["backends"].items():
+        runs = ", ".join(f"{value:.2f}" for value in timed["seconds"])
+        lines.append(f"{name}: median {timed['median_s']:.2f} s (runs {runs}), AP {results['AP'][name]:.4f}")
+    lines.append(f"speedup (pycocotools' seconds over faster_coco_eval's): {results['speedup']:.2f}x; largest "
+                 f"difference of any metric: {results['max_metric_difference']:.2e} AP points")  # fmt: skip
+    return "\n".join(lines)
 
 
 def sgd_at_rate_0(cfg, model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer | None:

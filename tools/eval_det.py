@@ -1,11 +1,13 @@
 """Evaluate existing detections against their ground truth, with no model involved.
 
     python tools/eval_det.py --format coco --gt instances_val2017.json --dets coco_instances_results.json \
-        [--json-out metrics.json]
+        [--json-out metrics.json] [--backend faster_coco_eval]
     python tools/eval_det.py --format voc --voc-root VOCdevkit/VOC2007 --split test --dets RESULTS_DIR \
         [--json-out metrics.json]
 
 COCO: prints the COCOeval summary and a per-category AP table; the json gets ``{"bbox": {...}}`` in percent.
+``--backend`` picks the COCOeval implementation as TEST.COCO_BACKEND does for training and testing: pycocotools
+(default) or faster_coco_eval (the optional faster-coco-eval package; the same numbers, see docs/benchmarks.md).
 VOC: RESULTS_DIR holds the devkit's ``comp4_det_test_<class>.txt`` files (lines ``image_id score x1 y1 x2 y2`` in
 the devkit's 1-based pixels, like the XML); prints per-class AP and mAP for the VOC2007 11-point and the
 VOC2010+ area metrics; the json gets ``{"voc": {"mAP_07", "mAP_area", "per_class"}}`` as fractions.
@@ -29,7 +31,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from detectron_res.engine.logger import setup_logging
-from detectron_res.evaluation.coco import evaluate_coco_results
+from detectron_res.evaluation.coco import (
+    COCO_BACKENDS,
+    DEFAULT_COCO_BACKEND,
+    check_coco_backend,
+    evaluate_coco_results,
+)
 from detectron_res.evaluation.metrics import (
     format_per_category_table,
     per_category_values,
@@ -46,7 +53,7 @@ def _evaluate_coco(args: argparse.Namespace) -> dict:
     """COCO: ``--gt`` a COCO instances json, ``--dets`` a COCO results json."""
     if not args.gt:
         raise ValueError("--format coco needs --gt, the COCO instances json")
-    metrics = evaluate_coco_results(args.gt, args.dets, plot_dir=_plot_dir(args))
+    metrics = evaluate_coco_results(args.gt, args.dets, plot_dir=_plot_dir(args), backend=args.backend)
     print(format_per_category_table(per_category_values(metrics["bbox"])))
     return metrics
 
@@ -118,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="VOC: score every numeric box as the official devkit and py-faster-rcnn's voc_eval do (no check on the "
         "box; says how many lines looked 0-based) instead of refusing a file with 0-based lines",
     )
+    parser.add_argument(
+        "--backend", choices=COCO_BACKENDS, default=DEFAULT_COCO_BACKEND,
+        help="COCO: the COCOeval implementation, as TEST.COCO_BACKEND (faster_coco_eval needs pip install "
+        "faster-coco-eval)",
+    )
     return parser
 
 
@@ -128,7 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()  # the package's log lines, the COCOeval summary among them, on stdout
     if args.as_devkit and args.format != "voc":
         parser.error("--as-devkit is for --format voc (the devkit's result files)")
+    if args.backend != DEFAULT_COCO_BACKEND and args.format != "coco":
+        parser.error("--backend is for --format coco (COCOeval)")
     try:
+        if args.format == "coco":
+            check_coco_backend(args.backend)  # a missing faster-coco-eval is said before anything is read
         check_outputs(args)
         metrics = EVALUATORS[args.format](args)
         if args.json_out:

@@ -7,6 +7,7 @@ the check builders below (``at_least``, ``between``, ``one_of``, ``each``, ...).
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 import re
@@ -236,6 +237,14 @@ _IOU = between(0.0, 1.0)
 _POSITIVE_LIST = all_of(non_empty(), each(greater_than(0)))
 _FRACTION = between(0.0, 1.0, include_low=False)
 
+def _coco_backend_installed(backend: Any) -> str | None:
+    """TEST.COCO_BACKEND=faster_coco_eval needs its optional package; refused at load time, not after inference."""
+    if backend == "faster_coco_eval" and importlib.util.find_spec("faster_coco_eval") is None:
+        return ("needs the faster-coco-eval package: pip install faster-coco-eval "
+                "(or pip install 'detectron_res[fast-eval]')")
+    return None
+
+
 VALUE_RULES: tuple[tuple[str, Check], ...] = (
     ("MODEL.META_ARCHITECTURE", one_of("FasterRCNN", "LocalizationRPN")),
     ("MODEL.DEVICE", matches(r"|cpu|cuda(:\d+)?", '"", "cpu", "cuda" or "cuda:N"')),
@@ -331,6 +340,7 @@ VALUE_RULES: tuple[tuple[str, Check], ...] = (
     ("DISTRIBUTED.BACKEND", one_of("", "gloo", "nccl")),
     ("DISTRIBUTED.TIMEOUT", greater_than(0)),
     ("TEST.EVAL_PERIOD", at_least(0)),
+    ("TEST.COCO_BACKEND", all_of(one_of("pycocotools", "faster_coco_eval"), _coco_backend_installed)),
     ("TEST.BOX_REFINEMENT.NMS_THRESH", _IOU),
     ("TEST.BOX_VOTING.IOU_THRESH", _IOU),
     ("TEST.MULTI_SCALE.SCALES", all_of(_POSITIVE_LIST, strictly_increasing())),

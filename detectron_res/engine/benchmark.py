@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -582,3 +583,71 @@ def detectron2_call(detector: nn.Module, inputs: list[dict]) -> Callable[[], obj
             return detector(inputs)
 
     return call
+
+
+def synthetic_coco_evaluation(
+    *, num_images: int = 5000, boxes_per_image: float = 7.0, detections_per_image: int = 100, num_classes: int = 80,
+    seed: int = 0,
+) -> tuple[dict, list[dict]]:
+    """A COCO ground truth and results of COCO val2017's size (5,000 images of 640 x 480, a Poisson number of boxes,
+    ~7 on average, over 80 classes, sizes spread over COCO's small, medium and large) and `detections_per_image`
+    detections per image: each ground-truth box found with its corners jittered by up to ~15 % of its size (and at
+    times the wrong class), the rest random boxes, all with random scores. What COCOeval's time depends on (images,
+    boxes and detections per image and class) is as on COCO; the AP itself means nothing."""
+    rng = np.random.default_rng(seed)
+    width, height = 640, 480
+    images = [{"id": index + 1, "width": width, "height": height, "file_name": f"{index + 1:012d}.jpg"}
+              for index in range(num_images)]  # fmt: skip
+    categories = [{"id": index + 1, "name": f"class_{index + 1}"} for index in range(num_classes)]
+    annotations: list[dict] = []
+    results: list[dict] = []
+    for image in images:
+        count = int(rng.poisson(boxes_per_image))
+        sides = np.exp(rng.uniform(np.log(8), np.log(400), size=(count, 2)))  # small to large boxes
+        corners = rng.uniform(0, 1, size=(count, 2)) * ([width, height] - np.minimum(sides, [width - 1, height - 1]))
+        boxes = np.concatenate([corners, np.minimum(sides, [width - 1, height - 1])], axis=1)  # x, y, w, h
+        labels = rng.integers(1, num_classes + 1, size=count)
+        for box, label in zip(boxes, labels):
+            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": int(label),
+                                "bbox": box.round(2).tolist(), "area": float(box[2] * box[3]), "iscrowd": 0})  # fmt: skip
+        found = boxes + rng.uniform(-0.15, 0.15, size=boxes.shape) * np.repeat(boxes[:, 2:], 2, axis=1)
+        found_labels = np.where(rng.uniform(size=count) < 0.1, rng.integers(1, num_classes + 1, size=count), labels)
+        extra = detections_per_image - count
+        random_sides = np.exp(rng.uniform(np.log(8), np.log(400), size=(extra, 2)))
+        random_boxes = np.concatenate([rng.uniform(0, 1, size=(extra, 2)) * [width, height], random_sides], axis=1)
+        all_boxes = np.concatenate([found, random_boxes])[:detections_per_image]
+        all_boxes[:, 2:] = np.maximum(all_boxes[:, 2:], 1.0)
+        all_labels = np.concatenate([found_labels, rng.integers(1, num_classes + 1, size=extra)])[:detections_per_image]
+        scores = rng.uniform(0.05, 1.0, size=len(all_boxes)).round(5)
+        results.extend({"image_id": image["id"], "category_id": int(label), "bbox": box.round(2).tolist(),
+                        "score": float(score)} for box, label, score in zip(all_boxes, all_labels, scores))  # fmt: skip
+    return {"images": images, "categories": categories, "annotations": annotations}, results
+
+
+def coco_eval_times(gt: dict, results: list[dict], *, backends: Iterable[str], runs: int = 3) -> dict:
+    """Seconds of `evaluate_coco_results` (loading the results, COCOeval's evaluate, accumulate and summarize) with
+    each backend, timed in turn (A, B, A, B, ...) in this process on the same in-memory ground truth (loaded once,
+    outside the timing) and results; with the metrics of each backend's last run and the largest difference of any
+    metric between the backends (percent points), so that the timing is only reported next to equal numbers."""
+    from ..evaluation.coco import evaluate_coco_results, load_coco_ground_truth
+
+    backends = list(backends)
+    coco_gt = load_coco_ground_truth(gt)
+    metrics: dict[str, dict] = {}
+
+    def step(backend: str) -> Callable[[], object]:
+        def run() -> None:
+            metrics[backend] = evaluate_coco_results(coco_gt, results, backend=backend)["bbox"]
+        return run
+
+    seconds = time_alternating({name: step(name) for name in backends}, warmup=0, runs=runs,
+                               device=torch.device("cpu"))  # fmt: skip
+    timed = {name: {"seconds": values, "median_s": statistics.median(values)} for name, values in seconds.items()}
+    first = metrics[backends[0]]
+    difference = max(
+        (abs((value or 0.0) - (metrics[name][key] or 0.0)) for name in backends[1:] for key, value in first.items()),
+        default=0.0,
+    )
+    return {"images": len(gt["images"]), "annotations": len(gt["annotations"]), "detections": len(results),
+            "backends": timed, "max_metric_difference": difference,
+            "AP": {name: metrics[name]["AP"] for name in backends}}  # fmt: skip

@@ -236,7 +236,10 @@ def evaluate(
         with comm.main_process_first():
             dataset = load_dataset(cfg, name)
         output_dir = Path(cfg.OUTPUT_DIR) / "inference" / results_folder_name(name)
-        evaluator = build_evaluator(dataset, output_dir=output_dir) if comm.is_main_process() else None
+        evaluator = (
+            build_evaluator(dataset, output_dir=output_dir, coco_backend=cfg.TEST.COCO_BACKEND)
+            if comm.is_main_process() else None
+        )
         loader = build_test_data_loader(cfg, dataset, rank=comm.get_rank(), world_size=comm.get_world_size())
         logger.info("Evaluating on %s (%d images)", name, len(dataset))
         results[name] = inference_on_dataset(model, loader, evaluator, progress=progress, timing=timing)

@@ -4,12 +4,18 @@
 collected from a model, ``tools/eval_det.py`` on an existing COCO results json. Metrics come back as
 ``{"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP-<class name>", ...}}`` in percent; a value that
 COCOeval leaves undefined (no ground truth in that area range or class) is ``None``.
+
+Two backends run the same COCOeval (``TEST.COCO_BACKEND``, ``tools/eval_det.py --backend``): ``pycocotools``
+(the reference, always installed) and ``faster_coco_eval`` (the optional ``faster-coco-eval`` package, whose
+``COCOeval_faster`` runs the per-image matching and the accumulation in C++; the tests check that both give the
+same metrics and precision array to 1e-6, docs/benchmarks.md times them).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import io
 import json
 import logging
@@ -39,6 +45,9 @@ RESULTS_FILE_NAME = "coco_instances_results.json"
 SUMMARY_METRICS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
 _RESULT_KEYS: tuple[str, ...] = ("image_id", "category_id", "bbox", "score")
 _BOX_DECIMALS = 3
+COCO_BACKENDS: tuple[str, ...] = ("pycocotools", "faster_coco_eval")
+DEFAULT_COCO_BACKEND = "pycocotools"
+FASTER_COCO_EVAL_INSTALL = "pip install faster-coco-eval (or the fast-eval extra: pip install 'detectron_res[fast-eval]')"
 _SCORE_DECIMALS = 5
 
 
@@ -260,6 +269,7 @@ def evaluate_coco_results(
     *,
     img_ids: Sequence[int | str] | None = None,
     plot_dir: str | os.PathLike | None = None,
+    backend: str = DEFAULT_COCO_BACKEND,
 ) -> dict[str, dict[str, float | None]]:
     """Run COCOeval (bbox) of ``results`` against ``gt``, log its standard summary and return the metrics.
 
@@ -271,6 +281,8 @@ def evaluate_coco_results(
         plot_dir: when given, the per-class precision-recall curves (:func:`coco_pr_curves`) and AP bars are drawn
             there as ``coco_pr_curves.png`` and ``coco_ap_per_class.png`` if matplotlib is installed (a failure to
             draw is logged, never raised; see :mod:`.pr_curves`).
+        backend: ``"pycocotools"`` or ``"faster_coco_eval"`` (see the module docstring); both see the same
+            checked ground truth and detections.
 
     Returns:
         ``{"bbox": {...}}`` in percent: ``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl`` (``None`` where
@@ -281,8 +293,10 @@ def evaluate_coco_results(
     Raises:
         FileNotFoundError: a named file does not exist.
         ValueError: malformed files, or results / ``img_ids`` that name an image or category id which is not
-            in the ground truth (the message names the first one).
+            in the ground truth (the message names the first one); an unknown ``backend``, or
+            ``faster_coco_eval`` when the package is not installed.
     """
+    check_coco_backend(backend)
     gt_name = os.fspath(gt) if isinstance(gt, (str, os.PathLike)) else "the ground truth"
     coco_gt = load_coco_ground_truth(gt)
     if isinstance(results, (str, os.PathLike)):
@@ -294,23 +308,18 @@ def evaluate_coco_results(
         detections = results
     _check_ids_in_ground_truth(coco_gt, detections, img_ids, gt_name=gt_name, results_name=results_name)
 
-    if detections:
-        with _quiet():
-            coco_dt = coco_gt.loadRes([dict(entry) for entry in detections])  # loadRes writes into the dicts
-    else:
+    if not detections:
         logger.warning("No detections to evaluate in %s; COCO box metrics are 0", results_name)
-        coco_dt = _empty_results(coco_gt)
-
-    coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
-    if img_ids is not None:
-        coco_eval.params.imgIds = list(img_ids)
-    with _quiet():
-        coco_eval.evaluate()
-        coco_eval.accumulate()
+    if backend == "faster_coco_eval":
+        coco_eval = _faster_cocoeval(coco_gt, detections, img_ids)
+    else:
+        coco_eval = _pycocotools_cocoeval(coco_gt, detections, img_ids)
     summary = io.StringIO()
+    if backend == "faster_coco_eval":
+        coco_eval.print_function = lambda line: summary.write(f"{line}\n")
     with contextlib.redirect_stdout(summary):
         coco_eval.summarize()
-    logger.info("COCOeval bbox summary of %s:\n%s", results_name, summary.getvalue().rstrip("\n"))
+    logger.info("COCOeval (%s) bbox summary of %s:\n%s", backend, results_name, summary.getvalue().rstrip("\n"))
 
     if detections:
         metrics = {name: _percent(value) for name, value in zip(SUMMARY_METRICS, coco_eval.stats[:6])}
@@ -324,6 +333,73 @@ def evaluate_coco_results(
     return {"bbox": metrics}
 
 
+def check_coco_backend(backend: str) -> None:
+    """Refuse an unknown backend, or ``faster_coco_eval`` when its package is not installed (one line each)."""
+    if backend not in COCO_BACKENDS:
+        raise ValueError(f"COCO evaluation backend {backend!r} is unknown; choose one of {', '.join(COCO_BACKENDS)}")
+    if backend == "faster_coco_eval" and importlib.util.find_spec("faster_coco_eval") is None:
+        raise ValueError(f"COCO evaluation backend 'faster_coco_eval' needs the faster-coco-eval package: "
+                         f"{FASTER_COCO_EVAL_INSTALL}")
+
+
+def _pycocotools_cocoeval(coco_gt: COCO, detections: list[dict], img_ids: Sequence[int | str] | None) -> COCOeval:
+    """pycocotools' COCOeval of ``detections``, evaluated and accumulated."""
+    if detections:
+        with _quiet():
+            coco_dt = coco_gt.loadRes([dict(entry) for entry in detections])  # loadRes writes into the dicts
+    else:
+        coco_dt = _empty_results(coco_gt)
+    coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    if img_ids is not None:
+        coco_eval.params.imgIds = list(img_ids)
+    with _quiet():
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+    return coco_eval
+
+
+def _faster_cocoeval(coco_gt: COCO, detections: list[dict], img_ids: Sequence[int | str] | None):
+    """faster-coco-eval's ``COCOeval_faster`` of ``detections``, evaluated and accumulated, on copies of the checked
+    ground truth (its ``COCO`` wants its own class, and int image ids: str ids, which pycocotools takes, are
+    replaced by their rank in sorted order, the order in which pycocotools walks the images, so that ties between
+    equal scores of different images break the same way)."""
+    from faster_coco_eval import COCO as FasterCOCO
+    from faster_coco_eval import COCOeval_faster
+
+    image_ids = [image["id"] for image in coco_gt.dataset["images"]]
+    if all(isinstance(image_id, Integral) for image_id in image_ids):
+        to_int = {image_id: image_id for image_id in image_ids}
+    else:
+        to_int = {image_id: rank for rank, image_id in enumerate(sorted(image_ids, key=str), start=1)}
+    dataset = copy.deepcopy(coco_gt.dataset)
+    for image in dataset["images"]:
+        image["id"] = to_int[image["id"]]
+    for annotation in dataset["annotations"]:
+        annotation["image_id"] = to_int[annotation["image_id"]]
+    faster_gt = FasterCOCO()
+    faster_gt.print_function = _discard
+    faster_gt.dataset = dataset
+    faster_gt.createIndex()
+    if detections:
+        faster_dt = faster_gt.loadRes([{**entry, "image_id": to_int[entry["image_id"]]} for entry in detections])
+    else:
+        faster_dt = FasterCOCO()
+        faster_dt.print_function = _discard
+        faster_dt.dataset = {"images": copy.deepcopy(dataset["images"]),
+                             "categories": copy.deepcopy(dataset["categories"]), "annotations": []}
+        faster_dt.createIndex()
+    coco_eval = COCOeval_faster(faster_gt, faster_dt, iouType="bbox", print_function=_discard)
+    if img_ids is not None:
+        coco_eval.params.imgIds = [to_int[image_id] for image_id in img_ids]
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    return coco_eval
+
+
+def _discard(*_args: object) -> None:
+    """faster-coco-eval's print function while it works (it logs each step at INFO otherwise)."""
+
+
 class COCOEvaluator(DatasetEvaluator):
     """Collects detections as COCO results and evaluates them with COCOeval against the data set.
 
@@ -334,9 +410,18 @@ class COCOEvaluator(DatasetEvaluator):
     Args:
         dataset: the data set the inputs come from; ``category_ids`` maps the model's labels back to its ids.
         output_dir: when given, :meth:`evaluate` writes the detections there as ``coco_instances_results.json``.
+        backend: the COCOeval backend (``TEST.COCO_BACKEND``; see :func:`evaluate_coco_results`).
     """
 
-    def __init__(self, *, dataset: DetectionDataset, output_dir: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        dataset: DetectionDataset,
+        output_dir: str | os.PathLike | None = None,
+        backend: str = DEFAULT_COCO_BACKEND,
+    ) -> None:
+        check_coco_backend(backend)
+        self.backend = backend
         self.dataset = dataset
         self.output_dir = None if output_dir is None else Path(output_dir)
         if dataset.json_file is not None:
@@ -374,7 +459,7 @@ class COCOEvaluator(DatasetEvaluator):
         if not self._image_ids:
             logger.warning("COCOEvaluator: no images were processed for data set %r", self.dataset.name)
         metrics = evaluate_coco_results(
-            self.coco_gt, self._results, img_ids=list(self._image_ids), plot_dir=self.output_dir
+            self.coco_gt, self._results, img_ids=list(self._image_ids), plot_dir=self.output_dir, backend=self.backend
         )
         logger.info(
             "Per-category bbox AP on %s:\n%s",
@@ -421,7 +506,7 @@ def detections_to_coco_results(
     ]
 
 
-def coco_pr_curves(coco_eval: COCOeval) -> list[ClassCurves]:
+def coco_pr_curves(coco_eval: COCOeval) -> list[ClassCurves]:  # or faster-coco-eval's COCOeval_faster
     """Per-class precision-recall curves of an accumulated ``COCOeval`` (area "all", the last ``maxDets``, 100 by
     default), in the order of ``params.catIds``: COCOeval's interpolated precision at its recall thresholds
     (``params.recThrs``, 0 to 1 by 0.01) at IoU 0.5 (``"IoU 0.50"``) and averaged over all IoU thresholds
