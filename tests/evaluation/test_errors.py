@@ -155,7 +155,8 @@ def test_crowd_regions_are_ignored_as_coco_does():
     # intersection over the detection's area = 1), whatever its score; the class-B one inside it is typed against
     # the non-crowd boxes only (none near) -> bkg, and B has no boxes so it is not averaged. A = T -> AP 100.
     gt = load_coco_ground_truth(_gt([(1, 1, A, [0, 0, 50, 50], 1), (2, 1, A, [60, 60, 10, 10])]))
-    dets = [_det(1, A, [0, 0, 10, 10], 0.9), _det(1, B, [0, 0, 10, 10], 0.8), _det(1, A, [60, 60, 10, 10], 0.5)]
+    dets = [_det(1, A, [0, 0, 10, 10], 0.9), _det(1, B, [0, 0, 10, 10], 0.8), _det(1, A, [60, 60, 10, 10], 0.5),
+            _det(1, A, [0, 0, 10, 10], 0.85)]  # a crowd region takes any number of detections
     result = tide_errors(gt, dets)
     assert result["AP"] == pytest.approx(100.0, rel=1e-9)
     assert result["AP"] == evaluate_coco_results(gt, dets)["bbox"]["AP50"]
@@ -163,7 +164,7 @@ def test_crowd_regions_are_ignored_as_coco_does():
         "cls": 0, "loc": 0, "both": 0, "dupe": 0, "bkg": 1, "miss": 0, "tp": 1, "gt": 1, "detections": 2
     }
     assignment = tide_assignment(gt, dets)
-    assert assignment.detection_types == ["ignored", "bkg", "tp"]
+    assert assignment.detection_types == ["ignored", "bkg", "tp", "ignored"]
     assert assignment.gt_types == {1: "ignored", 2: "tp"}
 
 
@@ -173,6 +174,38 @@ def test_detections_over_the_per_class_cap_are_not_counted():
     dets = [_det(1, A, [0, 0, 10, 10], 0.5), _det(1, A, [0, 0, 10, 10], 0.9), _det(1, B, [80, 80, 10, 10], 0.1)]
     assert tide_assignment(gt, dets, max_dets=1).detection_types == ["ignored", "tp", "bkg"]
     assert tide_assignment(gt, dets).detection_types == ["dupe", "tp", "bkg"]
+
+
+def test_interval_ends_follow_the_paper():
+    # g1 (A) found by d1; IoUs below are exact in floating point (10 / 100, 50 / 100)
+    gt = load_coco_ground_truth(_gt([(1, 1, A, [0, 0, 10, 10]), (2, 2, A, [0, 0, 10, 10])]))
+    dets = [
+        _det(1, A, [0, 0, 10, 10], 0.9),  # tp g1
+        _det(1, A, [0, 0, 10, 5], 0.8),   # IoU 0.5 with the matched g1: dupe (loc needs IoU < 0.5)
+        _det(2, A, [0, 0, 10, 1], 0.7),   # IoU 0.1 with the unmatched g2: loc (0.1 <= IoU)
+        _det(2, B, [0, 0, 10, 5], 0.6),   # IoU 0.5 with the class-A g2: cls (IoU >= 0.5)
+        _det(1, B, [0, 0, 10, 1], 0.5),   # IoU 0.1 with the class-A g1 only: both (bkg needs IoU < 0.1)
+    ]
+    assert tide_assignment(gt, dets).detection_types == ["tp", "dupe", "loc", "cls", "both"]
+
+
+def test_a_loc_error_on_a_found_box_is_removed_not_made_true():
+    # g1 found by d1 (.9), g2 missed. d2 (.95) overlaps g1 by IoU 1/3: loc, but g1 is taken, so fixing removes it.
+    # A = F T with 2 boxes: precision .5 at recall .5 -> 51 points at .5 = 25.5/101; fixed: A = T -> 51/101
+    gt = load_coco_ground_truth(_gt([(1, 1, A, [0, 0, 10, 10]), (2, 1, A, [50, 50, 10, 10])]))
+    dets = [_det(1, A, [0, 0, 10, 10], 0.9), _det(1, A, [5, 0, 10, 10], 0.95)]
+    result = tide_errors(gt, dets)
+    assert result["AP"] == pytest.approx(2550 / 101, rel=1e-9)
+    assert result["dAP"]["loc"] == pytest.approx(2550 / 101, rel=1e-9)
+    assert result["counts"]["loc"] == 1 and result["counts"]["miss"] == 1
+
+
+def test_a_detection_outside_cocos_area_range_is_ignored():
+    # COCOeval's area range "all" ends at 1e10: an unmatched detection larger than that does not count
+    gt = load_coco_ground_truth(_gt([(1, 1, A, [0, 0, 10, 10])]))
+    dets = [_det(1, A, [0, 0, 10, 10], 0.5), _det(1, A, [20, 20, 1e6, 1e6], 0.9)]
+    assert tide_assignment(gt, dets).detection_types == ["tp", "ignored"]
+    assert tide_errors(gt, dets)["AP"] == pytest.approx(100.0, rel=1e-9) == evaluate_coco_results(gt, dets)["bbox"]["AP50"]
 
 
 def test_bad_input_is_named():
