@@ -176,6 +176,18 @@ def test_detections_over_the_per_class_cap_are_not_counted():
     assert tide_assignment(gt, dets).detection_types == ["dupe", "tp", "bkg"]
 
 
+def test_img_ids_evaluate_a_subset_as_evaluate_coco_results_does():
+    # image 2 alone: B's box found by d7, the detections on image 1 not counted -> AP 100, nothing wrong
+    gt = load_coco_ground_truth(EVERY_KIND_GT)
+    result = tide_errors(gt, EVERY_KIND_DETS, img_ids=[2])
+    assert result["AP"] == pytest.approx(100.0, rel=1e-9)
+    assert result["AP"] == evaluate_coco_results(gt, EVERY_KIND_DETS, img_ids=[2])["bbox"]["AP50"]
+    assert result["counts"] == {
+        "cls": 0, "loc": 0, "both": 0, "dupe": 0, "bkg": 0, "miss": 0, "tp": 1, "gt": 1, "detections": 1
+    }
+    assert tide_assignment(gt, EVERY_KIND_DETS, img_ids=[2]).detection_types == ["ignored"] * 7 + ["tp"]
+
+
 def test_interval_ends_follow_the_paper():
     # g1 (A) found by d1; IoUs below are exact in floating point (10 / 100, 50 / 100)
     gt = load_coco_ground_truth(_gt([(1, 1, A, [0, 0, 10, 10]), (2, 2, A, [0, 0, 10, 10])]))
