@@ -272,7 +272,7 @@ def test_coco_val2014_first100_fake_results(shared_data):
 
 
 def test_the_example_of_evaluation_md_runs_as_written():
-    """docs/evaluation.md's example (fenced as `py`), run as written (in this process: a subprocess would spend
+    """docs/evaluation.md's example, run as written (in this process: a subprocess would spend
     seconds importing torch); its printed values are the ones its comments give (AP 5100/101: one of two cats
     found; fixing cls finds the other)."""
     import contextlib
@@ -281,7 +281,7 @@ def test_the_example_of_evaluation_md_runs_as_written():
     from pathlib import Path
 
     page = (Path(__file__).resolve().parents[2] / "docs" / "evaluation.md").read_text(encoding="utf-8")
-    [block] = re.findall(r"^```py\n(.*?)^```", page, re.S | re.M)
+    [block] = re.findall(r"^```python\n(.*?)^```", page, re.S | re.M)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         exec(compile(block, "docs/evaluation.md", "exec"), {"__name__": "__main__"})
