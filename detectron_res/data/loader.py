@@ -19,6 +19,7 @@ import pickle
 import os
 import random
 import select
+import signal
 import sys
 import threading
 import time
@@ -333,13 +334,38 @@ def _as_list(batch: list[dict]) -> list[dict]:
 def _init_worker(worker_id: int, *, seed: int, rank: int, main_pid: int) -> None:
     """Seed python, numpy and torch from (seed, rank, worker id) for any randomness outside the per-sample
     generators; keep OpenCV single-threaded per worker (safe here: the worker did not inherit a thread pool); end
-    the worker when the main process is gone (`exit_when_gone`)."""
+    the worker when the main process is gone (`exit_when_gone`).
+
+    SIGTERM from any process but the main one is ignored (`stop_only_for`): a scheduler's preemption signals every
+    process of the job, and the training process defers it to the end of its step (`engine.trainer`), which may need
+    this worker's next batches. The main process's own SIGTERM (the loader's shutdown) ends the worker as usual."""
     worker_seed = int(np.random.SeedSequence([seed, rank, worker_id]).generate_state(1)[0])
     random.seed(worker_seed)
     np.random.seed(worker_seed)
     torch.manual_seed(worker_seed)
     cv2.setNumThreads(1)
+    stop_only_for(main_pid)
     exit_when_gone(main_pid)
+
+
+def stop_only_for(pid: int) -> threading.Thread | None:
+    """Makes SIGTERM end this process only when process `pid` sent it: SIGTERM is blocked in every thread, and a
+    daemon thread waits for it (`sigwaitinfo`, which says who sent it), ending the process for `pid`'s and ignoring
+    the others'. Call it before any other thread starts (they inherit the blocked signal). Returns the thread, or
+    None where `sigwaitinfo` does not exist (not Linux): SIGTERM then keeps its default action."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return None
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == pid:
+                os._exit(128 + signal.SIGTERM)
+
+    thread = threading.Thread(target=wait, name=f"sigterm-from-{pid}", daemon=True)
+    thread.start()
+    return thread
 
 
 def exit_when_gone(pid: int, *, poll_s: float = 1.0) -> threading.Thread:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import signal
 import time
 
 import cv2
@@ -195,6 +196,19 @@ def exit_on_image_1(record: dict, *, rng: np.random.Generator | None = None) -> 
     if record["image_id"] == 1:
         os._exit(3)
     return {"image_id": record["image_id"]}
+
+
+def sigterm_self_on_image_1(record: dict, *, rng: np.random.Generator | None = None) -> dict:
+    if record["image_id"] == 1:
+        os.kill(os.getpid(), signal.SIGTERM)  # as SLURM's preemption signals every process of the job
+    return {"image_id": record["image_id"]}
+
+
+def test_a_worker_outlives_sigterm_so_that_the_training_step_it_feeds_can_finish() -> None:
+    """A SIGTERM to the whole job reaches the workers too; the main process defers it to the end of its step
+    (engine.trainer), which may need the workers' next batches, so they ignore it and end with the main process."""
+    loader = build_test_loader(make_dataset(3), mapper=sigterm_self_on_image_1, num_workers=1, timeout=60)
+    assert [batch[0]["image_id"] for batch in loader] == [0, 1, 2]
 
 
 def test_a_stuck_worker_ends_the_run_with_an_error_after_the_timeout() -> None:
