@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # ../shared/data beside the checkout (this file is <checkout>/tests/conftest.py)
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -149,3 +150,21 @@ def voc_sample_devkit_dir(voc_sample_detections, tmp_path: Path) -> Path:
     for name, class_lines in lines.items():
         (results / f"comp4_det_test_{name}.txt").write_text("".join(class_lines))
     return results
+
+
+class GroundTruthModel(torch.nn.Module):
+    """Returns each image's ground-truth boxes with score 0.9 (a perfect detector)."""
+
+    def __init__(self, dataset):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.records = {record["image_id"]: record for record in dataset.records}
+
+    def forward(self, inputs: list[dict]) -> list[dict[str, torch.Tensor]]:
+        outputs = []
+        for inp in inputs:
+            annotations = self.records[inp["image_id"]]["annotations"]
+            boxes = torch.tensor([ann["bbox"] for ann in annotations], dtype=torch.float32).reshape(-1, 4)
+            labels = torch.tensor([ann["category_id"] for ann in annotations], dtype=torch.int64)
+            outputs.append({"boxes": boxes, "scores": torch.full((len(boxes),), 0.9), "labels": labels})
+        return outputs

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import GroundTruthModel
 
 from detectron_res.config import ConfigError, load_config
 from detectron_res.data.datasets import generate_shapes
@@ -196,24 +196,6 @@ def test_config_key_is_validated(monkeypatch):
     with pytest.raises(ConfigError, match=r"TEST.COCO_BACKEND.*needs the faster-coco-eval package: pip install "
                                           r"faster-coco-eval"):
         load_config(REPO / "configs" / "shapes_r18.yaml", ["TEST.COCO_BACKEND=faster_coco_eval"])
-
-
-class GroundTruthModel(torch.nn.Module):
-    """Returns each image's ground-truth boxes with score 0.9 (a perfect detector)."""
-
-    def __init__(self, dataset):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.records = {record["image_id"]: record for record in dataset.records}
-
-    def forward(self, inputs: list[dict]) -> list[dict[str, torch.Tensor]]:
-        outputs = []
-        for inp in inputs:
-            annotations = self.records[inp["image_id"]]["annotations"]
-            boxes = torch.tensor([ann["bbox"] for ann in annotations], dtype=torch.float32).reshape(-1, 4)
-            labels = torch.tensor([ann["category_id"] for ann in annotations], dtype=torch.int64)
-            outputs.append({"boxes": boxes, "scores": torch.full((len(boxes),), 0.9), "labels": labels})
-        return outputs
 
 
 def spy_on_backends(monkeypatch) -> list[str]:

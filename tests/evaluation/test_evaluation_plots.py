@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import read_png
+from conftest import GroundTruthModel, read_png
 from pycocotools.cocoeval import COCOeval
 
 from detectron_res.config import load_config
@@ -202,24 +202,6 @@ def test_a_failing_plot_is_a_warning_not_a_failed_evaluation(tmp_path, monkeypat
     assert metrics["bbox"]["AP50"] == pytest.approx((51 + 50 * 2 / 3) / 101 * 100, abs=1e-9)
     assert f"Could not write the coco evaluation plots to {tmp_path}: OSError: No space left on device" in caplog.text
     assert pngs(tmp_path) == set()
-
-
-class GroundTruthModel(torch.nn.Module):
-    """Returns each image's ground-truth boxes with score 0.9 (a perfect detector)."""
-
-    def __init__(self, dataset: DetectionDataset):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.records = {record["image_id"]: record for record in dataset.records}
-
-    def forward(self, inputs: list[dict]) -> list[dict[str, torch.Tensor]]:
-        outputs = []
-        for inp in inputs:
-            annotations = self.records[inp["image_id"]]["annotations"]
-            boxes = torch.tensor([ann["bbox"] for ann in annotations], dtype=torch.float32).reshape(-1, 4)
-            labels = torch.tensor([ann["category_id"] for ann in annotations], dtype=torch.int64)
-            outputs.append({"boxes": boxes, "scores": torch.full((len(boxes),), 0.9), "labels": labels})
-        return outputs
 
 
 @pytest.mark.parametrize("with_matplotlib", [True, False])
