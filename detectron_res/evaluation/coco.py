@@ -22,6 +22,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
 
@@ -128,6 +129,14 @@ def records_to_coco_dict(dataset: DetectionDataset) -> dict:
                 }
             )
     return {"images": images, "categories": categories, "annotations": annotations}
+
+
+def dataset_ground_truth(dataset: DetectionDataset) -> COCO:
+    """The COCO ground truth a data set is evaluated against: its ``json_file`` when it has one (official areas and
+    crowd flags), otherwise one built from its records by :func:`records_to_coco_dict`."""
+    if dataset.json_file is not None:
+        return load_coco_ground_truth(dataset.json_file)
+    return load_coco_ground_truth(records_to_coco_dict(dataset))
 
 
 def load_coco_ground_truth(source: COCO | dict | str | os.PathLike) -> COCO:
@@ -296,6 +305,50 @@ def evaluate_coco_results(
             in the ground truth (the message names the first one); an unknown ``backend``, or
             ``faster_coco_eval`` when the package is not installed.
     """
+    evaluation = run_coco_evaluation(gt, results, img_ids=img_ids, backend=backend)
+    if plot_dir is not None:
+        write_coco_plots(evaluation, plot_dir)
+    return evaluation.metrics
+
+
+def write_coco_plots(evaluation: COCOEvaluation, plot_dir: str | os.PathLike) -> list[Path]:
+    """``coco_pr_curves.png`` and ``coco_ap_per_class.png`` of ``evaluation`` in ``plot_dir`` when matplotlib is
+    installed (:func:`~detectron_res.evaluation.pr_curves.write_evaluation_plots`: never raises)."""
+    return write_evaluation_plots(
+        evaluation.curves, plot_dir, prefix="coco", title="COCO bbox, area all, 100 detections per image"
+    )
+
+
+@dataclass(frozen=True)
+class COCOEvaluation:
+    """What :func:`run_coco_evaluation` found, for reports that need more than the metrics.
+
+    Attributes:
+        metrics: ``{"bbox": {...}}`` as :func:`evaluate_coco_results` returns them.
+        curves: per ground-truth category, in id order, its precision-recall curves (:func:`coco_pr_curves`).
+        coco_gt: the checked ground truth.
+        detections: the checked detections (the caller's list, or the file's entries).
+        img_ids: the images evaluated (every image of ``coco_gt`` when none were given).
+        backend: the COCOeval implementation that ran.
+    """
+
+    metrics: dict[str, dict[str, float | None]]
+    curves: list[ClassCurves]
+    coco_gt: COCO
+    detections: list[dict]
+    img_ids: list[int | str]
+    backend: str
+
+
+def run_coco_evaluation(
+    gt: COCO | str | os.PathLike,
+    results: list[dict] | str | os.PathLike,
+    *,
+    img_ids: Sequence[int | str] | None = None,
+    backend: str = DEFAULT_COCO_BACKEND,
+) -> COCOEvaluation:
+    """:func:`evaluate_coco_results` without the plots, returning the curves and checked inputs with the metrics
+    (same arguments, log lines and errors)."""
     check_coco_backend(backend)
     gt_name = os.fspath(gt) if isinstance(gt, (str, os.PathLike)) else "the ground truth"
     coco_gt = load_coco_ground_truth(gt)
@@ -326,11 +379,14 @@ def evaluate_coco_results(
     else:
         metrics = {name: 0.0 for name in SUMMARY_METRICS}
     metrics.update(_per_category_ap(coco_gt, coco_eval))
-    if plot_dir is not None:
-        write_evaluation_plots(
-            coco_pr_curves(coco_eval), plot_dir, prefix="coco", title="COCO bbox, area all, 100 detections per image"
-        )
-    return {"bbox": metrics}
+    return COCOEvaluation(
+        metrics={"bbox": metrics},
+        curves=coco_pr_curves(coco_eval),
+        coco_gt=coco_gt,
+        detections=detections,
+        img_ids=list(coco_gt.getImgIds()) if img_ids is None else list(img_ids),
+        backend=backend,
+    )
 
 
 def check_coco_backend(backend: str) -> None:
@@ -403,9 +459,9 @@ def _discard(*_args: object) -> None:
 class COCOEvaluator(DatasetEvaluator):
     """Collects detections as COCO results and evaluates them with COCOeval against the data set.
 
-    The ground truth is the data set's ``json_file`` when it has one (official areas and crowd flags), otherwise
-    one built from its records by :func:`records_to_coco_dict`. Only the images passed to :meth:`process` are
-    evaluated, so evaluating a subset of the data set is fine.
+    The ground truth is :func:`dataset_ground_truth`'s: the data set's ``json_file`` when it has one, otherwise
+    one built from its records. Only the images passed to :meth:`process` are evaluated, so evaluating a subset of
+    the data set is fine.
 
     Args:
         dataset: the data set the inputs come from; ``category_ids`` maps the model's labels back to its ids.
@@ -424,10 +480,7 @@ class COCOEvaluator(DatasetEvaluator):
         self.backend = backend
         self.dataset = dataset
         self.output_dir = None if output_dir is None else Path(output_dir)
-        if dataset.json_file is not None:
-            self.coco_gt = load_coco_ground_truth(dataset.json_file)
-        else:
-            self.coco_gt = load_coco_ground_truth(records_to_coco_dict(dataset))
+        self.coco_gt = dataset_ground_truth(dataset)
         self._results: list[dict] = []
         self._image_ids: dict[int | str, None] = {}  # processed ids, in order, without repeats
 
