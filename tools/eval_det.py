@@ -1,7 +1,7 @@
 """Evaluate existing detections against their ground truth, with no model involved.
 
     python tools/eval_det.py --format coco --gt instances_val2017.json --dets coco_instances_results.json \
-        [--json-out metrics.json] [--backend faster_coco_eval]
+        [--json-out metrics.json] [--backend faster_coco_eval] [--report DIR --images val2017/]
     python tools/eval_det.py --format voc --voc-root VOCdevkit/VOC2007 --split test --dets RESULTS_DIR \
         [--json-out metrics.json]
 
@@ -14,6 +14,11 @@ VOC2010+ area metrics; the json gets ``{"voc": {"mAP_07", "mAP_area", "per_class
 ``--json-out`` merges into an existing json file; with matplotlib installed the per-class precision-recall curves
 and AP bars are drawn beside it (``coco_pr_curves.png`` and ``coco_ap_per_class.png``, or ``voc_*.png``). Each
 format is one ``_evaluate_<format>`` function registered in ``EVALUATORS``.
+
+``--report DIR`` (COCO) also writes an evaluation report to browse: ``DIR/index.html`` (the metrics, TIDE's error
+breakdown, a sortable per-class table, precision-recall curves and a gallery of the images with the most errors, drawn
+from ``--images``, the folder the ground truth's ``file_name`` entries are under) and ``DIR/errors.json`` (the dAPs);
+docs/evaluation.md.
 
 ``--as-devkit`` (VOC) scores every numeric box as the official devkit and py-faster-rcnn's ``voc_eval`` do, with
 no check on the box, and says how many lines looked 0-based (xmin or ymin below 1) and which was the first; without
@@ -31,11 +36,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from detectron_res.engine.logger import setup_logging
+from detectron_res.engine.report import add_report_arguments, check_report_dir
 from detectron_res.evaluation.coco import (
     COCO_BACKENDS,
     DEFAULT_COCO_BACKEND,
     check_coco_backend,
-    evaluate_coco_results,
+    run_coco_evaluation,
+    write_coco_plots,
 )
 from detectron_res.evaluation.metrics import (
     format_per_category_table,
@@ -44,6 +51,7 @@ from detectron_res.evaluation.metrics import (
     write_metrics_json,
 )
 from detectron_res.evaluation.pr_curves import AP_BARS_FILE, PR_CURVES_FILE
+from detectron_res.evaluation.report import write_report
 from detectron_res.evaluation.voc import evaluate_voc_devkit_results, format_voc_table
 from detectron_res.utils.io import DiskFullError
 from detectron_res.utils.paths import check_tool_paths, check_writable
@@ -53,9 +61,23 @@ def _evaluate_coco(args: argparse.Namespace) -> dict:
     """COCO: ``--gt`` a COCO instances json, ``--dets`` a COCO results json."""
     if not args.gt:
         raise ValueError("--format coco needs --gt, the COCO instances json")
-    metrics = evaluate_coco_results(args.gt, args.dets, plot_dir=_plot_dir(args), backend=args.backend)
-    print(format_per_category_table(per_category_values(metrics["bbox"])))
-    return metrics
+    evaluation = run_coco_evaluation(args.gt, args.dets, backend=args.backend)
+    if _plot_dir(args) is not None:
+        write_coco_plots(evaluation, _plot_dir(args))
+    print(format_per_category_table(per_category_values(evaluation.metrics["bbox"])))
+    if args.report:
+        images = Path(args.images) if args.images else None
+        write_report(
+            args.report,
+            evaluation,
+            image_files={image["id"]: images / image["file_name"] for image in evaluation.coco_gt.dataset["images"]
+                         if images is not None and image.get("file_name")},
+            title=f"Evaluation report: {Path(args.dets).name}",
+            sources={"ground truth": args.gt, "detections": args.dets, "images": args.images or "not given (--images)"},
+            gallery_size=args.gallery,
+            show_score=args.show_score,
+        )
+    return evaluation.metrics
 
 
 def _evaluate_voc(args: argparse.Namespace) -> dict:
@@ -79,6 +101,9 @@ def check_outputs(args: argparse.Namespace) -> None:
     """Refuses, before anything is evaluated or written, a ``--json-out`` (or a plot beside it) that is or lies inside
     an input, a ``--json-out`` that is a folder, lies under a file or in a folder this user cannot write, or is an
     existing file that is not a metrics json (the metrics are merged into it)."""
+    if args.report:
+        check_report_dir(args.report, inputs={"--gt": args.gt, "--dets": args.dets, "--images": args.images,
+                                              "--json-out": args.json_out})
     if not args.json_out:
         return
     json_out = Path(args.json_out)
@@ -125,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="VOC: score every numeric box as the official devkit and py-faster-rcnn's voc_eval do (no check on the "
         "box; says how many lines looked 0-based) instead of refusing a file with 0-based lines",
     )
+    add_report_arguments(parser, report_help="COCO: also write an evaluation report (index.html, errors.json) into DIR")
+    parser.add_argument("--images", default=None, metavar="DIR",
+                        help="COCO: the folder of the ground truth's images, for the report's gallery")
     parser.add_argument(
         "--backend", choices=COCO_BACKENDS, default=DEFAULT_COCO_BACKEND,
         help="COCO: the COCOeval implementation, as TEST.COCO_BACKEND (faster_coco_eval needs pip install "
@@ -142,6 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--as-devkit is for --format voc (the devkit's result files)")
     if args.backend != DEFAULT_COCO_BACKEND and args.format != "coco":
         parser.error("--backend is for --format coco (COCOeval)")
+    if args.report and args.format != "coco":
+        parser.error("--report is for --format coco; for a VOC data set, tools/test_det.py --report reports its "
+                     "COCO-style evaluation")
+    if args.images and not args.report:
+        parser.error("--images is for --report (the gallery's images)")
     try:
         if args.format == "coco":
             check_coco_backend(args.backend)  # a missing faster-coco-eval is said before anything is read
@@ -154,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.json_out:
         print(f"metrics written to {args.json_out}")
+    if args.report:
+        print(f"report written to {Path(args.report) / 'index.html'}")
     return 0
 
 
