@@ -43,6 +43,8 @@ DEFAULT_GALLERY_SIZE = 24
 DEFAULT_SHOW_SCORE = 0.3
 MAX_LISTED_DETECTIONS = 100
 THUMBNAIL_SIDE = 640  # the longer side of a gallery image, pixels
+MAX_UPSCALE = 4.0  # a smaller image is enlarged at most this much to reach it
+_FONT_SCALE = 0.6  # OpenCV's Hershey font, readable when the page shows the image at 400 pixels
 IOU_FG, IOU_BG = 0.5, 0.1  # TIDE's defaults
 
 ERROR_NAMES = {
@@ -359,15 +361,15 @@ class _Page:
         if pixels is None:
             height, width = int(info.get("height") or 480), int(info.get("width") or 640)
             pixels = np.full((height, width, 3), 200, dtype=np.uint8)
-        scale = THUMBNAIL_SIDE / max(pixels.shape[:2])
-        if scale < 1.0:
-            pixels = cv2.resize(pixels, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        else:
-            scale = 1.0
+        scale = min(THUMBNAIL_SIDE / max(pixels.shape[:2]), MAX_UPSCALE)  # small images up, so labels stay small
+        if scale != 1.0:
+            interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
+            pixels = cv2.resize(pixels, None, fx=scale, fy=scale, interpolation=interpolation)
         for ann, kind in image.ground_truth:
             color = {"tp": _COLORS["gt"], "ignored": _COLORS["ignored"]}.get(kind, _COLORS["missed"])
             _draw_box(pixels, ann["bbox"], scale, color, thickness=3 if kind in ("miss", "fn") else 2,
-                      label=("missed " if kind in ("miss", "fn") else "") + self.names[ann["category_id"]])
+                      label=("missed " if kind in ("miss", "fn") else "") + self.names[ann["category_id"]],
+                      below=True)
         detections = self.evaluation.detections
         for index, kind in reversed(image.detections):  # the highest scores drawn last, on top
             entry = detections[index]
@@ -396,14 +398,22 @@ def _read_image(path: str | os.PathLike | None) -> tuple[np.ndarray | None, str]
     return pixels, ""
 
 
-def _draw_box(pixels: np.ndarray, xywh: Sequence[float], scale: float, color, *, thickness: int, label: str) -> None:
+def _draw_box(pixels: np.ndarray, xywh: Sequence[float], scale: float, color, *, thickness: int, label: str,
+              below: bool = False) -> None:
+    """The box at `scale`, its label on a filled band above it (`below`: under it, so that a ground-truth box's label
+    and that of a detection on the same box do not cover each other), kept inside the image."""
     x, y, w, h = (float(value) * scale for value in xywh)
     top_left, bottom_right = (int(round(x)), int(round(y))), (int(round(x + w)), int(round(y + h)))
     cv2.rectangle(pixels, top_left, bottom_right, color, thickness, cv2.LINE_AA)
-    (text_w, text_h), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
-    text_y = max(top_left[1], text_h + 4)
-    cv2.rectangle(pixels, (top_left[0], text_y - text_h - 4), (top_left[0] + text_w + 4, text_y), color, -1)
-    cv2.putText(pixels, label, (top_left[0] + 2, text_y - 3), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
+    (text_w, text_h), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, _FONT_SCALE, 1)
+    band = text_h + 4
+    if below:
+        bottom = min(bottom_right[1] + band, pixels.shape[0])
+    else:
+        bottom = max(top_left[1], band)
+    left = min(max(top_left[0], 0), max(pixels.shape[1] - text_w - 4, 0))
+    cv2.rectangle(pixels, (left, bottom - band), (left + text_w + 4, bottom), color, -1)
+    cv2.putText(pixels, label, (left + 2, bottom - 3), cv2.FONT_HERSHEY_SIMPLEX, _FONT_SCALE, (255, 255, 255), 1,
                 cv2.LINE_AA)
 
 
@@ -466,7 +476,7 @@ svg text { font: 12px system-ui, sans-serif; fill: #222; } svg .title { font-wei
 svg .frame { fill: none; stroke: #999; } svg .curve { fill: none; stroke: #1f5fa8; stroke-width: 1.5; }
 .curves, .gallery { display: flex; flex-wrap: wrap; gap: 10px; }
 figure { margin: 0; } figure.curve figcaption { font-size: 12px; }
-.gallery figure { width: 320px; } .gallery img { width: 100%; border: 1px solid #ccc; }
+.gallery figure { width: 400px; } .gallery img { width: 100%; border: 1px solid #ccc; }
 .gallery figcaption { font-size: 12px; word-break: break-all; }
 .legend span { margin-right: 1.2em; } .legend i { display: inline-block; width: 14px; height: 10px;
   border: 3px solid; margin-right: 4px; vertical-align: middle; }

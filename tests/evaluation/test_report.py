@@ -141,7 +141,7 @@ def test_report_files_tables_and_errors_json(case, tmp_path):
     assert "http://" not in text and "https://" not in text.replace('href="https://arxiv.org/abs/2008.08115"', "")
 
 
-def test_gallery_draws_misses_red_and_only_detections_above_show_score(case, tmp_path):
+def test_gallery_draws_misses_red_and_only_detections_above_show_score(case, tmp_path, monkeypatch):
     evaluation, files = case
     for show_score, loc_drawn in ((0.3, False), (0.1, True)):
         report.write_report(tmp_path / str(show_score), evaluation, image_files=files, show_score=show_score,
@@ -149,21 +149,25 @@ def test_gallery_draws_misses_red_and_only_detections_above_show_score(case, tmp
         page = Tables((tmp_path / str(show_score) / "index.html").read_text())
         assert len(page.images) == 1  # image 2 only
         picture = decode(page.images[0])
-        assert picture.shape == (160, 200, 3)
-        assert near(picture[140, 160], RED)  # the bottom edge of the missed dog 22, [140, 100, 40, 40]
-        assert near(picture[150, 15], ORANGE) == loc_drawn  # the loc detection's bottom edge, score 0.2
-        assert near(picture[80, 100], np.zeros(3), 10)  # inside no box: the image itself
+        assert picture.shape == (512, 640, 3)  # enlarged 3.2x to the thumbnail's side
+        assert near(picture[384, 576], RED)  # the right edge of the missed dog 22, [140, 100, 40, 40] x 3.2
+        assert near(picture[480, 48], ORANGE) == loc_drawn  # the loc detection's bottom edge (150, 15), score 0.2
+        assert near(picture[256, 320], np.zeros(3), 10)  # inside no box: the image itself
         loc_row = ["dog", "0.200", "5.0 100.0 20.0 50.0", "loc"]
         assert loc_row in page.rows_of_details()  # listed whatever show_score
 
 
-def test_thumbnails_are_scaled_with_their_boxes(case, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("side", "shape", "edge"), [(100, (80, 100), (60, 90)), (640, (512, 640), (384, 576))])
+def test_thumbnails_are_scaled_with_their_boxes(case, tmp_path, monkeypatch, side, shape, edge):
+    """Down to the thumbnail's side, and up to it (at most 4x) so that the labels stay small on a small image."""
     evaluation, files = case
-    monkeypatch.setattr(report, "THUMBNAIL_SIDE", 100)
+    monkeypatch.setattr(report, "THUMBNAIL_SIDE", side)
+    monkeypatch.setattr(report, "_FONT_SCALE", 0.2)  # labels small enough for a 100-pixel thumbnail
     report.write_report(tmp_path / "out", evaluation, image_files=files, gallery_size=1)
     picture = decode(Tables((tmp_path / "out" / "index.html").read_text()).images[0])
-    assert picture.shape == (80, 100, 3)
-    assert near(picture[70, 80], RED)  # the missed box at half its coordinates
+    assert picture.shape == (*shape, 3)
+    assert near(picture[edge], RED)  # the missed box's right edge at the scale (0.5, 3.2)
+    assert near(picture[edge[0], edge[1] - 8], np.zeros(3), 25)  # inside it: the image (JPEG ringing)
 
 
 def test_a_missing_image_is_drawn_on_grey_with_the_reason(case, tmp_path):
@@ -171,9 +175,9 @@ def test_a_missing_image_is_drawn_on_grey_with_the_reason(case, tmp_path):
     files = {**files, 2: tmp_path / "gone.png"}
     report.write_report(tmp_path / "out", evaluation, image_files=files, gallery_size=1)
     picture = decode(Tables((tmp_path / "out" / "index.html").read_text()).images[0])
-    assert picture.shape == (160, 200, 3)  # the ground truth's size
-    assert near(picture[80, 100], np.full(3, 200), 10)
-    assert near(picture[140, 160], RED)
+    assert picture.shape == (512, 640, 3)  # the ground truth's size, x3.2 to the thumbnail's side
+    assert near(picture[256, 320], np.full(3, 200), 10)
+    assert near(picture[384, 576], RED)
 
 
 def test_no_errors_no_gallery_and_bad_arguments(case, tmp_path):

@@ -4,8 +4,8 @@ table sorts on a click, an image links to its boxes, and the screenshot is not b
 
 Needs the `chromium` executable (Debian: apt-get install chromium; .ci/run installs it) and the playwright package
 (the test extra). Skipped without them, except under CI, where that is a failure. With
-DETECTRON_RES_REPORT_SCREENSHOT=PATH set, the viewport's screenshot is also saved to PATH (docs/images/report.png was
-made so)."""
+DETECTRON_RES_REPORT_SCREENSHOT=PATH set, the screenshots (the page's top, and its gallery) are also saved to PATH and
+PATH_gallery (docs/images/report.png and report_gallery.png were made so)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_the_report_renders_in_chromium(report_page, tmp_path):
             assert images.count() == 6
             sizes = page.evaluate("Array.from(document.querySelectorAll('.gallery img'))"
                                   ".map(img => [img.complete, img.naturalWidth, img.naturalHeight])")
-            assert sizes == [[True, 160, 160]] * 6  # decoded, at the image's size (under the thumbnail side)
+            assert sizes == [[True, 640, 640]] * 6  # decoded, the 160-pixel images enlarged to the thumbnail side
 
             def column(index: int) -> list[float]:
                 return [float(value) for value in page.eval_on_selector_all(
@@ -104,6 +104,8 @@ def test_the_report_renders_in_chromium(report_page, tmp_path):
             assert column(4) == sorted(ascending, reverse=True)
 
             page.screenshot(path=str(tmp_path / "top.png"))
+            page.evaluate("document.getElementById('gallery').scrollIntoView()")
+            page.screenshot(path=str(tmp_path / "gallery.png"))
             images.first.click()
             assert page.evaluate("location.hash") == "#image-0"
             assert page.locator("#image-0").is_visible() and page.locator("#image-0 tbody tr").count() > 0
@@ -112,8 +114,14 @@ def test_the_report_renders_in_chromium(report_page, tmp_path):
 
     assert problems == []
     assert requests and all(url.startswith(("file:", "data:")) for url in requests), requests
-    shot = cv2.imread(str(tmp_path / "top.png"))
-    assert shot.shape == (900, 1280, 3)
-    assert (shot < 128).mean() > 0.01 and shot.std() > 20  # text and tables drawn, not a blank page
+    top, gallery = (cv2.imread(str(tmp_path / name)) for name in ("top.png", "gallery.png"))
+    for shot in (top, gallery):
+        assert shot.shape == (900, 1280, 3)
+        assert (shot < 128).mean() > 0.01 and shot.std() > 20  # text, tables and images drawn, not a blank page
+    assert np.abs(top.astype(int) - gallery).mean() > 10  # scrolled to another part of the page
+    colorful = np.ptp(gallery.astype(int), axis=2) > 60  # the drawn boxes and the shapes, not grey text
+    assert colorful.mean() > 0.05
     if os.environ.get("DETECTRON_RES_REPORT_SCREENSHOT"):
-        shutil.copyfile(tmp_path / "top.png", Path(os.environ["DETECTRON_RES_REPORT_SCREENSHOT"]))
+        target = Path(os.environ["DETECTRON_RES_REPORT_SCREENSHOT"])
+        shutil.copyfile(tmp_path / "top.png", target)
+        shutil.copyfile(tmp_path / "gallery.png", target.with_name(f"{target.stem}_gallery{target.suffix}"))
