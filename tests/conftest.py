@@ -30,13 +30,24 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
-def load_tool(name: str):
-    """tools/<name>.py as a module (the tools are scripts, not a package), for tests that call its `main`."""
-    import importlib.util
+def load_tool(name: str, *, tools_dir: Path = TOOLS):
+    """tools/<name>.py as a module (the tools are scripts, not a package), for tests that call its `main`.
 
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    The module is registered in `sys.modules` while it runs, as `import` does: a dataclass (and anything else that
+    looks its module up by name) fails without it. Its name is `tools_<name>`, which no real module has, so a tool
+    named like a library (`benchmark`, `export`) shadows nothing; loading a tool again replaces the entry."""
+    import importlib.util
+    import sys
+
+    module_name = f"tools_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, Path(tools_dir) / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]  # as a failed import leaves nothing behind
+        raise
     return module
 
 

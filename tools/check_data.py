@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 from detectron_res.config import load_config
 from detectron_res.data.datasets import COCO_FILES, get_dataset, load_coco_json, load_voc, resolve_root
-from detectron_res.data.datasets.imagenet_loc import _image_candidates, read_loc_solution, read_synsets
+from detectron_res.data.datasets.imagenet_loc import image_candidates, read_loc_solution, read_synsets
 from detectron_res.data.mapper import BadImageError, read_image_rgb
 from detectron_res.engine.runner import parse_args
 
@@ -104,7 +104,7 @@ def _loc_images(csv_file: Path, image_dir: Path, synsets: Path) -> list[Expected
     wnids = set(read_synsets(synsets))
     images = []
     for image_id in sorted(read_loc_solution(csv_file, read_synsets(synsets))):
-        flat, in_wnid_folder = _image_candidates(image_dir, image_id)
+        flat, in_wnid_folder = image_candidates(image_dir, image_id)
         if image_id.split("_")[0] in wnids:  # the training layout: <wnid>/<wnid>_<n>.JPEG, named when missing
             flat, in_wnid_folder = in_wnid_folder, flat
         images.append(ExpectedImage(flat, alternatives=(in_wnid_folder,)))

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from detectron_res.data.datasets import get_dataset, load_imagenet_loc_csv
+from detectron_res.data.datasets.imagenet_loc import image_candidates
 from detectron_res.data.mapper import DatasetMapper, read_image_rgb
 
 
@@ -29,6 +30,17 @@ def test_the_real_val_sample(shared_data):
     assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
     mapped = DatasetMapper(min_size=224, max_size=1000, is_train=False)(gray)
     assert mapped["image"].shape[0] == 3 and mapped["gt_boxes"].shape == (1, 4)
+
+
+def test_image_candidates_flat_then_wnid_folder():
+    """The places the loaders try, in order (tools/check_data.py checks the same ones)."""
+    root = Path("imgs")
+    assert image_candidates(root, "n01440764_10026") == [
+        Path("imgs/n01440764_10026.JPEG"), Path("imgs/n01440764/n01440764_10026.JPEG")
+    ]
+    assert image_candidates(root, "ILSVRC2012_val_00000001") == [
+        Path("imgs/ILSVRC2012_val_00000001.JPEG"), Path("imgs/ILSVRC2012/ILSVRC2012_val_00000001.JPEG")
+    ]
 
 
 def test_training_layout_cmyk_images_and_absent_files(tmp_path: Path):

@@ -181,7 +181,69 @@ def test_register_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     datasets.register_dataset("mine", load)
     assert datasets.get_dataset("mine", root=tmp_path).name == "mine"
     assert seen == [(tmp_path, "mine")]
-    with pytest.raises(ValueError, match="already registered"):
-        datasets.register_dataset("mine", load)
+    datasets.register_dataset("mine", load)  # the same function again (a notebook cell run twice): nothing happens
+    assert datasets.DATASET_CATALOG["mine"] is load
     with pytest.raises(ValueError, match="must not contain"):
         datasets.register_dataset("x.json:y", load)
+
+
+def _parts(root: Path, name: str) -> datasets.DetectionDataset:
+    return datasets.DetectionDataset(name=name, records=[], class_names=["part"], category_ids=[1])
+
+
+def test_register_dataset_refuses_a_different_function_unless_overwrite(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(datasets, "DATASET_CATALOG", dict(datasets.DATASET_CATALOG))
+    datasets.register_dataset("mine", _parts)
+
+    def other(root: Path, name: str) -> datasets.DetectionDataset:
+        return datasets.DetectionDataset(name=name, records=[], class_names=["x", "y"], category_ids=[1, 2])
+
+    with pytest.raises(ValueError) as info:
+        datasets.register_dataset("mine", other)
+    assert str(info.value) == (
+        f"data set 'mine' is already registered to {__name__}._parts; to replace it with "
+        f"{__name__}.test_register_dataset_refuses_a_different_function_unless_overwrite.<locals>.other, "
+        "call register_dataset('mine', fn, overwrite=True)"
+    )
+    assert datasets.DATASET_CATALOG["mine"] is _parts
+    datasets.register_dataset("mine", other, overwrite=True)
+    assert datasets.get_dataset("mine", root=tmp_path).class_names == ["x", "y"]
+    with pytest.raises(ValueError, match="'voc_2007_train' is already registered to "):  # built-ins too
+        datasets.register_dataset("voc_2007_train", other)
+
+
+def test_register_dataset_same_def_run_again_is_a_no_op_but_a_changed_one_is_not(tmp_path, monkeypatch) -> None:
+    """A notebook cell that defines the function and registers it, run twice, makes a new function object with the
+    same code; an edited cell or a factory's second function (same code, other closure) is a different data set."""
+    monkeypatch.setattr(datasets, "DATASET_CATALOG", dict(datasets.DATASET_CATALOG))
+    cell = (
+        "def load(root, name, classes=('bolt',), *, first_id=1):\n"
+        "    return DetectionDataset(name=name, records=[], class_names=list(classes), category_ids=[first_id])\n"
+        "register_dataset('cell', load)\n"
+    )
+    namespace = {"__name__": "__main__", "DetectionDataset": datasets.DetectionDataset,
+                 "register_dataset": datasets.register_dataset}
+    exec(compile(cell, "<cell 1>", "exec"), namespace)
+    first = datasets.DATASET_CATALOG["cell"]
+    exec(compile(cell, "<cell 2>", "exec"), namespace)  # run again: no error
+    assert datasets.DATASET_CATALOG["cell"] is namespace["load"] is not first
+    assert datasets.get_dataset("cell", root=tmp_path).class_names == ["bolt"]
+    with pytest.raises(ValueError, match=r"^data set 'cell' is already registered to __main__\.load; to replace it"):
+        exec(compile(cell.replace("'bolt',", "'nut',"), "<cell 3>", "exec"), namespace)  # other defaults
+    for edited in (cell.replace("first_id=1", "first_id=2"), cell.replace("list(classes)", "sorted(classes)")):
+        with pytest.raises(ValueError, match="overwrite=True"):  # other keyword default, other body
+            exec(compile(edited, "<cell 4>", "exec"), namespace)
+    other_namespace = {**namespace, "DetectionDataset": None}  # the same cell elsewhere reads other globals
+    with pytest.raises(ValueError, match="overwrite=True"):
+        exec(compile(cell, "<cell 5>", "exec"), other_namespace)
+    assert datasets.get_dataset("cell", root=tmp_path).class_names == ["bolt"]
+
+    def factory(classes: list[str]):
+        def load(root: Path, name: str) -> datasets.DetectionDataset:
+            return datasets.DetectionDataset(name=name, records=[], class_names=classes, category_ids=[1])
+        return load
+
+    datasets.register_dataset("made", factory(["a"]))
+    with pytest.raises(ValueError, match="'made' is already registered"):
+        datasets.register_dataset("made", factory(["b"]))
+    assert datasets.get_dataset("made", root=tmp_path).class_names == ["a"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -148,6 +149,53 @@ def test_ground_truth_goes_through_the_training_rule_in_evaluation(tmp_path, cap
     assert training.extra["dropped_boxes"] == 3 and training.extra["clipped_boxes"] == 1
 
 
+def _annotation(box: list[float], **extra) -> dict:
+    return {"image_id": 10, "category_id": 1, "bbox": box, **extra}
+
+
+@pytest.mark.parametrize(
+    ("annotations", "message"),
+    [
+        (  # two boxes under one id: pycocotools kept one, perfect detections scored AP 25.2 (both backends)
+            [_annotation([10, 10, 50, 50], id=7), _annotation([100, 100, 50, 50], id=3),
+             _annotation([0, 0, 20, 20], id=7)],
+            r"annotations #0 and #2 have the same id 7; annotation ids must be unique$",
+        ),
+        (
+            [_annotation([10, 10, 50, 50]), _annotation([100, 100, 50, 50], id=1)],
+            r"annotations #0 and #1 have the same id 1 \(#0 had no 'id' and got its position plus one\); ",
+        ),
+        ([_annotation([10, 10, 50, 50], id=1), _annotation([100, 100, 50, 50], id=[2])],
+         r"annotation #1 has id \[2\]; expected an int or a str$"),
+    ],
+)
+def test_ground_truth_with_repeated_annotation_ids_is_refused(tmp_path, annotations, message):
+    from detectron_res.evaluation.coco import load_coco_ground_truth
+
+    gt = {"images": [{"id": 10, "height": 200, "width": 200}], "categories": [{"id": 1, "name": "cat"}],
+          "annotations": annotations}
+    gt_file = _write_json(tmp_path / "repeated_ids.json", gt)
+    with pytest.raises(ValueError, match="^" + re.escape(gt_file) + ": " + message):
+        load_coco_ground_truth(gt_file)
+    with pytest.raises(ValueError, match="^ground truth dict: " + message):
+        load_coco_ground_truth(gt)
+
+
+def test_ground_truth_annotation_ids_unique_across_int_and_str_and_assigned(coco_gt_file, tmp_path):
+    """Ids 1 and "1" are different keys for pycocotools; a missing id gets its position plus one."""
+    from detectron_res.evaluation.coco import load_coco_ground_truth
+
+    gt = json.loads(open(coco_gt_file).read())
+    gt["annotations"][0]["id"] = "1"
+    del gt["annotations"][1]["id"]  # gets 2
+    gt["annotations"][2]["id"] = 1
+    coco = load_coco_ground_truth(gt)
+    assert list(coco.anns) == ["1", 2, 1]
+    perfect = [{"image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": ann["bbox"], "score": 0.9}
+               for ann in gt["annotations"]]
+    assert evaluate_coco_results(gt, perfect)["bbox"]["AP"] == pytest.approx(100.0)
+
+
 def test_results_with_a_negative_width_are_refused(coco_gt_file, tmp_path):
     """Such results used to be scored silently (AP 0.0)."""
     negative = _write_json(tmp_path / "negative.json", [
@@ -197,6 +245,7 @@ def test_records_to_coco_dict_marks_difficult_as_crowd():
         "id": 2, "image_id": "a", "category_id": 7, "bbox": [120.0, 120.0, 60.0, 60.0], "area": 3600.0, "iscrowd": 1,
     }
     assert [ann["iscrowd"] for ann in coco["annotations"]] == [0, 1, 0]
+    assert [ann["id"] for ann in coco["annotations"]] == [1, 2, 3]  # unique ids: see load_coco_ground_truth
 
 
 def _outputs_for(image_id: str) -> dict[str, torch.Tensor]:

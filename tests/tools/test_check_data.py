@@ -1,6 +1,7 @@
 """tools/check_data.py on small COCO, VOC and CLS-LOC folders built here: complete ones pass with one line per data
 set; missing, corrupt, truncated and wrongly sized images are each named, in the built-in and the pair forms."""
 
+import ast
 import json
 from pathlib import Path
 
@@ -156,3 +157,15 @@ def test_a_data_set_that_cannot_be_read_is_one_line(tmp_path, capsys, monkeypatc
     status = check_data.main(["--cfg", str(tmp_path / "none.yaml")])
     _, err = capsys.readouterr()
     assert status == 1 and err.startswith("check_data.py: error: ") and "none.yaml" in err and "\n" not in err.strip()
+
+
+def test_tools_import_no_private_name_of_the_package():
+    """A tool using a private helper (check_data.py used imagenet_loc._image_candidates) breaks silently when the
+    helper is renamed or changed for its module's own needs: the tools import public names only."""
+    private = []
+    for tool in sorted((REPO / "tools").glob("*.py")):
+        for node in ast.walk(ast.parse(tool.read_text(), filename=str(tool))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "detectron_res":
+                private += [f"{tool.name}: {node.module}.{alias.name}" for alias in node.names if alias.name[0] == "_"]
+    assert private == []
+    assert (REPO / "tools" / "check_data.py").is_file()

@@ -80,6 +80,23 @@ def test_missing_file_exits_with_clear_error(tiny_gt, tmp_path, capsys):
     assert "COCO results file not found: " in capsys.readouterr().err
 
 
+def test_ground_truth_with_a_repeated_annotation_id_is_one_line_and_exit_1(tiny_gt, tmp_path, capsys):
+    """pycocotools keeps one annotation per id, so this ground truth used to score perfect detections AP 25.2."""
+    gt = json.loads(tiny_gt.read_text())
+    gt["annotations"].append({**gt["annotations"][0], "bbox": [50, 50, 20, 20]})
+    tiny_gt.write_text(json.dumps(gt))
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps([{"image_id": 1, "category_id": 4, "bbox": box, "score": 0.5}
+                                for box in ([10, 10, 20, 20], [50, 50, 20, 20])]))
+    status, err = run_eval_det([
+        "--gt", str(tiny_gt), "--dets", str(dets), "--json-out", str(tmp_path / "metrics.json")
+    ], capsys)
+    assert status == 1
+    assert err == [f"eval_det.py: error: {tiny_gt}: annotations #0 and #1 have the same id 1; "
+                   "annotation ids must be unique"]
+    assert not (tmp_path / "metrics.json").exists()
+
+
 def test_coco_api_fake_results_on_first100(tmp_path, shared_data):
     shared_data("coco_val2014_first100")
     from pycocotools.coco import COCO

@@ -7,6 +7,7 @@ The catalog is a plain dict from a name to a small function ``fn(root: Path, nam
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -50,14 +51,49 @@ SYNSETS_FILE = "LOC_synset_mapping.txt"
 DATASET_CATALOG: dict[str, DatasetFunction] = {}
 
 
-def register_dataset(name: str, fn: DatasetFunction) -> None:
-    """Make ``get_dataset(name, root=...)`` return ``fn(resolved_root, name)``."""
+def register_dataset(name: str, fn: DatasetFunction, *, overwrite: bool = False) -> None:
+    """Make ``get_dataset(name, root=...)`` return ``fn(resolved_root, name)``.
+
+    Registering the same function under its name again does nothing, so that a notebook cell or a script can run
+    twice; that includes the same ``def`` run again (a re-run cell defining ``fn``, a reloaded module), see
+    :func:`_same_definition`. A different function under a registered name is refused unless ``overwrite=True``
+    (a typo or a clash of two data sets would otherwise silently train on the wrong one).
+
+    Raises:
+        ValueError: ``name`` holds a file-pair separator, or is registered to a different function and
+            ``overwrite`` is False.
+    """
     for separator in (JSON_PAIR_SEPARATOR, CSV_PAIR_SEPARATOR):
         if separator in name:
             raise ValueError(f"data set name {name!r} must not contain {separator!r} (reserved for file pairs)")
-    if name in DATASET_CATALOG:
-        raise ValueError(f"data set {name!r} is already registered")
+    registered = DATASET_CATALOG.get(name)
+    if registered is not None and not overwrite and not _same_definition(registered, fn):
+        raise ValueError(
+            f"data set {name!r} is already registered to {_describe(registered)}; to replace it with "
+            f"{_describe(fn)}, call register_dataset({name!r}, fn, overwrite=True)"
+        )
     DATASET_CATALOG[name] = fn
+
+
+def _same_definition(registered: DatasetFunction, fn: DatasetFunction) -> bool:
+    """Whether ``fn`` is ``registered`` or the same ``def`` run again in the same namespace: the same globals, code
+    and defaults, and no closure (the functions a factory returns share their code but not what they hold)."""
+    if registered is fn:
+        return True
+    if not (inspect.isfunction(registered) and inspect.isfunction(fn)):
+        return False
+    return (
+        registered.__globals__ is fn.__globals__  # the names its body reads
+        and registered.__code__ == fn.__code__  # its name, first line and body
+        and fn.__closure__ is None  # equal code: the same free variables, so neither has a closure
+        and registered.__defaults__ == fn.__defaults__
+        and registered.__kwdefaults__ == fn.__kwdefaults__
+    )
+
+
+def _describe(fn: DatasetFunction) -> str:
+    """``module.qualname`` of a data set function, for the error of a clashing registration."""
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
 def resolve_root(root: str | os.PathLike) -> Path:

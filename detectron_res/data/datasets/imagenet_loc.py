@@ -129,9 +129,10 @@ def read_synset_names(path: str | os.PathLike) -> list[str]:
     return names
 
 
-def _image_candidates(image_dir: Path, image_id: str) -> list[Path]:
+def image_candidates(image_dir: Path, image_id: str) -> list[Path]:
     """Where an image may lie: ``<image_dir>/<ImageId>.JPEG``, else ``<image_dir>/<wnid>/<ImageId>.JPEG`` (the
-    training layout, ImageId ``<wnid>_<number>``)."""
+    training layout, ImageId ``<wnid>_<number>``). Public because ``tools/check_data.py`` checks the same places
+    the loaders read."""
     return [image_dir / f"{image_id}.JPEG", image_dir / image_id.split("_")[0] / f"{image_id}.JPEG"]
 
 
@@ -198,7 +199,7 @@ def load_imagenet_loc_csv(
     image_dir = Path(image_dir)
     records, absent, dropped = [], 0, 0
     for image_id in sorted(truth):
-        path = _find_image(_image_candidates(image_dir, image_id))
+        path = _find_image(image_candidates(image_dir, image_id))
         if path is None:
             absent += 1
             continue
@@ -263,7 +264,7 @@ def load_imagenet_loc_xml(
     for image_id in sorted(xml_files):
         xml_path = xml_files[image_id]
         relative = xml_path.relative_to(annotation_dir).with_suffix(".JPEG")
-        path = _find_image([image_dir / relative, *_image_candidates(image_dir, image_id)])
+        path = _find_image([image_dir / relative, *image_candidates(image_dir, image_id)])
         if path is None:  # not parsed: a sample of the images need not pay for all 544,546 training XMLs
             absent += 1
             continue
