@@ -40,6 +40,7 @@ COMMANDS: list[tuple[str, str]] = [
     (r"^python tools/demo\.py --cfg output/shapes/config\.yaml --ckpt output/shapes/model_final\.pth --input photos/",
      RUN),
     (r"^python tools/plot_log\.py output/shapes$", RUN),
+    (r"^python tools/report\.py output/shapes$", RUN),
     (r"^python tools/export\.py --cfg output/shapes/config\.yaml --ckpt output/shapes/model_final\.pth --format onnx",
      RUN),
     (r"^python train_parts\.py", RUN),
@@ -50,7 +51,8 @@ COMMANDS: list[tuple[str, str]] = [
     (r"loc_shapes", "localization.md's quick start (run above) with other file names (results.md's record)"),
     (r'^pip install -e "\.\[test\]" && python -m pytest', "the test suite itself"),
     (r"^pip install", "installs packages (network)"),
-    (r"coco_r101|coco_r50\.yaml --output output/coco128|instances_val2017\.json|coco128|\$C/",
+    (r"coco_r101|coco_r50\.yaml --output output/coco128|instances_val2017\.json|coco128|\$C/|"
+     r"report\.py output/coco_r50",
      DOWNLOAD + "COCO (or ../shared/data's coco128 sample)"),
     (r"d2_r50_c4|model_final_f97cb7|R-50\.pkl|R-101\.pkl|\$D2", DOWNLOAD + "detectron2 or MSRA weights"),
     (r"ilsvrc_loc|LOC_val_solution|\$S/", DOWNLOAD + "ImageNet CLS-LOC"),
@@ -213,11 +215,14 @@ def test_predictor_examples_of_readme_and_training_md(sandbox, quick_start):
         run_python_block(sandbox, page, f"example_{Path(page).stem}.py")
 
 
-def test_demo_and_plot_log_lines_of_readme(sandbox, quick_start):
+def test_demo_plot_log_and_report_lines_of_readme(sandbox, quick_start):
     run_command(sandbox, page_command("README.md", r"^python tools/demo\.py"))
     assert sorted(p.name for p in (sandbox / "drawn").glob("*.png")) == ["photo0.png", "photo1.png"]
     run_command(sandbox, page_command("README.md", r"^python tools/plot_log\.py"))
     assert (quick_start / "plots" / "losses.png").is_file()
+    run_command(sandbox, page_command("README.md", r"^python tools/report\.py"))
+    assert json.loads((quick_start / "report" / "errors.json").read_text())["bbox"]["counts"]["gt"] > 0
+    assert "<table id=class-table" in (quick_start / "report" / "index.html").read_text()
 
 
 def test_export_line_of_readme_and_the_example_of_tools_md(sandbox, quick_start):

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="VOC: score every numeric box as the official devkit and py-faster-rcnn's voc_eval do (no check on the "
         "box; says how many lines looked 0-based) instead of refusing a file with 0-based lines",
     )
-    add_report_arguments(parser, report_help="COCO: also write an evaluation report (index.html, errors.json) into DIR")
+    add_report_arguments(parser, report_help="COCO: also write an evaluation report (index.html, errors.json) to DIR")
     parser.add_argument("--images", default=None, metavar="DIR",
                         help="COCO: the folder of the ground truth's images, for the report's gallery")
     parser.add_argument(

@@ -48,8 +48,8 @@ def find_config(output_dir: Path) -> Path:
             return output_dir / name
     if not output_dir.is_dir():
         raise FileNotFoundError(f"OUTPUT_DIR {output_dir} is not a folder")
-    raise FileNotFoundError(f"{output_dir} has neither {EVAL_CONFIG_FILE} nor {CONFIG_FILE}: give the run's config with "
-                            "--cfg (is it the folder tools/test_det.py evaluated into?)")
+    raise FileNotFoundError(f"{output_dir} has neither {EVAL_CONFIG_FILE} nor {CONFIG_FILE}: give the run's config "
+                            "with --cfg (is it the folder tools/test_det.py evaluated into?)")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

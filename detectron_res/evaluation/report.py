@@ -116,13 +116,13 @@ def per_class_rows(evaluation: COCOEvaluation, assignment: ErrorAssignment) -> l
             row["gt"] += 1
             if kind == "miss":
                 row["miss"] += 1
-    curves = {item.name: item for item in evaluation.curves}
-    result = []
-    for cat in category_ids:
-        name = coco_gt.cats[cat]["name"]
-        ap = curves[name].ap if name in curves else {}
-        result.append({"name": name, "category_id": cat, "AP": ap.get("AP"), "AP50": ap.get("AP50"), **rows[cat]})
-    return result
+    if len(evaluation.curves) != len(category_ids):  # COCOeval's catIds are the sorted ids
+        raise ValueError(f"{len(evaluation.curves)} precision-recall curves for {len(category_ids)} categories")
+    return [
+        {"name": coco_gt.cats[cat]["name"], "category_id": cat, "AP": curve.ap["AP"], "AP50": curve.ap["AP50"],
+         **rows[cat]}
+        for cat, curve in zip(category_ids, evaluation.curves)
+    ]
 
 
 def write_report(

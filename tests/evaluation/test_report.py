@@ -34,7 +34,7 @@ DETECTIONS = [  # and what each is, by hand (TIDE at IoU 0.5 / 0.1)
     (2, 2, [5, 100, 20, 50], 0.2),  # loc: IoU 400 / 1000 = 0.4 with dog 21 ("fn"); 22 is missed outright
 ]
 TYPES = ["tp", "cls", "bkg", "tp", "dupe", "tp", "loc"]
-RED, ORANGE = np.array(report._COLORS["missed"]), np.array(report._COLORS["fp"])  # BGR
+RED, ORANGE, BLUE = np.array([40, 40, 230]), np.array([0, 140, 255]), np.array([215, 120, 30])  # BGR
 
 
 @pytest.fixture()
@@ -152,9 +152,15 @@ def test_gallery_draws_misses_red_and_only_detections_above_show_score(case, tmp
         assert picture.shape == (512, 640, 3)  # enlarged 3.2x to the thumbnail's side
         assert near(picture[384, 576], RED)  # the right edge of the missed dog 22, [140, 100, 40, 40] x 3.2
         assert near(picture[480, 48], ORANGE) == loc_drawn  # the loc detection's bottom edge (150, 15), score 0.2
+        assert near(picture[134, 198], BLUE)  # the right edge of the true positive [22, 22, 40, 40]
         assert near(picture[256, 320], np.zeros(3), 10)  # inside no box: the image itself
-        loc_row = ["dog", "0.200", "5.0 100.0 20.0 50.0", "loc"]
-        assert loc_row in page.rows_of_details()  # listed whatever show_score
+        assert page.rows_of_details() == [  # every box of image 2, the detections by score whatever show_score
+            ["class", "box x y w h", "found"], ["cat", "20.0 20.0 40.0 40.0", "matched"],
+            ["dog", "5.0 100.0 20.0 20.0", "missed (a cls or loc error points at it)"],
+            ["dog", "140.0 100.0 40.0 40.0", "missed"],
+            ["class", "score", "box x y w h", "type"], ["cat", "0.700", "22.0 22.0 40.0 40.0", "tp"],
+            ["cat", "0.500", "20.0 20.0 40.0 40.0", "dupe"], ["dog", "0.200", "5.0 100.0 20.0 50.0", "loc"],
+        ]
 
 
 @pytest.mark.parametrize(("side", "shape", "edge"), [(100, (80, 100), (60, 90)), (640, (512, 640), (384, 576))])
