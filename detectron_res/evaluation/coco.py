@@ -156,8 +156,8 @@ def load_coco_ground_truth(source: COCO | dict | str | os.PathLike) -> COCO:
     Raises:
         FileNotFoundError: the json does not exist.
         ValueError: it is not valid JSON, lacks ``images`` / ``categories`` lists or well-formed annotations, an
-            annotation ``id`` is not an int or a str or repeats another's, an image has no valid ``height`` /
-            ``width``, or an annotation names an image that is not in ``images``.
+            image or annotation ``id`` is not an int or a str or repeats another's, an image has no valid
+            ``height`` / ``width``, or an annotation names an image that is not in ``images``.
     """
     if isinstance(source, COCO):
         return source
@@ -180,6 +180,7 @@ def load_coco_ground_truth(source: COCO | dict | str | os.PathLike) -> COCO:
             raise ValueError(f"{name}: annotation #{position} must be an object with 'image_id' and 'category_id'")
         if not _is_number_list(ann.get("bbox"), length=4):
             raise ValueError(f"{name}: annotation #{position} has bbox {ann.get('bbox')!r}; expected [x, y, w, h]")
+    _check_image_ids(data["images"], name)
     _check_annotation_ids(annotations, name)
     data["annotations"] = _usable_annotations(data, name)
     for ann in data["annotations"]:
@@ -191,6 +192,24 @@ def load_coco_ground_truth(source: COCO | dict | str | os.PathLike) -> COCO:
     with _quiet():
         coco.createIndex()
     return coco
+
+
+def _check_image_ids(images: list, name: str) -> None:
+    """Refuse an image that is not an object with an ``id``, an id that is not an int or a str, or an id that two
+    images share: pycocotools indexes images by id and keeps the last entry, and so would the image sizes of the
+    ground-truth rule, so a repeat silently merges two images (a box of a 200 px image lying outside a 100 px one
+    under the same id was dropped, and perfect detections scored AP 50, both backends)."""
+    first: dict[int | str, int] = {}  # id -> position of the first image with it
+    for position, image in enumerate(images):
+        if not isinstance(image, dict) or "id" not in image:
+            raise ValueError(f"{name}: image #{position} must be an object with an 'id'")
+        image_id = image["id"]
+        if isinstance(image_id, bool) or not isinstance(image_id, (Integral, str)):
+            raise ValueError(f"{name}: image #{position} has id {image_id!r}; expected an int or a str")
+        earlier = first.setdefault(image_id, position)
+        if earlier != position:
+            raise ValueError(f"{name}: images #{earlier} and #{position} have the same id {image_id!r}; "
+                             "image ids must be unique")
 
 
 def _check_annotation_ids(annotations: list[dict], name: str) -> None:
@@ -220,9 +239,7 @@ def _check_annotation_ids(annotations: list[dict], name: str) -> None:
 def _usable_annotations(data: dict, name: str) -> list[dict]:
     """``data["annotations"]`` after the ground-truth rule (see :func:`load_coco_ground_truth`), logged."""
     sizes = {}
-    for position, image in enumerate(data["images"]):
-        if not isinstance(image, dict) or "id" not in image:
-            raise ValueError(f"{name}: image #{position} must be an object with an 'id'")
+    for image in data["images"]:  # objects with unique ids (_check_image_ids)
         height, width = image.get("height"), image.get("width")
         if not (_is_number(height, finite=True) and _is_number(width, finite=True) and height > 0 and width > 0):
             raise ValueError(f"{name}: image {image['id']!r} needs a positive 'height' and 'width', got {height!r}, {width!r}")
