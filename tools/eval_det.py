@@ -6,8 +6,9 @@
         [--json-out metrics.json]
 
 COCO: prints the COCOeval summary and a per-category AP table; the json gets ``{"bbox": {...}}`` in percent.
-``--backend`` picks the COCOeval implementation as TEST.COCO_BACKEND does for training and testing: pycocotools
-(default) or faster_coco_eval (the optional faster-coco-eval package; the same numbers, see docs/benchmarks.md).
+``--backend`` picks the COCOeval implementation as TEST.COCO_BACKEND does for training and testing: auto (default:
+faster_coco_eval where the optional faster-coco-eval package imports, else pycocotools; the same numbers, see
+docs/benchmarks.md), pycocotools or faster_coco_eval. The summary's log line names the one that ran.
 VOC: RESULTS_DIR holds the devkit's ``comp4_det_test_<class>.txt`` files (lines ``image_id score x1 y1 x2 y2`` in
 the devkit's 1-based pixels, like the XML); prints per-class AP and mAP for the VOC2007 11-point and the
 VOC2010+ area metrics; the json gets ``{"voc": {"mAP_07", "mAP_area", "per_class"}}`` as fractions.
@@ -38,7 +39,7 @@ from pathlib import Path
 from detectron_res.engine.logger import setup_logging
 from detectron_res.engine.report import add_report_arguments, check_report_dir
 from detectron_res.evaluation.coco import (
-    COCO_BACKENDS,
+    COCO_BACKEND_CHOICES,
     DEFAULT_COCO_BACKEND,
     check_coco_backend,
     run_coco_evaluation,
@@ -154,9 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", default=None, metavar="DIR",
                         help="COCO: the folder of the ground truth's images, for the report's gallery")
     parser.add_argument(
-        "--backend", choices=COCO_BACKENDS, default=DEFAULT_COCO_BACKEND,
-        help="COCO: the COCOeval implementation, as TEST.COCO_BACKEND (faster_coco_eval needs pip install "
-        "faster-coco-eval)",
+        "--backend", choices=COCO_BACKEND_CHOICES, default=None,
+        help=f"COCO: the COCOeval implementation, as TEST.COCO_BACKEND (default: {DEFAULT_COCO_BACKEND}, "
+        "faster_coco_eval when the faster-coco-eval package imports, else pycocotools; faster_coco_eval needs pip "
+        "install faster-coco-eval)",
     )
     return parser
 
@@ -168,8 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()  # the package's log lines, the COCOeval summary among them, on stdout
     if args.as_devkit and args.format != "voc":
         parser.error("--as-devkit is for --format voc (the devkit's result files)")
-    if args.backend != DEFAULT_COCO_BACKEND and args.format != "coco":
+    if args.backend is not None and args.format != "coco":
         parser.error("--backend is for --format coco (COCOeval)")
+    args.backend = args.backend or DEFAULT_COCO_BACKEND
     if args.report and args.format != "coco":
         parser.error("--report is for --format coco; for a VOC data set, tools/test_det.py --report reports its "
                      "COCO-style evaluation")

@@ -340,7 +340,7 @@ VALUE_RULES: tuple[tuple[str, Check], ...] = (
     ("DISTRIBUTED.BACKEND", one_of("", "gloo", "nccl")),
     ("DISTRIBUTED.TIMEOUT", greater_than(0)),
     ("TEST.EVAL_PERIOD", at_least(0)),
-    ("TEST.COCO_BACKEND", all_of(one_of("pycocotools", "faster_coco_eval"), _coco_backend_installed)),
+    ("TEST.COCO_BACKEND", all_of(one_of("auto", "pycocotools", "faster_coco_eval"), _coco_backend_installed)),
     ("TEST.BOX_REFINEMENT.NMS_THRESH", _IOU),
     ("TEST.BOX_VOTING.IOU_THRESH", _IOU),
     ("TEST.MULTI_SCALE.SCALES", all_of(_POSITIVE_LIST, strictly_increasing())),

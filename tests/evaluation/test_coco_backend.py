@@ -3,17 +3,21 @@ evaluation (config, runner, tools/eval_det.py, tools/benchmark.py --mode coco-ev
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
+import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import GroundTruthModel
 
 from detectron_res.config import ConfigError, load_config
 from detectron_res.data.datasets import generate_shapes
+from detectron_res.data.datasets.base import DetectionDataset
 from detectron_res.engine.benchmark import coco_eval_times, synthetic_coco_evaluation
 from detectron_res.engine.runner import evaluate
 from detectron_res.evaluation import coco as coco_module
@@ -23,6 +27,8 @@ from detectron_res.evaluation.coco import (
     coco_pr_curves,
     evaluate_coco_results,
     load_coco_ground_truth,
+    resolve_coco_backend,
+    run_coco_evaluation,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,6 +159,17 @@ def test_backends_agree_with_crowd_boxes_empty_classes_and_str_image_ids():
     assert subset["faster_coco_eval"][1]["AP-dog"] is None  # its image left out
 
 
+def test_backends_agree_with_str_annotation_ids():
+    """faster-coco-eval indexes annotations by int id only; pycocotools takes str ids too (1 and "1" differ; it
+    stores the matched id in a float array, so only numeric strings)."""
+    gt, results = crowd_case()
+    for annotation, new_id in zip(gt["annotations"], ["1", 1, "30", 9]):
+        annotation["id"] = new_id
+    metrics = assert_same(run_both(gt, results))
+    assert metrics["AP-cat"] == pytest.approx((4 * (51 + 25) / 101 + 6 * 51 / 101) / 10 * 100, abs=1e-9)
+    assert metrics["AP-dog"] == 0.0
+
+
 def test_tied_scores_across_str_image_ids_break_in_pycocotools_order():
     # pycocotools walks images in sorted id order ("a" before "b", whatever the file's order) and ranks equal scores
     # in that order: the TP in "a" comes before the FP in "b": recall .5 at precision 1, then 1/2 -> AP 51 / 101.
@@ -173,29 +190,99 @@ def test_backends_agree_without_any_detection():
 
 
 def test_an_unknown_or_missing_backend_is_refused_in_one_line(monkeypatch):
-    with pytest.raises(ValueError, match=r"backend 'fast' is unknown; choose one of pycocotools, faster_coco_eval$"):
+    with pytest.raises(ValueError, match=r"backend 'fast' is unknown; choose one of auto, pycocotools, "
+                                         r"faster_coco_eval$"):
         check_coco_backend("fast")
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name == "faster_coco_eval" else real(name, *args))
+    with pytest.raises(ValueError, match=r"backend 'fast' is unknown"):
+        resolve_coco_backend("fast")
+    hide_faster_coco_eval(monkeypatch)
     with pytest.raises(ValueError, match=r"needs the faster-coco-eval package: pip install faster-coco-eval"):
-        evaluate_coco_results(crowd_case()[0], [], backend="faster_coco_eval")
+        evaluate_coco_results(crowd_case()[0], [], backend="faster_coco_eval")  # explicit: no fallback
     check_coco_backend("pycocotools")  # always there
+    check_coco_backend("auto")
+
+
+def hide_faster_coco_eval(monkeypatch, how: str = "find_spec") -> None:
+    """Make faster-coco-eval look not installed (``find_spec`` finds nothing, as where it is not), not importable
+    (``sys.modules`` entry None: find_spec returns None and the import raises), or installed but broken (found,
+    the import raises, as a wheel built for another Python would)."""
+    if how == "find_spec":
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *args: None if name == "faster_coco_eval" else real(name, *args))
+    elif how == "sys.modules":
+        monkeypatch.setitem(sys.modules, "faster_coco_eval", None)
+    else:
+        real_import = importlib.import_module
+
+        def broken(name, *args):
+            if name == "faster_coco_eval":
+                raise ImportError("faster_eval_api_cpp: undefined symbol")
+            return real_import(name, *args)
+
+        monkeypatch.setattr(importlib, "import_module", broken)
+
+
+@pytest.mark.parametrize("how", ["find_spec", "sys.modules", "import fails"])
+def test_auto_is_faster_coco_eval_where_it_imports_else_pycocotools(monkeypatch, how):
+    assert resolve_coco_backend("auto") == "faster_coco_eval"  # installed here (the module's importorskip)
+    assert resolve_coco_backend("pycocotools") == "pycocotools"
+    assert resolve_coco_backend("faster_coco_eval") == "faster_coco_eval"
+    hide_faster_coco_eval(monkeypatch, how)
+    assert resolve_coco_backend("auto") == "pycocotools"
+    assert resolve_coco_backend("pycocotools") == "pycocotools"
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_auto_runs_and_logs_the_resolved_backend(monkeypatch, caplog, hidden):
+    expected = "pycocotools" if hidden else "faster_coco_eval"
+    if hidden:
+        hide_faster_coco_eval(monkeypatch, "sys.modules")
+    gt, results = crowd_case()
+    used = spy_on_backends(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="detectron_res.evaluation.coco"):
+        evaluation = run_coco_evaluation(gt, results)  # no backend: the default, auto
+        metrics = evaluate_coco_results(gt, results, backend="auto")["bbox"]
+    assert used == [expected, expected]
+    assert evaluation.backend == expected
+    summaries = [record.getMessage().split(" bbox summary")[0] for record in caplog.records
+                 if "bbox summary" in record.getMessage()]
+    assert summaries == [f"COCOeval ({expected})"] * 2
+    expected_cat = (4 * (51 + 25) / 101 + 6 * 51 / 101) / 10 * 100  # test_backends_agree_with_crowd_boxes_...
+    assert metrics["AP-cat"] == pytest.approx(expected_cat, abs=1e-9)
+    assert evaluation.metrics["bbox"]["AP-cat"] == pytest.approx(expected_cat, abs=1e-9)
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_coco_evaluator_without_a_backend_runs_the_resolved_one(monkeypatch, hidden):
+    expected = "pycocotools" if hidden else "faster_coco_eval"
+    if hidden:
+        hide_faster_coco_eval(monkeypatch)
+    records = [{"image_id": 5, "file_name": "5.jpg", "height": 100, "width": 100,
+                "annotations": [{"bbox": [10.0, 10.0, 60.0, 50.0], "category_id": 0}]}]
+    evaluator = COCOEvaluator(dataset=DetectionDataset(name="one", records=records, class_names=["cat"],
+                                                       category_ids=[1]))
+    assert evaluator.backend == expected
+    used = spy_on_backends(monkeypatch)
+    evaluator.process([{"image_id": 5}], [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0], [70.0, 70.0, 90.0, 90.0]]),
+                                           "scores": torch.tensor([0.9, 0.5]), "labels": torch.tensor([0, 0])}])
+    metrics = evaluator.evaluate()["bbox"]
+    assert used == [expected]
+    assert metrics["AP"] == pytest.approx(100.0)  # the false positive ranks below the only true positive
 
 
 def test_config_key_is_validated(monkeypatch):
     cfg = load_config(REPO / "configs" / "shapes_r18.yaml", ["TEST.COCO_BACKEND=faster_coco_eval"])
     assert cfg.TEST.COCO_BACKEND == "faster_coco_eval"
-    assert load_config(REPO / "configs" / "shapes_r18.yaml").TEST.COCO_BACKEND == "pycocotools"
-    with pytest.raises(ConfigError, match=r"TEST.COCO_BACKEND.*'fast'.*must be one of 'pycocotools', "
+    assert load_config(REPO / "configs" / "shapes_r18.yaml").TEST.COCO_BACKEND == "auto"
+    with pytest.raises(ConfigError, match=r"TEST.COCO_BACKEND.*'fast'.*must be one of 'auto', 'pycocotools', "
                                           r"'faster_coco_eval'"):
         load_config(REPO / "configs" / "shapes_r18.yaml", ["TEST.COCO_BACKEND=fast"])
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name == "faster_coco_eval" else real(name, *args))
+    hide_faster_coco_eval(monkeypatch)
     with pytest.raises(ConfigError, match=r"TEST.COCO_BACKEND.*needs the faster-coco-eval package: pip install "
                                           r"faster-coco-eval"):
         load_config(REPO / "configs" / "shapes_r18.yaml", ["TEST.COCO_BACKEND=faster_coco_eval"])
+    assert load_config(REPO / "configs" / "shapes_r18.yaml").TEST.COCO_BACKEND == "auto"  # auto loads without it
 
 
 def spy_on_backends(monkeypatch) -> list[str]:
@@ -208,20 +295,25 @@ def spy_on_backends(monkeypatch) -> list[str]:
     return used
 
 
-@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
-def test_the_config_key_reaches_the_runners_evaluation(tmp_path, monkeypatch, backend):
+@pytest.mark.parametrize(("backend", "hidden", "expected"), [
+    ("pycocotools", False, "pycocotools"), ("faster_coco_eval", False, "faster_coco_eval"),
+    (None, False, "faster_coco_eval"), (None, True, "pycocotools"),  # None: the default, auto
+])
+def test_the_config_key_reaches_the_runners_evaluation(tmp_path, monkeypatch, backend, hidden, expected):
     root = tmp_path / "shapes"
     generate_shapes(root, num_train=0, num_val=2, image_size=64, seed=3)
     test_set = f"{root}/annotations/instances_val.json:{root}/val"
     cfg = load_config(REPO / "configs" / "shapes_r18.yaml", [
         f"DATASETS.TEST=[{test_set}]", f"OUTPUT_DIR={tmp_path / 'run'}", "MODEL.DEVICE=cpu", "DATALOADER.NUM_WORKERS=0",
-        "INPUT.MIN_SIZE_TEST=64", "INPUT.MAX_SIZE_TEST=64", f"TEST.COCO_BACKEND={backend}",
+        "INPUT.MIN_SIZE_TEST=64", "INPUT.MAX_SIZE_TEST=64", *([f"TEST.COCO_BACKEND={backend}"] if backend else []),
     ])
     from detectron_res.data.build import load_dataset
 
+    if hidden:
+        hide_faster_coco_eval(monkeypatch)
     used = spy_on_backends(monkeypatch)
     metrics = evaluate(cfg, GroundTruthModel(load_dataset(cfg, test_set)), progress=False)
-    assert used == [backend]
+    assert used == [expected]
     assert metrics["bbox"]["AP"] == pytest.approx(100.0)
 
 
@@ -251,18 +343,36 @@ def test_eval_det_backend_flag(tmp_path, monkeypatch, capsys):
         out[backend] = json.loads((tmp_path / f"{backend}.json").read_text())["bbox"]
     assert used == ["pycocotools", "faster_coco_eval"]
     assert out["faster_coco_eval"]["AP-cat"] == pytest.approx(out["pycocotools"]["AP-cat"], abs=1e-6)
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name == "faster_coco_eval" else real(name, *args))
+    hide_faster_coco_eval(monkeypatch)
     capsys.readouterr()
     assert run_tool("eval_det", ["--gt", str(tmp_path / "gt.json"), "--dets", str(tmp_path / "dets.json"),
                                  "--backend", "faster_coco_eval"]) == 1
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "pip install faster-coco-eval" in error
-    with pytest.raises(SystemExit):
-        run_tool("eval_det", ["--format", "voc", "--voc-root", str(tmp_path), "--dets", str(tmp_path),
-                              "--backend", "faster_coco_eval"])
-    assert "--backend is for --format coco" in capsys.readouterr().err
+    for backend in ("faster_coco_eval", "auto"):
+        with pytest.raises(SystemExit):
+            run_tool("eval_det", ["--format", "voc", "--voc-root", str(tmp_path), "--dets", str(tmp_path),
+                                  "--backend", backend])
+        assert "--backend is for --format coco" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_eval_det_without_backend_runs_and_names_the_resolved_one(tmp_path, monkeypatch, capsys, hidden):
+    expected = "pycocotools" if hidden else "faster_coco_eval"
+    if hidden:
+        hide_faster_coco_eval(monkeypatch, "sys.modules")
+    gt, results = crowd_case()
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "dets.json").write_text(json.dumps(results))
+    used = spy_on_backends(monkeypatch)
+    assert run_tool("eval_det", ["--gt", str(tmp_path / "gt.json"), "--dets", str(tmp_path / "dets.json"),
+                                 "--json-out", str(tmp_path / "metrics.json")]) == 0
+    assert used == [expected]
+    printed = capsys.readouterr().out
+    assert f"COCOeval ({expected}) bbox summary of {tmp_path / 'dets.json'}" in printed and "(auto)" not in printed
+    expected_cat = (4 * (51 + 25) / 101 + 6 * 51 / 101) / 10 * 100
+    assert json.loads((tmp_path / "metrics.json").read_text())["bbox"]["AP-cat"] == pytest.approx(expected_cat,
+                                                                                                  abs=1e-9)
 
 
 def test_synthetic_coco_evaluation_and_its_timing():

@@ -181,6 +181,47 @@ def test_ground_truth_with_repeated_annotation_ids_is_refused(tmp_path, annotati
         load_coco_ground_truth(gt)
 
 
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (  # pycocotools kept the last entry: the box of the 200 px image 10 lay outside the 100 px one and was dropped
+            [{"id": 10, "height": 200, "width": 200}, {"id": 11, "height": 50, "width": 50},
+             {"id": 10, "height": 100, "width": 100}],
+            r"images #0 and #2 have the same id 10; image ids must be unique$",
+        ),
+        ([{"id": "b", "height": 9, "width": 9}, {"id": 10, "height": 200, "width": 200},
+          {"id": "a", "height": 9, "width": 9}, {"id": "b", "height": 9, "width": 9}],
+         r"images #0 and #3 have the same id 'b'; image ids must be unique$"),
+        ([{"id": 10, "height": 200, "width": 200}, {"id": 1.5, "height": 9, "width": 9}],
+         r"image #1 has id 1\.5; expected an int or a str$"),
+        ([{"id": 10, "height": 200, "width": 200}, {"height": 9, "width": 9}],
+         r"image #1 must be an object with an 'id'$"),
+    ],
+)
+def test_ground_truth_with_repeated_image_ids_is_refused(tmp_path, images, message):
+    from detectron_res.evaluation.coco import load_coco_ground_truth
+
+    gt = {"images": images, "categories": [{"id": 1, "name": "cat"}],
+          "annotations": [_annotation([150, 150, 30, 30], id=1)]}
+    gt_file = _write_json(tmp_path / "repeated_image_ids.json", gt)
+    with pytest.raises(ValueError, match="^" + re.escape(gt_file) + ": " + message):
+        load_coco_ground_truth(gt_file)
+    with pytest.raises(ValueError, match="^ground truth dict: " + message):
+        load_coco_ground_truth(gt)
+
+
+def test_ground_truth_image_ids_1_and_str_1_are_different_images(tmp_path):
+    from detectron_res.evaluation.coco import load_coco_ground_truth
+
+    gt = {"images": [{"id": 1, "height": 100, "width": 100}, {"id": "1", "height": 200, "width": 200}],
+          "categories": [{"id": 1, "name": "cat"}],
+          "annotations": [{"id": 1, "image_id": "1", "category_id": 1, "bbox": [150, 150, 30, 30]}]}
+    coco = load_coco_ground_truth(gt)
+    assert list(coco.imgs) == [1, "1"] and coco.anns[1]["bbox"] == [150, 150, 30, 30]  # sized by "1": kept
+    perfect = [{"image_id": "1", "category_id": 1, "bbox": [150, 150, 30, 30], "score": 0.9}]
+    assert evaluate_coco_results(coco, perfect, img_ids=["1"])["bbox"]["AP"] == pytest.approx(100.0)
+
+
 def test_ground_truth_annotation_ids_unique_across_int_and_str_and_assigned(coco_gt_file, tmp_path):
     """Ids 1 and "1" are different keys for pycocotools; a missing id gets its position plus one."""
     from detectron_res.evaluation.coco import load_coco_ground_truth

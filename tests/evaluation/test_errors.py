@@ -26,6 +26,12 @@ def _gt(annotations: list[tuple], *, images=(1, 2)) -> dict:
     }
 
 
+def pycocotools_ap50(gt, detections, **kwargs) -> float | None:
+    """evaluate_coco_results' AP50 with pycocotools, the reference TIDE's AP equals to the last bit (faster_coco_eval,
+    the default backend where it is installed, agrees with it to 1e-6, not bit for bit)."""
+    return evaluate_coco_results(gt, detections, backend="pycocotools", **kwargs)["bbox"]["AP50"]
+
+
 def _det(image_id: int, category_id: int, bbox: list[float], score: float) -> dict:
     return {"image_id": image_id, "category_id": category_id, "bbox": bbox, "score": score}
 
@@ -92,7 +98,7 @@ def test_every_error_kind_assignment_and_ap_equal_to_pycocotools():
     assignment = tide_assignment(gt, EVERY_KIND_DETS)
     assert assignment.detection_types == ["bkg", "tp", "dupe", "loc", "tp", "cls", "both", "tp"]
     assert assignment.gt_types == {1: "tp", 2: "fn", 3: "fn", 4: "miss", 6: "tp", 5: "tp"}
-    assert tide_errors(gt, EVERY_KIND_DETS)["AP"] == evaluate_coco_results(gt, EVERY_KIND_DETS)["bbox"]["AP50"]
+    assert tide_errors(gt, EVERY_KIND_DETS)["AP"] == pycocotools_ap50(gt, EVERY_KIND_DETS)
 
 
 def test_cls_and_loc_on_one_box_fix_only_the_higher_scoring_one():
@@ -141,7 +147,7 @@ def test_a_class_without_ground_truth_is_typed_but_not_averaged():
     dets = [_det(1, A, [0, 0, 10, 10], 0.5), _det(1, C, [50, 50, 20, 20], 0.9), _det(1, C, [80, 0, 10, 10], 0.95)]
     result = tide_errors(gt, dets)
     assert result["AP"] == pytest.approx(5100 / 101, rel=1e-9)
-    assert result["AP"] == evaluate_coco_results(gt, dets)["bbox"]["AP50"]
+    assert result["AP"] == pycocotools_ap50(gt, dets)
     assert result["dAP"] == pytest.approx(
         {"cls": 100 - 5100 / 101, "loc": 0.0, "both": 0.0, "dupe": 0.0, "bkg": 0.0, "miss": 0.0}, abs=1e-9
     )
@@ -159,7 +165,7 @@ def test_crowd_regions_are_ignored_as_coco_does():
             _det(1, A, [0, 0, 10, 10], 0.85)]  # a crowd region takes any number of detections
     result = tide_errors(gt, dets)
     assert result["AP"] == pytest.approx(100.0, rel=1e-9)
-    assert result["AP"] == evaluate_coco_results(gt, dets)["bbox"]["AP50"]
+    assert result["AP"] == pycocotools_ap50(gt, dets)
     assert result["counts"] == {
         "cls": 0, "loc": 0, "both": 0, "dupe": 0, "bkg": 1, "miss": 0, "tp": 1, "gt": 1, "detections": 2
     }
@@ -181,7 +187,7 @@ def test_img_ids_evaluate_a_subset_as_evaluate_coco_results_does():
     gt = load_coco_ground_truth(EVERY_KIND_GT)
     result = tide_errors(gt, EVERY_KIND_DETS, img_ids=[2])
     assert result["AP"] == pytest.approx(100.0, rel=1e-9)
-    assert result["AP"] == evaluate_coco_results(gt, EVERY_KIND_DETS, img_ids=[2])["bbox"]["AP50"]
+    assert result["AP"] == pycocotools_ap50(gt, EVERY_KIND_DETS, img_ids=[2])
     assert result["counts"] == {
         "cls": 0, "loc": 0, "both": 0, "dupe": 0, "bkg": 0, "miss": 0, "tp": 1, "gt": 1, "detections": 1
     }
@@ -217,7 +223,7 @@ def test_a_detection_outside_cocos_area_range_is_ignored():
     gt = load_coco_ground_truth(_gt([(1, 1, A, [0, 0, 10, 10])]))
     dets = [_det(1, A, [0, 0, 10, 10], 0.5), _det(1, A, [20, 20, 1e6, 1e6], 0.9)]
     assert tide_assignment(gt, dets).detection_types == ["tp", "ignored"]
-    assert tide_errors(gt, dets)["AP"] == pytest.approx(100.0, rel=1e-9) == evaluate_coco_results(gt, dets)["bbox"]["AP50"]
+    assert tide_errors(gt, dets)["AP"] == pytest.approx(100.0, rel=1e-9) == pycocotools_ap50(gt, dets)
 
 
 def test_bad_input_is_named():
@@ -249,12 +255,12 @@ def test_coco_val2014_first100_fake_results(shared_data):
     detections = json.loads((root / "instances_val2014_fakebbox100_results.json").read_text())
     gt = load_coco_ground_truth(data)
     result = tide_errors(gt, detections)
-    assert result["AP"] == evaluate_coco_results(gt, detections)["bbox"]["AP50"]
+    assert result["AP"] == pycocotools_ap50(gt, detections)
 
     with_gt = {ann["category_id"] for ann in data["annotations"]}
     detections = [entry for entry in detections if entry["category_id"] in with_gt]
     result = tide_errors(gt, detections)
-    assert result["AP"] == evaluate_coco_results(gt, detections)["bbox"]["AP50"]
+    assert result["AP"] == pycocotools_ap50(gt, detections)
     assert result["AP"] == pytest.approx(69.69727247299575, abs=1e-9)
     assert result["dAP"] == pytest.approx({
         "cls": 15.58350372492481, "loc": 0.24988213107026525, "both": 0.0, "dupe": 0.020599225914494923,

@@ -97,6 +97,24 @@ def test_ground_truth_with_a_repeated_annotation_id_is_one_line_and_exit_1(tiny_
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_ground_truth_with_a_repeated_image_id_is_one_line_and_exit_1(tiny_gt, tmp_path, capsys):
+    """pycocotools keeps the last of two images with one id: here the box of the first (200 px) lay outside the second
+    (100 px), was dropped, and perfect detections scored AP 50."""
+    gt = json.loads(tiny_gt.read_text())
+    gt["images"] = [{"id": 1, "height": 200, "width": 200}, {"id": 1, "height": 100, "width": 100}]
+    gt["annotations"].append({**gt["annotations"][0], "id": 2, "bbox": [150, 150, 30, 30]})
+    tiny_gt.write_text(json.dumps(gt))
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps([{"image_id": 1, "category_id": 4, "bbox": box, "score": score}
+                                for box, score in (([10, 10, 20, 20], 0.5), ([150, 150, 30, 30], 0.9))]))
+    status, err = run_eval_det([
+        "--gt", str(tiny_gt), "--dets", str(dets), "--json-out", str(tmp_path / "metrics.json")
+    ], capsys)
+    assert status == 1
+    assert err == [f"eval_det.py: error: {tiny_gt}: images #0 and #1 have the same id 1; image ids must be unique"]
+    assert not (tmp_path / "metrics.json").exists()
+
+
 def test_coco_api_fake_results_on_first100(tmp_path, shared_data):
     shared_data("coco_val2014_first100")
     from pycocotools.coco import COCO
