@@ -223,7 +223,8 @@ def test_ground_truth_image_ids_1_and_str_1_are_different_images(tmp_path):
 
 
 def test_ground_truth_annotation_ids_unique_across_int_and_str_and_assigned(coco_gt_file, tmp_path):
-    """Ids 1 and "1" are different keys for pycocotools; a missing id gets its position plus one."""
+    """Ids 1 and "1" are different keys for pycocotools, so no repeat; a missing id gets its position plus one; a
+    str id makes them all numbered 1 to N for COCOeval."""
     from detectron_res.evaluation.coco import load_coco_ground_truth
 
     gt = json.loads(open(coco_gt_file).read())
@@ -231,10 +232,29 @@ def test_ground_truth_annotation_ids_unique_across_int_and_str_and_assigned(coco
     del gt["annotations"][1]["id"]  # gets 2
     gt["annotations"][2]["id"] = 1
     coco = load_coco_ground_truth(gt)
-    assert list(coco.anns) == ["1", 2, 1]
+    assert list(coco.anns) == [1, 2, 3]
     perfect = [{"image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": ann["bbox"], "score": 0.9}
                for ann in gt["annotations"]]
     assert evaluate_coco_results(gt, perfect)["bbox"]["AP"] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+@pytest.mark.parametrize("odd_id", [0, -3, "crowd"])
+def test_annotation_ids_cocoeval_cannot_match_are_renumbered(odd_id, backend, caplog):
+    """An annotation id 0 (COCOeval's "no match") was never found: the two perfect detections below scored AP50
+    25.2 (the first a false positive) instead of 100; a non-numeric str id failed in pycocotools once matched."""
+    from detectron_res.evaluation.coco import load_coco_ground_truth
+
+    gt = {"images": [{"id": 1, "height": 100, "width": 100}], "categories": [{"id": 1, "name": "cat"}],
+          "annotations": [{"id": odd_id, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30]},
+                          {"id": 5, "image_id": 1, "category_id": 1, "bbox": [50, 50, 30, 30]}]}
+    perfect = [{"image_id": 1, "category_id": 1, "bbox": ann["bbox"], "score": 0.9 - 0.1 * k}
+               for k, ann in enumerate(gt["annotations"])]
+    with caplog.at_level(logging.INFO, logger="detectron_res"):
+        assert list(load_coco_ground_truth(gt).anns) == [1, 2]
+    assert f"annotation #0 has id {odd_id!r}; the 2 annotations are numbered 1 to 2" in caplog.text
+    assert evaluate_coco_results(gt, perfect, backend=backend)["bbox"]["AP50"] == pytest.approx(100.0)
+    assert gt["annotations"][0]["id"] == odd_id  # the caller's dict is left as it was
 
 
 def test_results_with_a_negative_width_are_refused(coco_gt_file, tmp_path):
