@@ -65,10 +65,11 @@ COMMANDS: list[tuple[str, str]] = [
     (r"^torchrun|--num-gpus", "several processes: tests/engine/test_distributed.py runs them at tiny size"),
     (r"^mutmut|^rm -rf mutants", "the mutation run of docs/testing.md (hours)"),
     (r"^tensorboard|^python -c|^ls /tmp", "part of a transcript whose output the page shows"),
-    (r"/tmp/qs/|/tmp/shapes_run|/tmp/broken|/tmp/nothing|/tmp/exp/|run/model_final|--output photos|"
-     r"--input \"photos/\*\.jpg\"|run --out|instances_val\.json --dets|link_to_r50|^python tools/export\.py \.\.\.",
+    (r"/tmp/qs/|/tmp/shapes_run|/tmp/shapes_report_run|/tmp/broken|/tmp/nothing|/tmp/exp/|run/model_final|"
+     r"--output photos|--input \"photos/\*\.jpg\"|run --out|instances_val\.json --dets|link_to_r50|"
+     r"^python tools/export\.py \.\.\.",
      "a transcript of docs/tools.md; its messages are asserted by tests/tools (test_demo, test_plot_log, "
-     "test_tool_paths, test_export)"),
+     "test_tool_paths, test_export, test_report_tools; README's report line runs after the quick start)"),
     (r"shapes_r18\.yaml --output output/shapes_(single|ddp)", "the 1500-iteration schedule of docs/results.md"),
 ]
 
