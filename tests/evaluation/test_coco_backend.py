@@ -3,6 +3,7 @@ evaluation (config, runner, tools/eval_det.py, tools/benchmark.py --mode coco-ev
 
 from __future__ import annotations
 
+import builtins
 import importlib
 import importlib.util
 import json
@@ -213,14 +214,14 @@ def hide_faster_coco_eval(monkeypatch, how: str = "find_spec") -> None:
     elif how == "sys.modules":
         monkeypatch.setitem(sys.modules, "faster_coco_eval", None)
     else:
-        real_import = importlib.import_module
+        real_import = builtins.__import__
 
-        def broken(name, *args):
+        def broken(name, *args, **kwargs):
             if name == "faster_coco_eval":
                 raise ImportError("faster_eval_api_cpp: undefined symbol")
-            return real_import(name, *args)
+            return real_import(name, *args, **kwargs)
 
-        monkeypatch.setattr(importlib, "import_module", broken)
+        monkeypatch.setattr(builtins, "__import__", broken)
 
 
 @pytest.mark.parametrize("how", ["find_spec", "sys.modules", "import fails"])
