@@ -41,6 +41,7 @@ from detectron_res.engine.report import add_report_arguments, check_report_dir
 from detectron_res.evaluation.coco import (
     COCO_BACKEND_CHOICES,
     DEFAULT_COCO_BACKEND,
+    COCOEvaluation,
     check_coco_backend,
     run_coco_evaluation,
     write_coco_plots,
@@ -58,7 +59,7 @@ from detectron_res.utils.io import DiskFullError
 from detectron_res.utils.paths import check_tool_paths, check_writable
 
 
-def _evaluate_coco(args: argparse.Namespace) -> dict:
+def _evaluate_coco(args: argparse.Namespace) -> tuple[dict, COCOEvaluation]:
     """COCO: ``--gt`` a COCO instances json, ``--dets`` a COCO results json."""
     if not args.gt:
         raise ValueError("--format coco needs --gt, the COCO instances json")
@@ -66,22 +67,25 @@ def _evaluate_coco(args: argparse.Namespace) -> dict:
     if _plot_dir(args) is not None:
         write_coco_plots(evaluation, _plot_dir(args))
     print(format_per_category_table(per_category_values(evaluation.metrics["bbox"])))
-    if args.report:
-        images = Path(args.images) if args.images else None
-        write_report(
-            args.report,
-            evaluation,
-            image_files={image["id"]: images / image["file_name"] for image in evaluation.coco_gt.dataset["images"]
-                         if images is not None and image.get("file_name")},
-            title=f"Evaluation report: {Path(args.dets).name}",
-            sources={"ground truth": args.gt, "detections": args.dets, "images": args.images or "not given (--images)"},
-            gallery_size=args.gallery,
-            show_score=args.show_score,
-        )
-    return evaluation.metrics
+    return evaluation.metrics, evaluation
 
 
-def _evaluate_voc(args: argparse.Namespace) -> dict:
+def _write_report(args: argparse.Namespace, evaluation: COCOEvaluation) -> None:
+    """``--report``: the evaluation report, its gallery drawn from the images under ``--images``."""
+    images = Path(args.images) if args.images else None
+    write_report(
+        args.report,
+        evaluation,
+        image_files={image["id"]: images / image["file_name"] for image in evaluation.coco_gt.dataset["images"]
+                     if images is not None and image.get("file_name")},
+        title=f"Evaluation report: {Path(args.dets).name}",
+        sources={"ground truth": args.gt, "detections": args.dets, "images": args.images or "not given (--images)"},
+        gallery_size=args.gallery,
+        show_score=args.show_score,
+    )
+
+
+def _evaluate_voc(args: argparse.Namespace) -> tuple[dict, None]:
     """VOC: ``--voc-root`` a year folder (Annotations/, ImageSets/Main/), ``--split``, ``--dets`` a folder of
     devkit result files."""
     if not args.voc_root:
@@ -90,7 +94,7 @@ def _evaluate_voc(args: argparse.Namespace) -> dict:
         voc_root=args.voc_root, split=args.split, dets_dir=args.dets, plot_dir=_plot_dir(args), as_devkit=args.as_devkit
     )
     print(format_voc_table(metrics))
-    return metrics
+    return metrics, None
 
 
 def _plot_dir(args: argparse.Namespace) -> Path | None:
@@ -135,7 +139,9 @@ def one_line(error: BaseException) -> str:
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
-EVALUATORS: dict[str, Callable[[argparse.Namespace], dict]] = {"coco": _evaluate_coco, "voc": _evaluate_voc}
+# each returns the metrics and, for COCO, the evaluation the report is written from
+EVALUATORS: dict[str, Callable[[argparse.Namespace], tuple[dict, COCOEvaluation | None]]] = {
+    "coco": _evaluate_coco, "voc": _evaluate_voc}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,9 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.format == "coco":
             check_coco_backend(args.backend)  # a missing faster-coco-eval is said before anything is read
         check_outputs(args)
-        metrics = EVALUATORS[args.format](args)
+        metrics, evaluation = EVALUATORS[args.format](args)
         if args.json_out:
             write_json_out(args.json_out, metrics)
+        if args.report:  # after --json-out: a report that cannot be written loses no metrics
+            _write_report(args, evaluation)
     except (OSError, ValueError) as error:
         print(f"{parser.prog}: error: {one_line(error)}", file=sys.stderr)
         return 1
