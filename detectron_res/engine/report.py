@@ -80,11 +80,14 @@ def write_run_reports(
     are more files it must not overwrite (e.g. {"--cfg": path}), besides the detections and the ground truth.
 
     Raises:
+        ValueError: DATASETS.TEST is empty.
         FileNotFoundError: a data set's detections are not in the run folder (the message names the file).
         PathConflictError, OSError: a report file would overwrite the ground truth or the detections, or cannot
             be written.
     """
     names = list(cfg.DATASETS.TEST)
+    if not names:
+        raise ValueError("DATASETS.TEST is empty: there is no evaluation to report (set it to the data sets tested)")
     folders = [results_folder_name(name) for name in names]
     report_dir = Path(report_dir)
     reports = {}

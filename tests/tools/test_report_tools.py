@@ -155,3 +155,5 @@ def test_refusals_before_any_work(trained, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match=r"coco_instances_results.json: no detections of data set"):
         report_tool.main([str(tmp_path / "untested"), "--cfg", str(run / "config.yaml"), *common])
     assert not (tmp_path / "untested" / "report").exists()
+    with pytest.raises(ValueError, match="DATASETS.TEST is empty: there is no evaluation to report"):
+        report_tool.main([str(run), "DATASETS.TEST=[]"])  # the training run's config.yaml, trained without a test set
