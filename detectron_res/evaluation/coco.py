@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
@@ -65,7 +65,7 @@ def _quiet():
 def records_to_coco_dict(dataset: DetectionDataset) -> dict:
     """An in-memory COCO ground truth (``images``, ``categories``, ``annotations``) built from the records.
 
-    Image ids are the records' ``image_id`` (int or str; pycocotools accepts both), categories are
+    Image ids are the records' ``image_id`` (all ints or all strs; pycocotools accepts either), categories are
     ``{"id": category_ids[k], "name": class_names[k]}``, boxes become ``[x, y, w, h]`` with ``area = w * h``.
     An annotation is marked ``iscrowd = 1`` when it is a crowd region **or** a VOC ``difficult`` object, so that
     COCOeval ignores it: detections matched to it count neither as true nor as false positives. (COCOeval
@@ -73,8 +73,9 @@ def records_to_coco_dict(dataset: DetectionDataset) -> dict:
     box is ignored as well; VOC's own protocol uses the ordinary IoU there.)
 
     Raises:
-        ValueError: class metadata of different lengths, a repeated or badly typed image id, or an annotation
-            whose ``category_id`` is not a contiguous index of the data set or whose ``bbox`` is not 4 numbers.
+        ValueError: class metadata of different lengths, a repeated or badly typed image id, int image ids beside
+            str ones, or an annotation whose ``category_id`` is not a contiguous index of the data set or whose
+            ``bbox`` is not 4 numbers.
     """
     if len(dataset.category_ids) != len(dataset.class_names):
         raise ValueError(
@@ -131,6 +132,12 @@ def records_to_coco_dict(dataset: DetectionDataset) -> dict:
                     "iscrowd": int(ignored),
                 }
             )
+    mixed = _first_int_and_str(image["id"] for image in images)
+    if mixed is not None:
+        (int_position, int_id), (str_position, str_id) = mixed
+        raise ValueError(f"data set {dataset.name!r}: record #{int_position} has the int image_id {int_id!r} but "
+                         f"record #{str_position} the str image_id {str_id!r}; image ids must be all ints or all strs "
+                         "(pycocotools sorts them)")
     return {"images": images, "categories": categories, "annotations": annotations}
 
 
@@ -156,8 +163,9 @@ def load_coco_ground_truth(source: COCO | dict | str | os.PathLike) -> COCO:
     Raises:
         FileNotFoundError: the json does not exist.
         ValueError: it is not valid JSON, lacks ``images`` / ``categories`` lists or well-formed annotations, an
-            image or annotation ``id`` is not an int or a str or repeats another's, an image has no valid
-            ``height`` / ``width``, or an annotation names an image that is not in ``images``.
+            image or annotation ``id`` is not an int or a str or repeats another's, image ids mix ints and strs
+            (pycocotools sorts them), an image has no valid ``height`` / ``width``, or an annotation names an image
+            that is not in ``images``.
     """
     if isinstance(source, COCO):
         return source
@@ -196,10 +204,12 @@ def load_coco_ground_truth(source: COCO | dict | str | os.PathLike) -> COCO:
 
 
 def _check_image_ids(images: list, name: str) -> None:
-    """Refuse an image that is not an object with an ``id``, an id that is not an int or a str, or an id that two
-    images share: pycocotools indexes images by id and keeps the last entry, and so would the image sizes of the
-    ground-truth rule, so a repeat silently merges two images (a box of a 200 px image lying outside a 100 px one
-    under the same id was dropped, and perfect detections scored AP 50, both backends)."""
+    """Refuse an image that is not an object with an ``id``, an id that is not an int or a str, an id that two
+    images share, or int ids beside str ids. pycocotools indexes images by id and keeps the last entry, and so would
+    the image sizes of the ground-truth rule, so a repeat silently merges two images (a box of a 200 px image lying
+    outside a 100 px one under the same id was dropped, and perfect detections scored AP 50, both backends).
+    pycocotools sorts the image ids, which fails on a mix with a bare ``TypeError`` ('<' not supported between
+    'str' and 'int') while faster-coco-eval scores it: one ground truth must give one answer."""
     first: dict[int | str, int] = {}  # id -> position of the first image with it
     for position, image in enumerate(images):
         if not isinstance(image, dict) or "id" not in image:
@@ -211,6 +221,24 @@ def _check_image_ids(images: list, name: str) -> None:
         if earlier != position:
             raise ValueError(f"{name}: images #{earlier} and #{position} have the same id {image_id!r}; "
                              "image ids must be unique")
+    mixed = _first_int_and_str(image["id"] for image in images)
+    if mixed is not None:
+        (int_position, int_id), (str_position, str_id) = mixed
+        raise ValueError(f"{name}: image #{int_position} has the int id {int_id!r} but image #{str_position} the str "
+                         f"id {str_id!r}; image ids must be all ints or all strs (pycocotools sorts them)")
+
+
+def _first_int_and_str(ids: Iterable[int | str]) -> tuple[tuple[int, int], tuple[int, str]] | None:
+    """The position and value of the first int and of the first str among ``ids`` (ints or strs), when both occur."""
+    first_int = first_str = None
+    for position, value in enumerate(ids):
+        if isinstance(value, str):
+            first_str = first_str or (position, value)
+        else:
+            first_int = first_int or (position, value)
+        if first_int is not None and first_str is not None:
+            return first_int, first_str
+    return None
 
 
 def _check_annotation_ids(annotations: list[dict], name: str) -> None:

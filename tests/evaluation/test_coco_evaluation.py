@@ -210,16 +210,29 @@ def test_ground_truth_with_repeated_image_ids_is_refused(tmp_path, images, messa
         load_coco_ground_truth(gt)
 
 
-def test_ground_truth_image_ids_1_and_str_1_are_different_images(tmp_path):
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        ([{"id": 1, "height": 100, "width": 100}, {"id": "1", "height": 200, "width": 200}],
+         r"image #0 has the int id 1 but image #1 the str id '1'; image ids must be all ints or all strs "
+         r"\(pycocotools sorts them\)$"),
+        ([{"id": "a", "height": 9, "width": 9}, {"id": "b", "height": 9, "width": 9},
+          {"id": 7, "height": 9, "width": 9}, {"id": "c", "height": 9, "width": 9}, {"id": 8, "height": 9, "width": 9}],
+         r"image #2 has the int id 7 but image #0 the str id 'a'; "),
+    ],
+)
+def test_ground_truth_mixing_int_and_str_image_ids_is_refused(tmp_path, images, message):
+    """pycocotools sorts the image ids and failed with a bare TypeError ('<' not supported between 'str' and 'int')
+    on such a ground truth, while faster-coco-eval scored it."""
     from detectron_res.evaluation.coco import load_coco_ground_truth
 
-    gt = {"images": [{"id": 1, "height": 100, "width": 100}, {"id": "1", "height": 200, "width": 200}],
-          "categories": [{"id": 1, "name": "cat"}],
-          "annotations": [{"id": 1, "image_id": "1", "category_id": 1, "bbox": [150, 150, 30, 30]}]}
-    coco = load_coco_ground_truth(gt)
-    assert list(coco.imgs) == [1, "1"] and coco.anns[1]["bbox"] == [150, 150, 30, 30]  # sized by "1": kept
-    perfect = [{"image_id": "1", "category_id": 1, "bbox": [150, 150, 30, 30], "score": 0.9}]
-    assert evaluate_coco_results(coco, perfect, img_ids=["1"])["bbox"]["AP"] == pytest.approx(100.0)
+    gt = {"images": images, "categories": [{"id": 1, "name": "cat"}],
+          "annotations": [{"id": 1, "image_id": images[1]["id"], "category_id": 1, "bbox": [1, 1, 5, 5]}]}
+    gt_file = _write_json(tmp_path / "mixed_image_ids.json", gt)
+    with pytest.raises(ValueError, match="^" + re.escape(gt_file) + ": " + message):
+        load_coco_ground_truth(gt_file)
+    with pytest.raises(ValueError, match="^ground truth dict: " + message):
+        load_coco_ground_truth(gt)
 
 
 def test_ground_truth_annotation_ids_unique_across_int_and_str_and_assigned(coco_gt_file, tmp_path):
@@ -307,6 +320,16 @@ def test_records_to_coco_dict_marks_difficult_as_crowd():
     }
     assert [ann["iscrowd"] for ann in coco["annotations"]] == [0, 1, 0]
     assert [ann["id"] for ann in coco["annotations"]] == [1, 2, 3]  # unique ids: see load_coco_ground_truth
+
+
+def test_records_mixing_int_and_str_image_ids_are_refused():
+    """No loader gives such records (VOC and ImageNet ids are names; COCO json data sets, shapes included, are
+    evaluated from their json), but a data set built in code could: named here, not as a "ground truth dict"."""
+    dataset = _records_dataset()
+    dataset.records.append({**dataset.records[0], "image_id": 3})
+    with pytest.raises(ValueError, match=r"^data set 'tiny': record #2 has the int image_id 3 but record #0 the str "
+                                         r"image_id 'a'; image ids must be all ints or all strs"):
+        records_to_coco_dict(dataset)
 
 
 def _outputs_for(image_id: str) -> dict[str, torch.Tensor]:
