@@ -162,10 +162,10 @@ def load_coco_ground_truth(source: COCO | dict | str | os.PathLike) -> COCO:
 
     Raises:
         FileNotFoundError: the json does not exist.
-        ValueError: it is not valid JSON, lacks ``images`` / ``categories`` lists or well-formed annotations, an
-            image or annotation ``id`` is not an int or a str or repeats another's, image ids mix ints and strs
-            (pycocotools sorts them), an image has no valid ``height`` / ``width``, or an annotation names an image
-            that is not in ``images``.
+        ValueError: it is not valid JSON, lacks ``images`` / ``categories`` lists or well-formed annotations, a
+            category lacks an int ``id`` or a str ``name`` or repeats another's id, an image or annotation ``id`` is
+            not an int or a str or repeats another's, image ids mix ints and strs (pycocotools sorts them), an image
+            has no valid ``height`` / ``width``, or an annotation names an image that is not in ``images``.
     """
     if isinstance(source, COCO):
         return source
@@ -188,6 +188,7 @@ def load_coco_ground_truth(source: COCO | dict | str | os.PathLike) -> COCO:
             raise ValueError(f"{name}: annotation #{position} must be an object with 'image_id' and 'category_id'")
         if not _is_number_list(ann.get("bbox"), length=4):
             raise ValueError(f"{name}: annotation #{position} has bbox {ann.get('bbox')!r}; expected [x, y, w, h]")
+    _check_categories(data["categories"], name)
     _check_image_ids(data["images"], name)
     _check_annotation_ids(annotations, name)
     _number_annotations_for_cocoeval(annotations, name)
@@ -201,6 +202,27 @@ def load_coco_ground_truth(source: COCO | dict | str | os.PathLike) -> COCO:
     with _quiet():
         coco.createIndex()
     return coco
+
+
+def _check_categories(categories: list, name: str) -> None:
+    """Refuse a category that is not an object with an ``id`` and a ``name`` (both backends failed with a bare
+    ``KeyError``), an id that is not an int (the COCO format's ids are ints, as results' ``category_id`` must be: a
+    str id made faster-coco-eval fail in C++ with a many-line ``TypeError``), a name that is not a str, or an id that
+    two categories share (pycocotools keeps the last one's name: the class of the first was reported under the
+    second's name, both backends)."""
+    first: dict[int, int] = {}  # id -> position of the first category with it
+    for position, category in enumerate(categories):
+        if not isinstance(category, dict) or "id" not in category or "name" not in category:
+            raise ValueError(f"{name}: category #{position} must be an object with an 'id' and a 'name'")
+        category_id = category["id"]
+        if isinstance(category_id, bool) or not isinstance(category_id, Integral):
+            raise ValueError(f"{name}: category #{position} has id {category_id!r}; expected an int")
+        if not isinstance(category["name"], str):
+            raise ValueError(f"{name}: category #{position} has name {category['name']!r}; expected a str")
+        earlier = first.setdefault(category_id, position)
+        if earlier != position:
+            raise ValueError(f"{name}: categories #{earlier} and #{position} have the same id {category_id!r}; "
+                             "category ids must be unique")
 
 
 def _check_image_ids(images: list, name: str) -> None:

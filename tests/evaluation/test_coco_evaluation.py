@@ -182,6 +182,39 @@ def test_ground_truth_with_repeated_annotation_ids_is_refused(tmp_path, annotati
 
 
 @pytest.mark.parametrize(
+    ("categories", "message"),
+    [
+        (  # faster-coco-eval failed in C++ with a many-line TypeError (append_ref(): incompatible function arguments)
+            [{"id": 1, "name": "cat"}, {"id": "2", "name": "dog"}],
+            r"category #1 has id '2'; expected an int$",
+        ),
+        ([{"id": 1, "name": "cat"}, {"id": 2.0, "name": "dog"}], r"category #1 has id 2\.0; expected an int$"),
+        ([{"id": True, "name": "cat"}], r"category #0 has id True; expected an int$"),
+        (  # pycocotools kept the last name: the cat's AP was reported as AP-lion (both backends)
+            [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 1, "name": "lion"}],
+            r"categories #0 and #2 have the same id 1; category ids must be unique$",
+        ),
+        (  # both backends failed with a bare KeyError: 'name' / 'id'
+            [{"id": 1, "name": "cat"}, {"id": 2}], r"category #1 must be an object with an 'id' and a 'name'$",
+        ),
+        ([{"name": "cat"}], r"category #0 must be an object with an 'id' and a 'name'$"),
+        ([{"id": 1, "name": "cat"}, 2], r"category #1 must be an object with an 'id' and a 'name'$"),
+        ([{"id": 1, "name": None}], r"category #0 has name None; expected a str$"),
+    ],
+)
+def test_ground_truth_with_bad_categories_is_refused(tmp_path, categories, message):
+    from detectron_res.evaluation.coco import load_coco_ground_truth
+
+    gt = {"images": [{"id": 10, "height": 200, "width": 200}], "categories": categories,
+          "annotations": [_annotation([10, 10, 50, 50], id=1)]}
+    gt_file = _write_json(tmp_path / "bad_categories.json", gt)
+    with pytest.raises(ValueError, match="^" + re.escape(gt_file) + ": " + message):
+        load_coco_ground_truth(gt_file)
+    with pytest.raises(ValueError, match="^ground truth dict: " + message):
+        load_coco_ground_truth(gt)
+
+
+@pytest.mark.parametrize(
     ("images", "message"),
     [
         (  # pycocotools kept the last entry: the box of the 200 px image 10 lay outside the 100 px one and was dropped
