@@ -115,6 +115,23 @@ def test_ground_truth_with_a_repeated_image_id_is_one_line_and_exit_1(tiny_gt, t
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_ground_truth_with_a_str_category_id_is_one_line_and_exit_1(tiny_gt, tmp_path, capsys):
+    """Without detections, faster-coco-eval (the auto backend where installed) failed in C++ on a str category id with
+    a many-line TypeError, and pycocotools scored it 0."""
+    gt = json.loads(tiny_gt.read_text())
+    gt["categories"] = [{"id": "4", "name": "ball"}]
+    gt["annotations"][0]["category_id"] = "4"
+    tiny_gt.write_text(json.dumps(gt))
+    dets = tmp_path / "dets.json"
+    dets.write_text("[]")
+    status, err = run_eval_det([
+        "--gt", str(tiny_gt), "--dets", str(dets), "--json-out", str(tmp_path / "metrics.json")
+    ], capsys)
+    assert status == 1
+    assert err == [f"eval_det.py: error: {tiny_gt}: category #0 has id '4'; expected an int"]
+    assert not (tmp_path / "metrics.json").exists()
+
+
 def test_coco_api_fake_results_on_first100(tmp_path, shared_data):
     shared_data("coco_val2014_first100")
     from pycocotools.coco import COCO
