@@ -312,9 +312,14 @@ def _usable_annotations(data: dict, name: str) -> list[dict]:
             raise ValueError(f"{name}: image {image['id']!r} needs a positive 'height' and 'width', got {height!r}, {width!r}")
         sizes[image["id"]] = (float(height), float(width))
     annotations = data["annotations"]
-    for ann in annotations:
+    categories = {category["id"] for category in data["categories"]}  # ints (_check_categories)
+    for position, ann in enumerate(annotations):
         if ann["image_id"] not in sizes:
             raise ValueError(f"{name}: annotation {ann['id']!r} refers to image_id {ann['image_id']!r}, which is not in 'images'")
+        if ann["category_id"] not in categories:  # COCOeval would drop the box silently (its class is never scored)
+            known = ", ".join(str(cat) for cat in sorted(categories)[:10]) + (", ..." if len(categories) > 10 else "")
+            raise ValueError(f"{name}: annotation #{position} has category_id {ann['category_id']!r}, which is not "
+                             f"the id of a category in 'categories' ({known})")
     if not annotations:
         return annotations
     size = np.array([sizes[ann["image_id"]] for ann in annotations])

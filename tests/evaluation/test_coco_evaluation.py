@@ -216,6 +216,18 @@ def test_ground_truth_with_bad_categories_is_refused(tmp_path, categories, messa
         load_coco_ground_truth(gt)
 
 
+def test_ground_truth_with_an_annotation_of_an_unknown_category_is_refused(tmp_path):
+    """Both backends dropped such a box silently: AP 100 for a detector that found only the other box."""
+    from detectron_res.evaluation.coco import load_coco_ground_truth
+
+    gt = {"images": [{"id": 10, "height": 200, "width": 200}], "categories": [{"id": 1, "name": "cat"}],
+          "annotations": [_annotation([10, 10, 50, 50], id=1), {**_annotation([100, 100, 50, 50], id=2),
+                                                                 "category_id": 7}]}
+    with pytest.raises(ValueError, match=r"^ground truth dict: annotation #1 has category_id 7, which is not the id of "
+                                         r"a category in 'categories' \(1\)$"):
+        load_coco_ground_truth(gt)
+
+
 @pytest.mark.parametrize(
     ("images", "message"),
     [
