@@ -116,10 +116,7 @@ class ExportableDetector(nn.Module):
             pad_h = (divisor - image.shape[-2] % divisor) % divisor
             pad_w = (divisor - image.shape[-1] % divisor) % divisor
             x = F.pad(x, (0, pad_w, 0, pad_h))
-        batch = x[None]  # (1, 3, H, W)
-        if model.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        return model.backbone(batch), limits
+        return model.backbone(model.trunk_batch(x[None])), limits  # (1, 3, H, W), the eager model's layout
 
     def propose(self, features: Tensor, limits: Tensor) -> Tensor:
         """`RPN.find_top_proposals` for one image: (P, 4) proposals in input pixels, by descending objectness."""

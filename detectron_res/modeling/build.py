@@ -70,20 +70,12 @@ def build_rpn(cfg, *, in_channels: int, stride: int) -> RPN:
     )
 
 
-# outside training on the CPU, RoIs are pooled and run through res5 in chunks of pooled features up to this size
-INFERENCE_CHUNK_BYTES = 48 << 20
-
-
 def build_roi_heads(cfg, *, stride: int) -> Res5ROIHeads:
     b, h = cfg.MODEL.BACKBONE, cfg.MODEL.ROI_HEADS
     res5, res5_channels = build_res5(
         depth=b.DEPTH, width=b.WIDTH, norm_layer=get_norm(b.NORM, gn_groups=b.GN_GROUPS),
         stride_in_1x1=b.STRIDE_IN_1X1,
     )
-    chunk = 0  # on GPUs all RoIs at once
-    if resolve_device(cfg.MODEL.DEVICE).type == "cpu":
-        pooled_bytes = res5[0].conv1.in_channels * h.POOLER_RESOLUTION**2 * 4  # one RoI's float32 (C4, S, S)
-        chunk = max(1, INFERENCE_CHUNK_BYTES // pooled_bytes)
     predictor = FastRCNNOutputLayers(
         in_channels=2 * res5_channels if h.GLOBAL_CONTEXT else res5_channels,
         num_classes=cfg.MODEL.NUM_CLASSES,
@@ -110,7 +102,7 @@ def build_roi_heads(cfg, *, stride: int) -> Res5ROIHeads:
         bg_iou_thresh_lo=h.BG_IOU_THRESH_LO,
         proposal_append_gt=h.PROPOSAL_APPEND_GT,
         global_context=h.GLOBAL_CONTEXT,
-        inference_chunk=chunk,
+        inference_chunk=None,  # by the device it runs on: a model built on the CPU may be moved to a GPU
     )
 
 
@@ -162,7 +154,7 @@ def build_model(cfg) -> FasterRCNN:
         input_format=cfg.INPUT.FORMAT,
         size_divisibility=cfg.INPUT.SIZE_DIVISIBILITY,
         test_time=build_test_time(cfg),
-        channels_last=device.type == "cpu",
+        channels_last=None,  # by the device it runs on, as the RoI chunks
         inference_dtype=inference_dtype(cfg.TEST.AMP, device=device),
     )
     return model.to(device)

@@ -56,7 +56,7 @@ class FasterRCNN(nn.Module):
         input_format: str = "RGB",
         size_divisibility: int = 16,
         test_time: TestTimeAugmentation | None = None,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         inference_dtype: torch.dtype | None = None,
     ):
         """
@@ -74,7 +74,8 @@ class FasterRCNN(nn.Module):
             channels_last: outside training, give the trunk its images in channels-last (NHWC) memory format, so
                 that every convolution runs on NHWC tensors (oneDNN's fast layout on CPUs; no reordering between
                 layers) and the RoI pooler reads the res4 map's channel vectors without a copy. The same results
-                to float rounding.
+                to float rounding. None: when the images are on the CPU (`trunk_batch`), decided at each call so
+                that a model moved between devices after it was built follows the device it runs on.
             inference_dtype: outside training, run under autocast to this dtype (bfloat16 or float16; None: float32).
                 The heads' outputs are float32, so box decoding, scores and NMS stay float32.
         """
@@ -109,12 +110,19 @@ class FasterRCNN(nn.Module):
         return self.batch_images([self.normalize(x["image"]) for x in batched_inputs])
 
     def batch_images(self, images: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
-        """Normalised (3, h_i, w_i) images -> the zero-padded (N, 3, H, W) batch for the trunk (channels-last
-        outside training when `channels_last`) and the (h_i, w_i)."""
+        """Normalised (3, h_i, w_i) images -> the zero-padded (N, 3, H, W) batch for the trunk (in
+        `trunk_batch`'s memory format) and the (h_i, w_i)."""
         batch, sizes = batch_images(images, size_divisibility=self.size_divisibility)
-        if self.channels_last and not self.training:
+        return self.trunk_batch(batch), sizes
+
+    def trunk_batch(self, batch: Tensor) -> Tensor:
+        """The padded (N, 3, H, W) batch in the trunk's memory format: channels-last outside training when
+        `channels_last` is True, or None and the batch is on the CPU. The device is a Python value also under
+        `torch.jit.trace`, so an export records the layout of the device it traces on."""
+        channels_last = batch.device.type == "cpu" if self.channels_last is None else self.channels_last
+        if channels_last and not self.training:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        return batch, sizes
+        return batch
 
     def checkpoint_mismatch(self, state_dict: dict[str, Tensor]) -> str | None:
         """Why `state_dict` was trained with another setting of a model option that decides tensor shapes in a way

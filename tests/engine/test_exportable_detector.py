@@ -108,6 +108,18 @@ def test_the_wrapper_runs_the_models_inference_path(exported):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_the_wrapper_gives_the_trunk_the_eager_models_layout(exported):
+    """Channels-last images on the CPU, as the eager model's (a trace records the layout of its device; on cuda
+    the images stay NCHW: tests/engine/test_fake_cuda_engine.py)."""
+    model, images, _, _ = exported
+    detector = ExportableDetector(model=model)
+    strides = []
+    detector.model.backbone.register_forward_pre_hook(lambda module, args: strides.append(args[0].stride()))
+    with torch.no_grad():
+        detector(images[0])
+    assert strides == [(3 * 128 * 160, 1, 160 * 3, 3)]  # the 128 x 160 example, a multiple of 16: no padding
+
+
 def test_torchscript_gives_the_eager_detections_on_other_sizes(exported):
     model, images, path, _ = exported
     traced = load_torchscript(path)

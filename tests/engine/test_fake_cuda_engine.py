@@ -66,6 +66,7 @@ def test_a_trainer_step_under_cuda_autocast_casts_the_trunk_and_steps_the_weight
 def test_the_export_wrapper_on_a_cuda_image_gives_the_cpu_detections():
     detector = ExportableDetector(model=tiny_detector("MODEL.ROI_HEADS.GLOBAL_CONTEXT=true"))  # its whole-image RoI too
     reference = copy.deepcopy(detector)
+    reference.model.channels_last = False  # the NCHW images that the cuda model's trunk gets
     image = random_image(EXAMPLE_SIZE, seed=0)
     with torch.no_grad():
         expected = reference(image)
@@ -83,7 +84,9 @@ def test_the_predictor_of_a_cuda_model_gives_the_cpu_model_s_numpy_detections():
     model = build_model(cfg)
     model.roi_heads.pooler.roi_align_kernel = "torchvision"  # the kernel a cuda model picks, for the CPU reference
     names = ["circle", "square", "triangle"]
-    reference = Predictor(copy.deepcopy(model), mapper=build_test_mapper(cfg), class_names=names)
+    cpu_model = copy.deepcopy(model)
+    cpu_model.channels_last, cpu_model.roi_heads.inference_chunk = False, 0  # as the cuda model runs
+    reference = Predictor(cpu_model, mapper=build_test_mapper(cfg), class_names=names)
     image = random_image((100, 120), seed=3).permute(1, 2, 0).numpy()  # (H, W, 3) uint8 RGB
     expected = reference(image)
     with fake_cuda():

@@ -25,6 +25,7 @@ from test_detector import make_batch, tiny_config
 from detectron_res.config import merge_overrides
 from detectron_res.layers import ROIPooler
 from detectron_res.modeling import DetectorEnsemble, TestTimeAugmentation, build_model
+from detectron_res.modeling.roi_heads import res5_head
 
 ADDONS = TestTimeAugmentation(scales=(48, 64, 96), reference_size=32, flip=True, refine_nms_thresh=0.3,
                               vote_iou_thresh=0.5)
@@ -66,11 +67,13 @@ def test_fake_backward_gives_the_gradients_of_the_engine_broadcasts_included():
 
 # ------------------------------------------------------------------------------------------------------ the detector
 def model_and_cpu_copy(*overrides: str):
-    """A tiny detector and a CPU copy of it with the pooler's kernel that a cuda model picks (torchvision's)."""
+    """A tiny detector and a CPU copy of it with the settings that a cuda model picks: the pooler's kernel
+    (torchvision's), NCHW images and all RoIs in one res5 pass."""
     torch.manual_seed(0)
     model = build_model(merge_overrides(tiny_config(), overrides))
     reference = copy.deepcopy(model)
     reference.roi_heads.pooler.roi_align_kernel = "torchvision"
+    reference.channels_last, reference.roi_heads.inference_chunk = False, 0
     return model, reference
 
 
@@ -111,6 +114,49 @@ def test_plain_inference_on_cuda_gives_the_cpu_detections():
     with fake_cuda():
         found = to_fake_cuda(model).eval()(batch)
     assert_same_detections(found, expected)
+
+
+# the trunk's input strides for make_batch's padded (2, 3, 80, 96) batch
+NCHW, NHWC = (3 * 80 * 96, 80 * 96, 96, 1), (3 * 80 * 96, 1, 96 * 3, 3)
+
+
+def record_trunk_strides_and_res5_batches(model):
+    """Two lists that fill at each call: the strides of the trunk's input and the RoI count of each res5 pass."""
+    strides, batches = [], []
+    model.backbone.register_forward_pre_hook(lambda module, args: strides.append(to_cpu(args[0]).stride()))
+    model.roi_heads.res5.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    return strides, batches
+
+
+def test_a_model_built_for_the_cpu_follows_the_device_it_is_moved_to(monkeypatch):
+    """MODEL.DEVICE=cpu, then moved (as after loading a checkpoint, or in the Predictor): on cuda the trunk gets
+    NCHW images and res5 all 64 RoIs (32 per image) at once; on the CPU, channels-last images and RoI chunks of the
+    byte budget, here 10 RoIs' pooled float32 features (R18 width 8's res4 has 32 channels, pooled 14 x 14)."""
+    monkeypatch.setattr(res5_head, "INFERENCE_CHUNK_BYTES", 10 * 32 * 14 * 14 * 4)
+    model, _ = model_and_cpu_copy()
+    strides, batches = record_trunk_strides_and_res5_batches(model.eval())
+    model(make_batch())
+    assert strides == [NHWC] and batches == [10, 10, 10, 10, 10, 10, 4]
+    strides.clear(), batches.clear()
+    model.train()(make_batch())  # training: NCHW, and the 2 x 32 sampled RoIs in one pass (BatchNorm sees them all)
+    assert strides == [NCHW] and batches == [64]
+    strides.clear(), batches.clear()
+    with fake_cuda():
+        to_fake_cuda(model).eval()(make_batch())
+    assert strides == [NCHW] and batches == [64]
+
+
+def test_explicit_channels_last_and_chunks_are_kept_on_either_device():
+    model, _ = model_and_cpu_copy()
+    strides, batches = record_trunk_strides_and_res5_batches(model.eval())
+    model.channels_last, model.roi_heads.inference_chunk = False, 0
+    model(make_batch())
+    assert strides == [NCHW] and batches == [64]
+    strides.clear(), batches.clear()
+    model.channels_last, model.roi_heads.inference_chunk = True, 24
+    with fake_cuda():
+        to_fake_cuda(model)(make_batch())
+    assert strides == [NHWC] and batches == [24, 24, 16]
 
 
 def with_pyramid(batch, scales):

@@ -75,9 +75,13 @@ def detect(model, inputs):
 
 
 def test_the_cpu_build_turns_every_option_on():
+    """Channels-last images and the RoI chunks are decided by the device at each call (None); cuda features get
+    neither (tests/modeling/test_fake_cuda_detector.py)."""
     model = small_model()
-    assert model.channels_last and model.roi_heads.pooler.roi_align_kernel == "auto"
-    assert model.roi_heads.inference_chunk == (48 << 20) // (128 * 14 * 14 * 4)  # res4 of width 8: 128 channels
+    assert model.channels_last is None and model.roi_heads.pooler.roi_align_kernel == "auto"
+    assert model.roi_heads.inference_chunk is None
+    res4 = torch.zeros(1, 128, 8, 12)  # res4 of width 8: 128 channels
+    assert model.roi_heads.chunk_size(res4) == 501  # 48 MB // (128 * 14 * 14 float32) = 50331648 // 100352
     assert model.inference_dtype is None
 
 

@@ -21,6 +21,9 @@ from ...postprocess import adjacent_scale_pairs, detection_candidates, select_de
 from ..test_time import FeaturePyramid, TestTimeAugmentation
 from .fast_rcnn import FastRCNNOutputLayers
 
+# outside training on the CPU, RoIs are pooled and run through res5 in chunks of pooled features up to this size
+INFERENCE_CHUNK_BYTES = 48 << 20
+
 
 class Res5ROIHeads(nn.Module):
     def __init__(
@@ -35,7 +38,7 @@ class Res5ROIHeads(nn.Module):
         bg_iou_thresh_lo: float,
         proposal_append_gt: bool,
         global_context: bool = False,
-        inference_chunk: int = 0,
+        inference_chunk: int | None = None,
     ):
         """
         Args:
@@ -50,9 +53,11 @@ class Res5ROIHeads(nn.Module):
                 (the paper's single-level spatial pyramid pooling of the full image) and run through the same res5;
                 its averaged feature is concatenated with each of the image's RoI features, so the predictor's
                 input is twice res5's width.
-            inference_chunk: outside training, pool and run res5 on this many RoIs at a time (0: all at once). On
-                the CPU, chunks whose buffers stay small are reused by the allocator instead of being mapped and
-                page-faulted afresh (R50-C4: 300 RoIs pool to 240 MB; docs/benchmarks.md); the results are the same.
+            inference_chunk: outside training, pool and run res5 on this many RoIs at a time (0: all at once).
+                None: decided by the device of the features at each call (`chunk_size`), so that a model moved
+                between devices after it was built follows the device it runs on. On the CPU, chunks whose buffers
+                stay small are reused by the allocator instead of being mapped and page-faulted afresh (R50-C4: 300
+                RoIs pool to 240 MB; docs/benchmarks.md); the results are the same.
         """
         super().__init__()
         self.pooler = pooler
@@ -85,11 +90,24 @@ class Res5ROIHeads(nn.Module):
         box_features, image_features = x[~is_image], x[is_image]  # (R, C5), (N, C5)
         return torch.cat([box_features, image_features.repeat_interleave(counts, dim=0)], dim=1)
 
+    def chunk_size(self, features: Tensor) -> int:
+        """RoIs per res5 pass outside training on these res4 features (N, C4, H, W): `inference_chunk` when set;
+        else on the CPU as many as pool to INFERENCE_CHUNK_BYTES of float32 (C4, S, S) features (at least 1), and
+        0 (all at once) on GPUs, where the CPU's reason (big buffers mapped and page-faulted afresh at each call)
+        does not hold: CUDA's caching allocator keeps them."""
+        if self.inference_chunk is not None:
+            return self.inference_chunk
+        if features.device.type != "cpu":
+            return 0
+        height, width = self.pooler.output_size
+        pooled_bytes = features.shape[1] * height * width * 4
+        return max(1, INFERENCE_CHUNK_BYTES // pooled_bytes)
+
     def res5_features(self, features: Tensor, rois: Tensor) -> Tensor:
         """(R, 5) rows [image index, x1, y1, x2, y2] -> (R, C4, 14, 14) pooled -> res5 (R, C5, 7, 7) -> averaged
-        (R, C5); outside training `inference_chunk` RoIs at a time."""
-        chunk = len(rois) if self.training or self.inference_chunk <= 0 else self.inference_chunk
-        parts = rois.split(chunk) if len(rois) else [rois]
+        (R, C5); outside training `chunk_size` RoIs at a time."""
+        chunk = 0 if self.training else self.chunk_size(features)
+        parts = rois.split(chunk) if chunk > 0 and len(rois) else [rois]
         return torch.cat([self.res5(self.pooler(features, part)).mean(dim=(2, 3)) for part in parts])
 
     def forward(
