@@ -287,7 +287,8 @@ def benchmark_models(
     iteration), "images_per_run" (in train mode `images` x `accumulate`), "seconds_per_image" (the median over
     them; "images_per_s" is its inverse), "peak_memory_mb", for a candidate with `timed_stages` "stage_seconds" (the
     medians over the timed runs of `StageTimer`: the forward passes of its stages, and "other") and, with
-    `count_flops`, "flops" (per stage) and "flops_per_s". Peak memory: on CUDA the allocator's peak during that
+    `count_flops`, "flops" (per stage) and "flops_per_s"; stage seconds and FLOPs are of a whole run (in train mode
+    summed over its passes). Peak memory: on CUDA the allocator's peak during that
     model's warm-up; on the CPU the process's peak RSS, known for the first candidate only (after its warm-up, run
     before any other; None for the others, which share its process).
     """
