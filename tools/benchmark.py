@@ -10,8 +10,10 @@
 
 Inference: one random image of the config's test size (INPUT.MIN_SIZE_TEST x MAX_SIZE_TEST) with its test
 proposal count (MODEL.RPN.POST_NMS_TOPK_TEST); training: SOLVER.IMS_PER_BATCH random images of the training size
-(INPUT.MIN_SIZE_TRAIN[0] x MAX_SIZE_TRAIN) with 4 boxes each, one SGD step (at learning rate 0: the step does the
-same work, and the random weights, on which timing does not depend, never diverge). The model is built as the
+(INPUT.MIN_SIZE_TRAIN[0] x MAX_SIZE_TRAIN) with 4 boxes each, one training iteration: SOLVER.ACCUMULATE forward and
+backward passes on them, then one SGD step (at learning rate 0: the step does the same work, and the random weights,
+on which timing does not depend, never diverge). Seconds are per timed run (one iteration in training); "seconds per
+image" divides the median by the run's images (IMS_PER_BATCH x ACCUMULATE in training). The model is built as the
 config says; random weights start each residual block at its shortcut (`zero_init_residuals`), so that deep
 trunks keep finite activations. The FLOP/s of a large 3x3 convolution is measured in the same
 run as the machine's reference. `--compare torchvision` also builds the same detector from torchvision's
@@ -141,14 +143,16 @@ def main(argv: list[str] | None = None) -> dict:
         call = detectron2_call(theirs, detectron2_inputs(inputs, input_format=cfg.INPUT.FORMAT))
         candidates["detectron2"] = Candidate(theirs, call, len(inputs), DETECTRON2_STAGES,
                                              sgd_at_rate_0(cfg, theirs, args), DETECTRON2_TIMED_STAGES)  # fmt: skip
+    accumulate = cfg.SOLVER.ACCUMULATE if args.mode == "train" else 1
     results = {
         "config": args.cfg,
         "mode": args.mode,
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "input": [len(inputs), 3, inputs[0]["height"], inputs[0]["width"]],
+        "input": [len(inputs), 3, inputs[0]["height"], inputs[0]["width"]],  # of one pass
+        **({"accumulate": accumulate} if args.mode == "train" else {}),  # passes per iteration
         **benchmark_models(candidates, mode=args.mode, warmup=args.warmup, runs=args.runs,
-                           count_flops=not args.no_flops),
+                           count_flops=not args.no_flops, accumulate=accumulate),
     }  # fmt: skip
     reference = conv_reference(device)
     results["conv_reference"] = reference
@@ -237,17 +241,20 @@ def format_data_results(results: dict) -> str:
 
 def format_results(results: dict) -> str:
     names = [name for name in ("ours", *COMPARED) if name in results]
+    passes = f" x {results['accumulate']} passes per iteration" if "accumulate" in results else ""
+    per_run = "per iteration" if "accumulate" in results else "per run"
     lines = [
         f"{results['config']} {results['mode']} on {results['device']} ({results['threads']} threads), input "
-        f"{'x'.join(map(str, results['input']))}; a 3x3 convolution reaches "
+        f"{'x'.join(map(str, results['input']))}{passes}; a 3x3 convolution reaches "
         f"{results['conv_reference']['flops_per_s'] / 1e9:.1f} GFLOP/s in the same run"
     ]
     for name in names:
         r = results[name]
         memory = "n/a" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f} MB"
         lines.append(
-            f"{name}: median {r['median_s']:.3f} s (min {r['min_s']:.3f}, max {r['max_s']:.3f}, {len(r['seconds'])} "
-            f"runs), {r['images_per_s']:.3f} images/s, peak memory {memory}"
+            f"{name}: median {r['median_s']:.3f} s {per_run} (min {r['min_s']:.3f}, max {r['max_s']:.3f}, "
+            f"{len(r['seconds'])} runs), {r['seconds_per_image']:.3f} s per image ({r['images_per_run']} per run), "
+            f"{r['images_per_s']:.3f} images/s, peak memory {memory}"
         )
         if "stage_seconds" in r:
             lines.append("  seconds in the forward calls (medians): " + ", ".join(

@@ -2,11 +2,12 @@
 
 Inference is timed on one image of the config's test size (INPUT.MIN_SIZE_TEST x INPUT.MAX_SIZE_TEST, e.g.
 600 x 1000) with the config's test proposal count; training on SOLVER.IMS_PER_BATCH images of the training size with
-a few boxes each, one full step (forward, backward, SGD). Each is run `warmup` times untimed, then `runs` times:
-the median and the spread (fastest, slowest) are reported. FLOPs come from `torch.utils.flop_counter` per stage
-(trunk, RPN, res5 head, box predictor; RoIAlign and NMS have no FLOP formula there and fall in "other", which is
-then 0), and the FLOP/s reached is set beside that of a large 3x3 convolution timed in the same process, the
-machine's practical peak for this kind of work.
+a few boxes each, one training iteration (SOLVER.ACCUMULATE forward and backward passes, then one SGD step). Each is
+run `warmup` times untimed, then `runs` times: the median and the spread (fastest, slowest) are reported, and the
+seconds per image (the median over the images of a run: IMS_PER_BATCH x ACCUMULATE in training). FLOPs come from
+`torch.utils.flop_counter` per stage (trunk, RPN, res5 head, box predictor; RoIAlign and NMS have no FLOP formula
+there and fall in "other", which is then 0), and the FLOP/s reached is set beside that of a large 3x3 convolution
+timed in the same process, the machine's practical peak for this kind of work.
 """
 
 from __future__ import annotations
@@ -180,13 +181,26 @@ def conv_reference(
     return {"shape": [1, channels, size, size], "flops": flops, "median_s": median, "flops_per_s": flops / median}
 
 
-def training_step(call: Callable[[], dict[str, Tensor]], optimizer: torch.optim.Optimizer) -> Callable[[], object]:
-    """One SGD step of a model whose `call()` returns its losses."""
+def training_step(
+    call: Callable[[], dict[str, Tensor]], optimizer: torch.optim.Optimizer, *, accumulate: int = 1
+) -> Callable[[], object]:
+    """One training iteration of a model whose `call()` returns its losses, as `Trainer.run_step` does it (which
+    cannot be reused here: it pulls its batches from a data loader and calls an `nn.Module` on one argument, where
+    the compared detectors take other arguments): `accumulate` forward and backward passes (SOLVER.ACCUMULATE), each
+    loss divided by `accumulate` so that the gradients summed are their mean, then one optimizer step. Not
+    included: the trainer's loss logging and finiteness check, its hooks, AMP and gradient clipping. Returns the last
+    pass's losses."""
+    if accumulate < 1:
+        raise ValueError(f"accumulate (SOLVER.ACCUMULATE) must be at least 1, got {accumulate}")
 
     def step() -> object:
-        losses = call()
         optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
+        for _ in range(accumulate):
+            losses = call()
+            total = sum(losses.values())
+            if accumulate > 1:
+                total = total / accumulate
+            total.backward()
         optimizer.step()
         return losses
 
@@ -262,19 +276,26 @@ class StageTimer:
 
 
 def benchmark_models(
-    candidates: dict[str, Candidate], *, mode: str, warmup: int, runs: int, count_flops: bool = True
+    candidates: dict[str, Candidate], *, mode: str, warmup: int, runs: int, count_flops: bool = True,
+    accumulate: int = 1,
 ) -> dict[str, dict]:
-    """Times each candidate in "infer" mode (eval, under inference_mode) or "train" mode (`training_step`); with
-    several, their timed runs alternate (A, B, A, B, ...).
+    """Times each candidate in "infer" mode (eval, under inference_mode) or "train" mode (`training_step`: one
+    training iteration per run, `accumulate` forward/backward passes of the candidate's `images` and one optimizer
+    step); with several, their timed runs alternate (A, B, A, B, ...).
 
-    Returns per name the timing summary, "peak_memory_mb", for a candidate with `timed_stages` "stage_seconds" (the
+    Returns per name the timing summary of the runs ("median_s" etc.: seconds of one run, i.e. in train mode of one
+    iteration), "images_per_run" (in train mode `images` x `accumulate`), "seconds_per_image" (the median over
+    them; "images_per_s" is its inverse), "peak_memory_mb", for a candidate with `timed_stages` "stage_seconds" (the
     medians over the timed runs of `StageTimer`: the forward passes of its stages, and "other") and, with
-    `count_flops`, "flops" (per stage) and "flops_per_s". Peak memory: on CUDA the allocator's peak during that
+    `count_flops`, "flops" (per stage) and "flops_per_s"; stage seconds and FLOPs are of a whole run (in train mode
+    summed over its passes). Peak memory: on CUDA the allocator's peak during that
     model's warm-up; on the CPU the process's peak RSS, known for the first candidate only (after its warm-up, run
     before any other; None for the others, which share its process).
     """
     if mode not in ("infer", "train"):
         raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
+    if mode == "infer" and accumulate != 1:
+        raise ValueError(f"accumulate applies to mode 'train' only, got {accumulate} in mode 'infer'")
     steps = {}
     for name, candidate in candidates.items():
         if mode == "infer":
@@ -284,7 +305,7 @@ def benchmark_models(
             if candidate.optimizer is None:
                 raise ValueError(f"mode 'train' needs an optimizer for {name!r}")
             candidate.module.train()
-            steps[name] = training_step(candidate.call, candidate.optimizer)
+            steps[name] = training_step(candidate.call, candidate.optimizer, accumulate=accumulate)
     device = next(next(iter(candidates.values())).module.parameters()).device
     peaks: dict[str, float | None] = {}
     for index, (name, step) in enumerate(steps.items()):  # warm-up, one model after the other
@@ -307,7 +328,10 @@ def benchmark_models(
         peaks[only] = peak_memory_mb(device)
     results = {}
     for name, candidate in candidates.items():
-        result = summary(seconds[name], images=candidate.images)
+        images = candidate.images * accumulate  # per run: in train mode, every pass of the iteration
+        result = summary(seconds[name], images=images)
+        result["images_per_run"] = images
+        result["seconds_per_image"] = result["median_s"] / images
         result["peak_memory_mb"] = peaks[name]
         if name in timers:
             result["stage_seconds"] = timers[name].medians()

@@ -11,6 +11,7 @@ from torch import nn
 
 from detectron_res.config import load_config
 from detectron_res.engine import benchmark as engine_benchmark
+from detectron_res.engine import solver as engine_solver
 from detectron_res.engine.benchmark import (
     StageTimer,
     conv_reference,
@@ -18,6 +19,7 @@ from detectron_res.engine.benchmark import (
     summary,
     synthetic_inputs,
     time_runs,
+    training_step,
     zero_init_residuals,
 )
 from detectron_res.modeling import build_model
@@ -141,6 +143,8 @@ def test_the_tool_writes_timings_memory_and_flops(tmp_path, capsys):
     ours = results["ours"]
     assert results["input"] == [2, 3, 64, 96] and len(ours["seconds"]) == 2
     assert ours["images_per_s"] == 2 / ours["median_s"] and ours["peak_memory_mb"] > 0
+    assert results["accumulate"] == 1 and ours["images_per_run"] == 2
+    assert ours["seconds_per_image"] == ours["median_s"] / 2
     assert ours["flops"]["res5_head"] > ours["flops"]["trunk"] > 0  # 32 RoIs x 2 images through res5
     assert ours["fraction_of_conv_flops_per_s"] == ours["flops_per_s"] / results["conv_reference"]["flops_per_s"]
     assert "GFLOP/s" in capsys.readouterr().out
@@ -173,6 +177,55 @@ def test_train_mode_without_flops():
                               "--warmup", "0", "--no-flops", *TINY])  # fmt: skip
     assert "flops" not in results["ours"] and "fraction_of_conv_flops_per_s" not in results["ours"]
     assert results["ours"]["peak_memory_mb"] > 0
+
+
+def test_a_training_step_steps_once_on_the_mean_gradient_of_its_passes():
+    weight = nn.Parameter(torch.tensor([1.0]))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    xs = iter([2.0, 4.0, 10.0])
+
+    def call():  # loss = w * x: its gradient is x, 2 then 4
+        return {"loss": (weight * next(xs)).sum()}
+
+    steps = []
+    optimizer.register_step_post_hook(lambda *args: steps.append(weight.grad.item()))
+    training_step(call, optimizer, accumulate=2)()
+    # one step on the mean gradient (2 + 4) / 2 = 3 at learning rate 1: w = 1 - 3
+    assert steps == [3.0] and weight.item() == -2.0
+    training_step(call, optimizer)()  # accumulate 1: the gradient 10 alone (the previous one cleared)
+    assert steps == [3.0, 10.0] and weight.item() == -12.0
+    with pytest.raises(ValueError, match="SOLVER.ACCUMULATE.*got 0"):
+        training_step(call, optimizer, accumulate=0)
+
+
+def test_train_mode_times_accumulate_passes_and_one_step_per_iteration(monkeypatch, capsys):
+    events = []
+
+    def spied_model(cfg):  # each forward pass and each backward pass (through the class scores' weight) recorded
+        model = build_model(cfg)
+        model.register_forward_hook(lambda *args: events.append("forward"))
+        model.roi_heads.predictor.cls_score.weight.register_post_accumulate_grad_hook(
+            lambda p: events.append("backward"))
+        return model
+
+    def spied_optimizer(cfg, model):
+        optimizer = engine_solver.build_optimizer(cfg, model)
+        optimizer.register_step_post_hook(lambda *args: events.append("step"))
+        return optimizer
+
+    monkeypatch.setattr(benchmark, "build_model", spied_model)
+    monkeypatch.setattr(benchmark, "build_optimizer", spied_optimizer)
+    results = benchmark.main(["--cfg", str(REPO / "configs/shapes_r18.yaml"), "--mode", "train", "--runs", "2",
+                              "--warmup", "1", "--no-flops", *TINY, "SOLVER.ACCUMULATE=2"])  # fmt: skip
+    # 1 warm-up + 2 timed iterations, each 2 passes of 2 images then one optimizer step
+    assert events == ["forward", "backward", "forward", "backward", "step"] * 3
+    ours = results["ours"]
+    assert results["input"] == [2, 3, 64, 96] and results["accumulate"] == 2 and len(ours["seconds"]) == 2
+    assert ours["images_per_run"] == 4  # IMS_PER_BATCH 2 x ACCUMULATE 2
+    assert ours["seconds_per_image"] == ours["median_s"] / 4 and ours["images_per_s"] == 4 / ours["median_s"]
+    printed = capsys.readouterr().out
+    assert "input 2x3x64x96 x 2 passes per iteration" in printed and "s per iteration" in printed
+    assert "s per image (4 per run)" in printed
 
 
 def test_zero_init_residuals_keeps_a_deep_random_trunk_finite():
