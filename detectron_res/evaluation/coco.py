@@ -830,7 +830,10 @@ def _read_json(path: str, *, what: str) -> object:
 def _is_number(value: object, *, finite: bool = False) -> bool:
     if isinstance(value, bool) or not isinstance(value, Real):
         return False
-    return math.isfinite(value) if finite else True
+    try:
+        return math.isfinite(value) if finite else True
+    except OverflowError:  # an int too large for a float (10**400 in a JSON file) is no finite number to COCOeval
+        return False
 
 
 def _is_number_list(value: object, *, length: int, finite: bool = False) -> bool:

@@ -355,6 +355,12 @@ _BAD_RESULTS = [  # an entry, and what validate_coco_results says of it after "S
     ({**_GOOD_RESULT, "score": True}, "has score True; expected a finite number"),
     ({**_GOOD_RESULT, "score": math.nan}, "has score nan; expected a finite number"),
     ({**_GOOD_RESULT, "score": -math.inf}, "has score -inf; expected a finite number"),
+    # a JSON integer too large for a float: math.isfinite raised OverflowError on it
+    ({**_GOOD_RESULT, "score": 10**400}, f"has score {10**400}; expected a finite number"),
+    ({**_GOOD_RESULT, "bbox": [0, 0, 10**400, 1]},
+     f"has bbox [0, 0, {10**400}, 1]; expected 4 finite numbers [x, y, w, h]"),
+    ({**_GOOD_RESULT, "bbox": [-(2**1024), 0, 1, 1]},
+     f"has bbox [{-(2**1024)}, 0, 1, 1]; expected 4 finite numbers [x, y, w, h]"),
 ]
 
 

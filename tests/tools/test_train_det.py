@@ -65,6 +65,9 @@ def test_train_evaluate_resume_and_test(tiny_shapes, tmp_path, capsys):
     assert (out / "inference" / "instances_val" / "coco_instances_results.json").is_file()
     assert {p.name for p in out.glob("model_*.pth")} == {"model_0000002.pth", "model_final.pth"}
     assert "COCO" not in capsys.readouterr().err  # nothing alarming on stderr
+    log = (out / "log.txt").read_text()
+    checked = f"Test set {tiny_shapes['val']} checked before training: 4 images, 11 annotations"  # 11 shapes in val
+    assert log.index(checked) < log.index("Starting training from iteration 0")
 
     # --resume continues at iteration 4 towards the new MAX_ITER
     train_det.main(
@@ -84,6 +87,52 @@ def test_unknown_key_on_the_command_line_fails_before_any_work(tiny_shapes, tmp_
     with pytest.raises(ValueError, match=r"SOLVER\.BASE_RL.*did you mean 'SOLVER\.BASE_LR'"):
         train_det.main(["--cfg", str(REPO / "configs/shapes_r18.yaml"), "--output", str(tmp_path / "x"), "SOLVER.BASE_RL=0.1"])
     assert not (tmp_path / "x").exists()
+
+
+def _broken_test_set(tiny_shapes, folder: Path, problem: str) -> tuple[str, str]:
+    """tiny_shapes' val split with `problem` written into a copy of its json: the DATASETS.TEST entry and the
+    message of the loader that refuses it."""
+    json_file, images = tiny_shapes["val"].split(":")
+    coco = json.loads(Path(json_file).read_text())
+    broken = folder / f"{problem}.json"
+    if problem == "repeated_image_id":  # refused by the data set loader (load_coco_json)
+        coco["images"][1]["id"] = coco["images"][0]["id"]
+        message = f"{broken}: image id 1 appears twice"
+    else:  # int and str image ids: the data set loads, its COCO ground truth (dataset_ground_truth) refuses them
+        coco["images"][1]["id"] = "2"
+        for ann in coco["annotations"]:
+            if ann["image_id"] == 2:
+                ann["image_id"] = "2"
+        message = (f"{broken}: image #0 has the int id 1 but image #1 the str id '2'; image ids must be all ints or "
+                   "all strs (pycocotools sorts them)")
+    folder.mkdir(parents=True, exist_ok=True)
+    broken.write_text(json.dumps(coco))
+    return f"{broken}:{images}", message
+
+
+@pytest.mark.parametrize("problem", ["repeated_image_id", "int_and_str_image_ids"])
+def test_a_test_set_that_cannot_be_evaluated_stops_training_before_its_first_iteration(
+    problem, tiny_shapes, tmp_path, capsys
+):
+    """The test sets' data and COCO ground truth are loaded before training, so that a problem the evaluation would
+    stop on after hours of training stops the run at once, in one line naming the DATASETS.TEST entry."""
+    from detectron_res.engine.runner import run_tool
+
+    entry, message = _broken_test_set(tiny_shapes, tmp_path / "data", problem)
+    out = tmp_path / "run"
+    sets = f"[{tiny_shapes['train']},{entry}]"  # the first, valid, test set does not hide the second
+    status = run_tool(train_det.main, ["--cfg", str(REPO / "configs/shapes_r18.yaml"), "--output", str(out),
+                                       *overrides(tiny_shapes, **{"DATASETS.TEST": sets})])
+    assert status == 1
+    stderr = capsys.readouterr().err
+    assert stderr.endswith(
+        f": error: {message} (DATASETS.TEST entry {entry!r}, checked before training: nothing was trained)\n"
+    )
+    assert stderr.count("\n") == 1
+    assert not list(out.glob("*.pth")) and not (out / "metrics.jsonl").exists() and not (out / "config.yaml").exists()
+    log = (out / "log.txt").read_text()
+    assert f"Test set {tiny_shapes['train']} checked before training: 12 images, " in log
+    assert "Starting training" not in log
 
 
 VOC_SAMPLE = REPO.parent / "shared" / "data" / "voc2012_sample"
