@@ -10,7 +10,7 @@ from .coco import (
     records_to_coco_dict,
     validate_coco_results,
 )
-from .errors import ErrorAssignment, tide_assignment, tide_errors
+from .errors import ErrorAssignment, tide_assignment, tide_breakdown, tide_errors
 from .evaluator import DatasetEvaluator, InferenceTiming, inference_on_dataset
 from .metrics import format_per_category_table, json_safe, per_category_values, write_metrics_json
 
@@ -29,6 +29,7 @@ __all__ = [
     "per_category_values",
     "records_to_coco_dict",
     "tide_assignment",
+    "tide_breakdown",
     "tide_errors",
     "validate_coco_results",
     "write_metrics_json",

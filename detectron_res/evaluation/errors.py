@@ -41,6 +41,7 @@ from pycocotools.coco import COCO
 from .coco import _check_ids_in_ground_truth, validate_coco_results
 
 ERROR_TYPES: tuple[str, ...] = ("cls", "loc", "both", "dupe", "bkg", "miss")  # tidecv's order
+IOU_FG, IOU_BG, MAX_DETS = 0.5, 0.1, 100  # TIDE's foreground and background IoU, COCOeval's detections per class
 _AREA_ALL = (0.0, 1e5**2)  # COCOeval's area range "all"
 _RECALL_THRESHOLDS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)  # as COCOeval
 _TP, _IGNORED = "tp", "ignored"
@@ -66,9 +67,9 @@ def tide_errors(
     coco_gt: COCO,
     detections: list[dict],
     *,
-    iou_fg: float = 0.5,
-    iou_bg: float = 0.1,
-    max_dets: int = 100,
+    iou_fg: float = IOU_FG,
+    iou_bg: float = IOU_BG,
+    max_dets: int = MAX_DETS,
     img_ids: Sequence[int | str] | None = None,
 ) -> dict:
     """TIDE's error breakdown of COCO results ``detections`` against ``coco_gt`` (see the module docstring).
@@ -95,18 +96,16 @@ def tide_errors(
     return analysis.summary()
 
 
-def tide_assignment(
-    coco_gt: COCO,
-    detections: list[dict],
-    *,
-    iou_fg: float = 0.5,
-    iou_bg: float = 0.1,
-    max_dets: int = 100,
-    img_ids: Sequence[int | str] | None = None,
-) -> ErrorAssignment:
+def tide_assignment(coco_gt: COCO, detections: list[dict], **options) -> ErrorAssignment:
     """The type :func:`tide_errors` gave each detection and ground truth box (same arguments and errors)."""
-    analysis = _analyse(coco_gt, detections, iou_fg=iou_fg, iou_bg=iou_bg, max_dets=max_dets, img_ids=img_ids)
-    return analysis.assignment()
+    return _analyse(coco_gt, detections, **options).assignment()
+
+
+def tide_breakdown(coco_gt: COCO, detections: list[dict], **options) -> tuple[dict, ErrorAssignment]:
+    """:func:`tide_errors` and :func:`tide_assignment` from one analysis (same arguments and errors), for a report
+    that needs both: the matching runs once."""
+    analysis = _analyse(coco_gt, detections, **options)
+    return analysis.summary(), analysis.assignment()
 
 
 def _box_iou(dets: np.ndarray, gts: np.ndarray, crowd: np.ndarray) -> np.ndarray:
@@ -227,7 +226,7 @@ class _Analysis:
         )
 
 
-def _analyse(coco_gt, detections, *, iou_fg, iou_bg, max_dets, img_ids) -> _Analysis:
+def _analyse(coco_gt, detections, *, iou_fg=IOU_FG, iou_bg=IOU_BG, max_dets=MAX_DETS, img_ids=None) -> _Analysis:
     if not (0.0 < iou_bg <= iou_fg <= 1.0):
         raise ValueError(f"TIDE thresholds need 0 < iou_bg <= iou_fg <= 1; got iou_bg={iou_bg}, iou_fg={iou_fg}")
     if isinstance(max_dets, bool) or not isinstance(max_dets, int) or max_dets < 1:

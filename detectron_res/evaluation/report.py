@@ -31,7 +31,7 @@ import numpy as np
 
 from ..utils import atomic_write_text
 from .coco import SUMMARY_METRICS, COCOEvaluation
-from .errors import ERROR_TYPES, ErrorAssignment, tide_assignment, tide_errors
+from .errors import ERROR_TYPES, IOU_BG, IOU_FG, ErrorAssignment, tide_breakdown
 from .metrics import json_safe
 from .pr_curves import ClassCurves
 
@@ -45,7 +45,6 @@ MAX_LISTED_DETECTIONS = 100
 THUMBNAIL_SIDE = 640  # the longer side of a gallery image, pixels
 MAX_UPSCALE = 4.0  # a smaller image is enlarged at most this much to reach it
 _FONT_SCALE = 0.6  # OpenCV's Hershey font, readable when the page shows the image at 400 pixels
-IOU_FG, IOU_BG = 0.5, 0.1  # TIDE's defaults
 
 ERROR_NAMES = {
     "cls": "classification: at IoU >= 0.5 with a box of another class",
@@ -155,9 +154,8 @@ def write_report(
     if not 0.0 <= show_score <= 1.0:
         raise ValueError(f"show_score must be in [0, 1], got {show_score}")
     report_dir = Path(report_dir)
-    arguments = dict(img_ids=evaluation.img_ids, iou_fg=IOU_FG, iou_bg=IOU_BG)
-    tide = tide_errors(evaluation.coco_gt, evaluation.detections, **arguments)
-    assignment = tide_assignment(evaluation.coco_gt, evaluation.detections, **arguments)
+    tide, assignment = tide_breakdown(evaluation.coco_gt, evaluation.detections, img_ids=evaluation.img_ids,
+                                      iou_fg=IOU_FG, iou_bg=IOU_BG)
     errors = {"bbox": {"AP": tide["AP"], "dAP": tide["dAP"], "counts": tide["counts"], "iou_fg": IOU_FG,
                        "iou_bg": IOU_BG}}
     images = per_image_errors(evaluation, assignment)

@@ -8,7 +8,13 @@ import json
 
 import pytest
 
-from detectron_res.evaluation import evaluate_coco_results, load_coco_ground_truth, tide_assignment, tide_errors
+from detectron_res.evaluation import (
+    evaluate_coco_results,
+    load_coco_ground_truth,
+    tide_assignment,
+    tide_breakdown,
+    tide_errors,
+)
 
 A, B, C = 1, 2, 3
 
@@ -180,6 +186,17 @@ def test_detections_over_the_per_class_cap_are_not_counted():
     dets = [_det(1, A, [0, 0, 10, 10], 0.5), _det(1, A, [0, 0, 10, 10], 0.9), _det(1, B, [80, 80, 10, 10], 0.1)]
     assert tide_assignment(gt, dets, max_dets=1).detection_types == ["ignored", "tp", "bkg"]
     assert tide_assignment(gt, dets).detection_types == ["dupe", "tp", "bkg"]
+
+
+def test_the_breakdown_is_both_answers_of_one_analysis():
+    gt = load_coco_ground_truth(EVERY_KIND_GT)
+    summary, assignment = tide_breakdown(gt, EVERY_KIND_DETS, img_ids=[1, 2], max_dets=1)
+    assert summary == tide_errors(gt, EVERY_KIND_DETS, img_ids=[1, 2], max_dets=1)
+    assert assignment == tide_assignment(gt, EVERY_KIND_DETS, img_ids=[1, 2], max_dets=1)
+    assert tide_breakdown(gt, EVERY_KIND_DETS)[1].detection_types == ["bkg", "tp", "dupe", "loc", "tp", "cls", "both",
+                                                                      "tp"]
+    with pytest.raises(TypeError, match="iou"):
+        tide_assignment(gt, EVERY_KIND_DETS, iou=0.5)  # a misspelt option is not silently ignored
 
 
 def test_img_ids_evaluate_a_subset_as_evaluate_coco_results_does():
