@@ -151,6 +151,17 @@ def test_ground_truth_goes_through_the_training_rule_in_evaluation(tmp_path, cap
     assert training.extra["dropped_boxes"] == 3 and training.extra["clipped_boxes"] == 1
 
 
+def _assert_refused_as_file_and_dict(path, gt: dict, message: str) -> None:
+    """`load_coco_ground_truth` refuses `gt` read from `path` and given as a dict, with `message` after the name."""
+    from detectron_res.evaluation.coco import load_coco_ground_truth
+
+    gt_file = _write_json(path, gt)
+    with pytest.raises(ValueError, match="^" + re.escape(gt_file) + ": " + message):
+        load_coco_ground_truth(gt_file)
+    with pytest.raises(ValueError, match="^ground truth dict: " + message):
+        load_coco_ground_truth(gt)
+
+
 def _annotation(box: list[float], **extra) -> dict:
     return {"image_id": 10, "category_id": 1, "bbox": box, **extra}
 
@@ -172,15 +183,9 @@ def _annotation(box: list[float], **extra) -> dict:
     ],
 )
 def test_ground_truth_with_repeated_annotation_ids_is_refused(tmp_path, annotations, message):
-    from detectron_res.evaluation.coco import load_coco_ground_truth
-
     gt = {"images": [{"id": 10, "height": 200, "width": 200}], "categories": [{"id": 1, "name": "cat"}],
           "annotations": annotations}
-    gt_file = _write_json(tmp_path / "repeated_ids.json", gt)
-    with pytest.raises(ValueError, match="^" + re.escape(gt_file) + ": " + message):
-        load_coco_ground_truth(gt_file)
-    with pytest.raises(ValueError, match="^ground truth dict: " + message):
-        load_coco_ground_truth(gt)
+    _assert_refused_as_file_and_dict(tmp_path / "repeated_ids.json", gt, message)
 
 
 @pytest.mark.parametrize(
@@ -205,15 +210,9 @@ def test_ground_truth_with_repeated_annotation_ids_is_refused(tmp_path, annotati
     ],
 )
 def test_ground_truth_with_bad_categories_is_refused(tmp_path, categories, message):
-    from detectron_res.evaluation.coco import load_coco_ground_truth
-
     gt = {"images": [{"id": 10, "height": 200, "width": 200}], "categories": categories,
           "annotations": [_annotation([10, 10, 50, 50], id=1)]}
-    gt_file = _write_json(tmp_path / "bad_categories.json", gt)
-    with pytest.raises(ValueError, match="^" + re.escape(gt_file) + ": " + message):
-        load_coco_ground_truth(gt_file)
-    with pytest.raises(ValueError, match="^ground truth dict: " + message):
-        load_coco_ground_truth(gt)
+    _assert_refused_as_file_and_dict(tmp_path / "bad_categories.json", gt, message)
 
 
 def test_ground_truth_with_an_annotation_of_an_unknown_category_is_refused(tmp_path):
@@ -246,15 +245,9 @@ def test_ground_truth_with_an_annotation_of_an_unknown_category_is_refused(tmp_p
     ],
 )
 def test_ground_truth_with_repeated_image_ids_is_refused(tmp_path, images, message):
-    from detectron_res.evaluation.coco import load_coco_ground_truth
-
     gt = {"images": images, "categories": [{"id": 1, "name": "cat"}],
           "annotations": [_annotation([150, 150, 30, 30], id=1)]}
-    gt_file = _write_json(tmp_path / "repeated_image_ids.json", gt)
-    with pytest.raises(ValueError, match="^" + re.escape(gt_file) + ": " + message):
-        load_coco_ground_truth(gt_file)
-    with pytest.raises(ValueError, match="^ground truth dict: " + message):
-        load_coco_ground_truth(gt)
+    _assert_refused_as_file_and_dict(tmp_path / "repeated_image_ids.json", gt, message)
 
 
 @pytest.mark.parametrize(
@@ -271,15 +264,9 @@ def test_ground_truth_with_repeated_image_ids_is_refused(tmp_path, images, messa
 def test_ground_truth_mixing_int_and_str_image_ids_is_refused(tmp_path, images, message):
     """pycocotools sorts the image ids and failed with a bare TypeError ('<' not supported between 'str' and 'int')
     on such a ground truth, while faster-coco-eval scored it."""
-    from detectron_res.evaluation.coco import load_coco_ground_truth
-
     gt = {"images": images, "categories": [{"id": 1, "name": "cat"}],
           "annotations": [{"id": 1, "image_id": images[1]["id"], "category_id": 1, "bbox": [1, 1, 5, 5]}]}
-    gt_file = _write_json(tmp_path / "mixed_image_ids.json", gt)
-    with pytest.raises(ValueError, match="^" + re.escape(gt_file) + ": " + message):
-        load_coco_ground_truth(gt_file)
-    with pytest.raises(ValueError, match="^ground truth dict: " + message):
-        load_coco_ground_truth(gt)
+    _assert_refused_as_file_and_dict(tmp_path / "mixed_image_ids.json", gt, message)
 
 
 def test_ground_truth_annotation_ids_unique_across_int_and_str_and_assigned(coco_gt_file, tmp_path):
